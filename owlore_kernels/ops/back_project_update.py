@@ -1,0 +1,59 @@
+"""Back-project + update: W <- W * (1 - lr * wd) - lr * scale * (P N), in place.
+
+``side="left"``: P is m x r and N is r x n. ``side="right"``: N is m x r and
+Q is r x n, and the product is N Q. The m x n product is never stored: fp32
+weights take one ``addmm_`` (beta and alpha fold decay and step size into
+the GEMM), and bf16/fp16 weights are upcast, updated and rounded back (round
+to nearest even) one row chunk at a time.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import register, resolve
+from ._checks import check_float, check_projection_shapes, check_same_device, check_side, row_chunks
+
+
+def back_project_update_(
+    param: torch.Tensor,
+    proj: torch.Tensor,
+    norm_update: torch.Tensor,
+    *,
+    side: str,
+    lr: float,
+    weight_decay: float,
+    scale: float,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Apply the GaLore update to ``param`` in place and return it."""
+    check_side(side)
+    check_float("param", param)
+    check_float("proj", proj, (torch.float32,))
+    check_float("norm_update", norm_update, (torch.float32,))
+    check_projection_shapes(side, param, proj, norm_update, "back_project_update_")
+    check_same_device(("param", param), ("proj", proj), ("norm_update", norm_update))
+    _, impl = resolve("back_project_update", param.device, backend)
+    impl(param, proj, norm_update, side, float(lr), float(weight_decay), float(scale))
+    return param
+
+
+@register("back_project_update", "torch")
+def back_project_update_reference(param, proj, norm_update, side, lr, weight_decay, scale):
+    beta = 1.0 - lr * weight_decay
+    alpha = -lr * scale
+    if param.dtype == torch.float32:
+        if side == "left":
+            param.addmm_(proj, norm_update, beta=beta, alpha=alpha)
+        else:
+            param.addmm_(norm_update, proj, beta=beta, alpha=alpha)
+        return
+    m, n = param.shape
+    for rows in row_chunks(m, n):
+        w = param[rows].float()
+        if side == "left":
+            w.addmm_(proj[rows], norm_update, beta=beta, alpha=alpha)
+        else:
+            w.addmm_(norm_update[rows], proj, beta=beta, alpha=alpha)
+        param[rows].copy_(w)  # fp32 -> bf16/fp16 copy rounds to nearest even
