@@ -1,0 +1,72 @@
+// Shared declarations for the C++ CPU backend of owlore-kernels.
+//
+// Each op is defined once, in registration.cpp (TORCH_LIBRARY(owlore, m)), and
+// implemented here for CPU tensors. The Python side (owlore_kernels/ops/_cpp.py)
+// registers these implementations as the "cpp" backend of the ops in
+// owlore_kernels/ops/*.py, whose pure-torch references define the math.
+//
+// Threading: the outer tile loops use at::parallel_for (torch's own OpenMP
+// runtime; setup.py links the same libgomp that torch ships). BLAS calls made
+// inside a parallel region run single-threaded, so each thread owns whole tiles
+// and there is no synchronisation per tile.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+namespace owlore {
+
+std::tuple<double, int64_t> outlier_count(
+    at::TensorList tensors,
+    double threshold,
+    const c10::List<std::optional<at::Tensor>>& col_scales);
+
+void project_adam_(
+    const at::Tensor& grad,
+    const at::Tensor& proj,
+    const at::Tensor& exp_avg,
+    const at::Tensor& exp_avg_sq,
+    const at::Tensor& out,
+    c10::string_view side,
+    double beta1,
+    double beta2,
+    double eps,
+    int64_t step);
+
+void back_project_update_(
+    const at::Tensor& param,
+    const at::Tensor& proj,
+    const at::Tensor& norm_update,
+    c10::string_view side,
+    double lr,
+    double weight_decay,
+    double scale);
+
+// ---------------------------------------------------------------------------
+// helpers shared by the kernels
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// "left" -> true, "right" -> false; anything else is an error.
+inline bool is_left_side(c10::string_view side) {
+  TORCH_CHECK(side == "left" || side == "right", "side must be 'left' or 'right', got '", std::string(side), "'");
+  return side == "left";
+}
+
+inline void check_cpu_float(const at::Tensor& t, const char* name, bool fp32_only) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  if (fp32_only) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
+  } else {
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+                name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+}  // namespace owlore

@@ -1,0 +1,174 @@
+// Project + Adam: R = P^T G (left) or G Q^T (right), then, per element of R,
+//   m = beta1 m + (1 - beta1) R;  v = beta2 v + (1 - beta2) R^2;
+//   N = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps).
+// See owlore_kernels/ops/project_adam.py for the reference.
+//
+// R never makes a round trip through memory: it is computed one tile at a time
+// (a block of columns of G for side="left", a block of rows for "right") into a
+// per-thread buffer of ~128 KB that stays in L2 (2 MB/core on the machine this was
+// tuned on), and Adam runs on that tile straight away. The tile GEMMs are ATen/BLAS
+// calls on views; each thread owns whole tiles, so they run single-threaded.
+//
+// A bf16/fp16 G is upcast per tile and per K-block (~512 KB of fp32 at a time),
+// never as a full-size fp32 copy.
+#include "owlore.h"
+
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace owlore {
+namespace {
+
+// fp32 elements of R per tile: 32K floats = 128 KB, so R plus the moment rows it
+// touches stay in L2. For rank 128 that is 256 columns (left) or rows (right).
+constexpr int64_t kTileElems = 1 << 15;
+// fp32 elements of upcast G per K-block (bf16/fp16 only): 128K floats = 512 KB.
+constexpr int64_t kUpcastElems = 1 << 17;
+
+// Columns (left) or rows (right) of R per tile, for rank r: a multiple of 16
+// (whole cache lines of fp32), at least 16 and at most 1024.
+int64_t tile_width(int64_t r) {
+  int64_t w = (kTileElems / std::max<int64_t>(r, 1)) / 16 * 16;
+  return std::clamp<int64_t>(w, 16, 1024);
+}
+
+struct AdamScalars {
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, bias1, bias2, eps;
+};
+
+// A 2-D fp32 tensor as pointer + strides, for the epilogue's element loop.
+struct Strided {
+  float* data;
+  int64_t s0, s1;
+  float& at(int64_t i, int64_t j) const { return data[i * s0 + j * s1]; }
+};
+
+// The epilogue: Adam on one rows x cols tile of R (contiguous, leading dim cols),
+// whose top-left element is at (i0, j0) of the moments and out. Same operation
+// order as the reference, in fp32.
+template <bool kUnitStride>
+void adam_tile(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
+               const Strided& m, const Strided& v, const Strided& out, const AdamScalars& a) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* r_row = R + i * cols;
+    float* m_row = &m.at(i0 + i, j0);
+    float* v_row = &v.at(i0 + i, j0);
+    float* o_row = &out.at(i0 + i, j0);
+    const int64_t ms = kUnitStride ? 1 : m.s1, vs = kUnitStride ? 1 : v.s1, os = kUnitStride ? 1 : out.s1;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float g = r_row[j];
+      const float mj = a.beta1 * m_row[j * ms] + a.one_minus_beta1 * g;
+      const float vj = a.beta2 * v_row[j * vs] + a.one_minus_beta2 * (g * g);
+      m_row[j * ms] = mj;
+      v_row[j * vs] = vj;
+      o_row[j * os] = (mj / a.bias1) / (std::sqrt(vj / a.bias2) + a.eps);
+    }
+  }
+}
+
+void adam_epilogue(const at::Tensor& R, int64_t i0, int64_t j0, const Strided& m, const Strided& v,
+                   const Strided& out, const AdamScalars& a) {
+  const bool unit = m.s1 == 1 && v.s1 == 1 && out.s1 == 1;
+  const float* r = R.const_data_ptr<float>();
+  if (unit) adam_tile<true>(r, R.size(0), R.size(1), i0, j0, m, v, out, a);
+  else adam_tile<false>(r, R.size(0), R.size(1), i0, j0, m, v, out, a);
+}
+
+// R_tile (h x w, fp32) = A (h x K) @ B (K x w), where one of A, B is a block of G
+// (any float dtype) and the other is fp32. fp32 G goes straight to BLAS; bf16/fp16
+// G is upcast into `upcast` a K-block at a time and accumulated.
+void tile_gemm(at::Tensor& R, const at::Tensor& A, const at::Tensor& B, bool g_is_a, at::Tensor& upcast) {
+  const at::Tensor& G = g_is_a ? A : B;
+  if (G.scalar_type() == at::kFloat) {
+    at::mm_out(R, A, B);
+    return;
+  }
+  const int64_t K = A.size(1);
+  const int64_t g_other = g_is_a ? A.size(0) : B.size(1);  // the non-K extent of the G block
+  const int64_t kb = std::max<int64_t>(1, kUpcastElems / std::max<int64_t>(g_other, 1));
+  for (int64_t k0 = 0; k0 < K; k0 += kb) {
+    const int64_t kh = std::min(kb, K - k0);
+    at::Tensor g32 = g_is_a ? upcast.narrow(0, 0, g_other * kh).view({g_other, kh})
+                            : upcast.narrow(0, 0, kh * g_other).view({kh, g_other});
+    if (g_is_a) {
+      g32.copy_(A.narrow(1, k0, kh));
+      R.addmm_(g32, B.narrow(0, k0, kh), /*beta=*/k0 == 0 ? 0.0 : 1.0);  // beta=0 ignores R's old contents
+    } else {
+      g32.copy_(B.narrow(0, k0, kh));
+      R.addmm_(A.narrow(1, k0, kh), g32, /*beta=*/k0 == 0 ? 0.0 : 1.0);
+    }
+  }
+}
+
+}  // namespace
+
+void project_adam_(
+    const at::Tensor& grad_in,
+    const at::Tensor& proj_in,
+    const at::Tensor& exp_avg,
+    const at::Tensor& exp_avg_sq,
+    const at::Tensor& out,
+    c10::string_view side,
+    double beta1,
+    double beta2,
+    double eps,
+    int64_t step) {
+  const bool left = is_left_side(side);
+  check_cpu_float(grad_in, "grad", false);
+  check_cpu_float(proj_in, "proj", true);
+  check_cpu_float(exp_avg, "exp_avg", true);
+  check_cpu_float(exp_avg_sq, "exp_avg_sq", true);
+  check_cpu_float(out, "out", true);
+  TORCH_CHECK(step >= 1, "project_adam_: step must be >= 1, got ", step);
+  TORCH_CHECK(grad_in.dim() == 2 && proj_in.dim() == 2, "project_adam_: grad and proj must be 2-D");
+  // detach: the worker threads do not inherit no_grad, and nothing here is differentiable
+  const at::Tensor grad = grad_in.detach(), proj = proj_in.detach();
+  const int64_t m = grad.size(0), n = grad.size(1);
+  const int64_t r = left ? proj.size(1) : proj.size(0);
+  TORCH_CHECK(left ? proj.size(0) == m : proj.size(1) == n, "project_adam_: proj shape ", proj.sizes(),
+              " does not match grad ", grad.sizes(), " for side=", std::string(side));
+  const std::vector<int64_t> low_shape = left ? std::vector<int64_t>{r, n} : std::vector<int64_t>{m, r};
+  for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &out})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(low_shape), "project_adam_: moments and out must be ", low_shape,
+                ", got ", t->sizes());
+
+  const AdamScalars a{
+      static_cast<float>(beta1),
+      static_cast<float>(beta2),
+      static_cast<float>(1.0 - beta1),
+      static_cast<float>(1.0 - beta2),
+      static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(step))),
+      static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(step))),
+      static_cast<float>(eps),
+  };
+  const Strided m_s{exp_avg.data_ptr<float>(), exp_avg.stride(0), exp_avg.stride(1)};
+  const Strided v_s{exp_avg_sq.data_ptr<float>(), exp_avg_sq.stride(0), exp_avg_sq.stride(1)};
+  const Strided o_s{out.data_ptr<float>(), out.stride(0), out.stride(1)};
+
+  const int64_t width = tile_width(r);
+  const int64_t extent = left ? n : m;  // left tiles split the columns of G, right tiles its rows
+  const int64_t tiles = ceil_div(extent, width);
+  const bool upcast_needed = grad.scalar_type() != at::kFloat;
+  const auto f32 = grad.options().dtype(at::kFloat);
+
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::Tensor r_buf = at::empty({r * width}, f32);
+    // kUpcastElems, plus one width in case a single K-row of the G block is already larger
+    at::Tensor upcast = upcast_needed ? at::empty({kUpcastElems + width}, f32) : at::Tensor();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t start = t * width, w = std::min(width, extent - start);
+      if (left) {
+        at::Tensor R = r_buf.narrow(0, 0, r * w).view({r, w});  // R[:, start:start+w] = P^T G[:, cols]
+        tile_gemm(R, proj.t(), grad.narrow(1, start, w), /*g_is_a=*/false, upcast);
+        adam_epilogue(R, 0, start, m_s, v_s, o_s, a);
+      } else {
+        at::Tensor R = r_buf.narrow(0, 0, w * r).view({w, r});  // R[rows, :] = G[rows, :] Q^T
+        tile_gemm(R, grad.narrow(0, start, w), proj.t(), /*g_is_a=*/true, upcast);
+        adam_epilogue(R, start, 0, m_s, v_s, o_s, a);
+      }
+    }
+  });
+}
+
+}  // namespace owlore
