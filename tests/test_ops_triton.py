@@ -353,3 +353,18 @@ def test_owlore_adamw_triton_matches_torch_over_20_steps(dev):
                 torch.testing.assert_close(state_f[key], state_s[key], rtol=1e-4, atol=1e-5)
             else:
                 assert state_f[key] == state_s[key]
+
+
+def test_empty_and_rank_zero_edges(dev):
+    """r = 0 leaves the weight only decayed; an empty weight is a no-op (no 0-program launch)."""
+    weight = torch.randn(6, 9, device=dev)
+    want = weight * (1 - 0.1 * 0.5)
+    back_project_update_launch(weight, torch.zeros(6, 0, device=dev), torch.zeros(0, 9, device=dev),
+                               "left", 0.1, 0.5, 1.0)
+    torch.testing.assert_close(weight, want, **FP32_TOL)
+    empty = torch.zeros(0, 9, device=dev)
+    back_project_update_launch(empty, torch.zeros(0, 3, device=dev), torch.zeros(3, 9, device=dev),
+                               "left", 0.1, 0.5, 1.0)
+    low = torch.zeros(0, 9, device=dev)
+    project_adam_launch(torch.randn(6, 9, device=dev), torch.zeros(6, 0, device=dev), low, low.clone(),
+                        low.clone(), "left", 0.9, 0.999, 1e-6, 1)

@@ -116,6 +116,8 @@ def back_project_update_launch(
     if a.shape[0] != m or tuple(b.shape) != (rank, n):
         raise ValueError(f"side={side!r}: need ({m}, r) @ (r, {n}), got {tuple(a.shape)} @ {tuple(b.shape)}")
     grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
+    if grid[0] == 0:  # an empty weight: nothing to update (a 0-program launch is an error)
+        return param
     with device_ctx(param):
         _back_project_update_kernel[grid](
             as_kernel_arg(param), a, b,

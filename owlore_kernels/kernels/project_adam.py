@@ -168,6 +168,8 @@ def project_adam_launch(
 
     block_a = block_a_for_rank(rank)
     grid = (triton.cdiv(rank, block_a) * triton.cdiv(length, BLOCK_L),)
+    if grid[0] == 0:  # an empty subspace: nothing to update (a 0-program launch is an error)
+        return out
     with device_ctx(grad):
         _project_adam_kernel[grid](
             proj, as_kernel_arg(grad), exp_avg, exp_avg_sq, out,
