@@ -21,8 +21,11 @@ Tolerances, per dtype:
 import pytest
 import torch
 
+# exc_type=ImportError: also skip when a stale or broken build fails to load, not only when it is missing
 _C = pytest.importorskip(
-    "owlore_kernels._C", reason="C++ extension not built (OWLORE_REQUIRE_EXT=1 pip install -e . builds it)"
+    "owlore_kernels._C",
+    reason="C++ extension not built or not loadable (OWLORE_REQUIRE_EXT=1 pip install -e . builds it)",
+    exc_type=ImportError,
 )
 
 from owlore_kernels import ops  # noqa: E402
