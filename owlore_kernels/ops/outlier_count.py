@@ -69,7 +69,9 @@ def _scores(t: torch.Tensor, s: Optional[torch.Tensor]):
     flat = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1)
     s32 = None if s is None else s.float()
     for rows in row_chunks(flat.shape[0], flat.shape[1]):
-        chunk = flat[rows].float().abs_()
+        # abs() (not abs_()): .float() of an fp32 tensor is the tensor itself,
+        # and an in-place abs would overwrite the caller's weights
+        chunk = flat[rows].float().abs()
         if s32 is not None:
             chunk.mul_(s32)
         yield chunk
