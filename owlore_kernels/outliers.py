@@ -26,7 +26,6 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .ops import resolve
 from .ops.outlier_count import outlier_count
 
 __all__ = ["DEFAULT_M", "outlier_ratio", "block_outlier_ratios", "block_linears"]
@@ -60,15 +59,6 @@ DEFAULT_M = 5.0
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-# (device type, backend) -> whether that outlier_count implementation writes
-# into its fp32 inputs; the torch reference at e50dda4 did (``.float()`` on an
-# fp32 chunk is a view, then ``abs_()``), which would silently replace a
-# model's weights by |w| (and, with col_scales, scale the data twice). Probed
-# once on a 4x4 tensor; while it is True we pass copies (one block's weights at
-# a time, so the temporary is one block).
-_WRITES_INPUTS: dict[tuple[str, str], bool] = {}
-
-
 def _check_M(M: float) -> float:
     try:
         value = float(M)
@@ -80,23 +70,8 @@ def _check_M(M: float) -> float:
 
 
 def _count(tensors: list[torch.Tensor], M: float, col_scales, backend: Optional[str]) -> tuple[float, int]:
-    """``outlier_count`` on detached tensors, guarded against a backend that writes into its inputs."""
-    tensors = [t.detach() for t in tensors]
-    device = tensors[0].device
-    name, _ = resolve("outlier_count", device, backend)
-    key = (device.type, name)
-    if key not in _WRITES_INPUTS:
-        probe = torch.linspace(-2.0, 2.0, 16, device=device).reshape(4, 4)
-        before = probe.clone()
-        outlier_count(probe, 1.0, backend=name)
-        _WRITES_INPUTS[key] = not torch.equal(probe, before)
-    if _WRITES_INPUTS[key]:
-        # such a backend scales its input twice over its two passes, so hand it
-        # the scores |w| * s themselves (copies); |.| of them is a no-op
-        scales = col_scales if col_scales is not None else [None] * len(tensors)
-        tensors = [t.float().abs() * s.float() if s is not None else t.clone() for t, s in zip(tensors, scales)]
-        col_scales = None
-    return outlier_count(tensors, M, col_scales, backend=name)
+    """``outlier_count`` on detached tensors (the op never writes into its inputs)."""
+    return outlier_count([t.detach() for t in tensors], M, col_scales, backend=backend)
 
 
 def outlier_ratio(

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outliers import DEFAULT_M, block_linears, block_outlier_ratios
+from .outliers import DEFAULT_M, _check_M, block_linears, block_outlier_ratios
 
 __all__ = ["find_decoder_blocks", "owlore_param_groups", "OwLoreSampler", "PROB_MODES"]
 
@@ -306,6 +306,11 @@ class OwLoreSampler:
             (default): input/output embeddings and the norms outside the
             blocks; ``[]``: nothing outside the blocks trains.
 
+    Construction checks everything before touching the model or optimizer
+    (``ValueError`` naming the argument); it freezes the params outside the
+    blocks that are not always-trainable, and leaves the blocks as they are
+    until the first :meth:`step`.
+
     Attributes: ``probabilities`` (1-D float64 numpy array summing to 1),
     ``active_layers`` (sorted block indices, empty before the first step),
     ``scores``, ``num_blocks``, ``layers_attr``, ``always_train`` (resolved
@@ -336,6 +341,7 @@ class OwLoreSampler:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        M = _check_M(M)
         explicit = not isinstance(prob_mode, str)
         if not explicit and prob_mode not in PROB_MODES:
             raise ValueError(f"prob_mode must be one of {PROB_MODES} or an array of {n} probabilities, got {prob_mode!r}")
