@@ -484,3 +484,10 @@ def test_bad_state_dict_modifies_nothing():
     twin = OwLoreSampler(PlainLM(n_blocks=4), None, gamma=2, interval=2, prob_mode="uniform", seed=3)
     twin.step()
     assert sampler.resample() == twin.resample()
+
+
+def test_discovery_through_a_peft_wrapper():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(3), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    path, blocks = find_decoder_blocks(model)
+    assert path == "base_model.model.model.layers" and len(blocks) == 3
