@@ -266,7 +266,7 @@ def estimate_memory(
     shape = model_shape(model)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not 1 <= gamma <= shape.num_layers:
+    if method in ("lisa", "owlore") and not 1 <= gamma <= shape.num_layers:
         raise ValueError(f"gamma must be in [1, {shape.num_layers}] for {shape.name}, got {gamma}")
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")

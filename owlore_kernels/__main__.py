@@ -1,0 +1,169 @@
+"""Command line: ``python -m owlore_kernels bench ...`` and ``python -m owlore_kernels estimate ...``.
+
+``bench`` runs the end-to-end benchmark (see ``owlore_kernels.bench``); ``estimate`` prints the
+memory breakdown of one or all methods (see ``owlore_kernels.estimate``). Bad flags are
+argparse errors that name the flag and the value.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+METHODS = ("full", "lora", "galore", "lisa", "owlore")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return value
+
+
+def _method_list(text: str) -> list[str]:
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of methods")
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    return list(dict.fromkeys(names))
+
+
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    from owlore_kernels.bench.driver import DEFAULTS as D
+
+    p = sub.add_parser("bench", help="run the end-to-end fine-tuning benchmark",
+                       description="Fine-tune with full AdamW, LoRA, GaLore, LISA and OwLore on the same data; "
+                                   "report memory, throughput and loss.")
+    p.add_argument("--model", default=D["model"], help="smollm2 (default; SmolLM2-135M-Instruct), tiny "
+                                                       "(random-init, for tests) or a path to an HF model folder")
+    p.add_argument("--methods", type=_method_list, default=D["methods"].split(","),
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--steps", type=_positive_int, default=D["steps"], help="optimizer steps per method (>= 2)")
+    p.add_argument("--batch", type=_positive_int, default=D["batch"], help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, default=D["seq_len"], help="tokens per sequence")
+    p.add_argument("--eval-seqs", type=_positive_int, default=D["eval_seqs"], help="held-out sequences")
+    p.add_argument("--lr", type=_positive_float, default=D["lr"], help="peak learning rate (all methods)")
+    p.add_argument("--rank", type=_positive_int, default=D["rank"], help="GaLore/OwLore projection rank")
+    p.add_argument("--lora-rank", type=_positive_int, default=D["lora_rank"], help="LoRA rank")
+    p.add_argument("--gamma", type=_positive_int, default=D["gamma"], help="blocks sampled by LISA/OwLore")
+    p.add_argument("--interval", type=_positive_int, default=D["interval"], help="steps between resamples")
+    p.add_argument("--update-proj-gap", type=_positive_int, default=D["update_proj_gap"],
+                   help="steps between projection refreshes (GaLore, OwLore)")
+    p.add_argument("--galore-scale", type=_positive_float, default=D["galore_scale"], help="GaLore scale")
+    p.add_argument("--proj-method", choices=("svd", "randomized"), default=D["proj_method"],
+                   help="OwLore's projection refresh")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D["device"])
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=D["dtype"])
+    p.add_argument("--seed", type=int, default=D["seed"])
+    p.add_argument("--out", default=D["out"], help="folder for bench_<model>_<date>.json/.md/.png")
+    p.add_argument("--_worker", metavar="SPEC", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def _estimate_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("estimate", help="print a training-memory breakdown",
+                       description="Estimate weights, gradients, optimizer state, projections and activations.")
+    p.add_argument("--model", default="llama2-7b",
+                   help="llama2-7b, llama3-8b, mistral-7b, smollm2-135m or a path to an HF config.json (or folder)")
+    p.add_argument("--method", default="owlore", type=str.lower, choices=METHODS + ("all",))
+    p.add_argument("--gamma", type=_positive_int, default=5)
+    p.add_argument("--rank", type=_positive_int, default=128)
+    p.add_argument("--lora-rank", type=_positive_int, default=8)
+    p.add_argument("--batch", type=_positive_int, default=1)
+    p.add_argument("--seq", type=_positive_int, default=512)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--state-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="optimizer-moment dtype (default: what each method's implementation uses)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--fused-loss", action="store_true",
+                   help="the loss never materialises full-vocabulary logits (chunked/fused cross-entropy)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _run_estimate(args, parser) -> int:
+    from owlore_kernels.estimate import estimate_memory, model_shape
+
+    try:
+        shape = model_shape(args.model)
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        parser.error(f"argument --model: {exc}")
+    if args.gamma > shape.num_layers:
+        parser.error(f"argument --gamma: must be <= {shape.num_layers} (blocks of {shape.name}), got {args.gamma}")
+    methods = METHODS if args.method == "all" else (args.method,)
+    estimates = [estimate_memory(shape, m, gamma=args.gamma, rank=args.rank, lora_rank=args.lora_rank,
+                                 batch=args.batch, seq=args.seq, dtype=args.dtype,
+                                 grad_checkpointing=args.grad_checkpointing, state_dtype=args.state_dtype,
+                                 fused_loss=args.fused_loss) for m in methods]
+    if args.json:
+        print(json.dumps([e.to_dict() for e in estimates], indent=1))
+    else:
+        print("\n\n".join(e.table() for e in estimates))
+    return 0
+
+
+def _run_bench(args, parser) -> int:
+    if args._worker:
+        from owlore_kernels.bench.worker import run_worker
+
+        return run_worker(args._worker)
+    from owlore_kernels.bench.driver import model_config_dict, run_bench
+
+    if args.steps < 2:
+        parser.error(f"argument --steps: must be >= 2 (one warm-up step, then measured steps), got {args.steps}")
+    config = model_config_dict(args.model)
+    if config is None:
+        parser.error(f"argument --model: unknown model {args.model!r} (expected smollm2, tiny or a path to an "
+                     "HF model folder with a config.json)")
+    layers, hidden = config.get("num_hidden_layers"), config.get("hidden_size")
+    if layers and args.gamma > layers:
+        parser.error(f"argument --gamma: must be in [1, {layers}] (blocks of model {args.model!r}), got {args.gamma}")
+    if hidden and args.rank > hidden:
+        parser.error(f"argument --rank: must be in [1, {hidden}] (hidden size of model {args.model!r}), got {args.rank}")
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("argument --device: 'cuda' requested but torch.cuda.is_available() is False")
+    cfg = {k: v for k, v in vars(args).items() if k not in ("command", "_worker")}
+    report = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    from owlore_kernels.bench.report import text_table
+
+    print(f"\n{report['meta']['model_name']}: {report['meta']['model_source']}")
+    print(text_table(report["results"]))
+    print(f"\nwall time {report['meta']['wall_s']:.0f} s; wrote " + ", ".join(v for v in report["files"].values() if v))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m owlore_kernels",
+                                     description="owlore-kernels: benchmark and memory estimator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = _bench_parser(sub)
+    estimate = _estimate_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        return _run_bench(args, bench)
+    return _run_estimate(args, estimate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The benchmark driver: a 2-step smoke run on a tiny random-init model, failure rows, bad flags.
+
+The smoke run starts one worker process per method (the real driver path), so it also checks
+that each method's measured parameter, gradient and optimizer-state bytes agree with
+``estimate_memory`` within 5% (they are exact for this model).
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from owlore_kernels.__main__ import main
+from owlore_kernels.bench import data as bench_data
+from owlore_kernels.bench import methods as bench_methods
+from owlore_kernels.bench.worker import lr_factor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULT_FIELDS = (
+    "method", "status", "library", "trainable_params", "param_bytes", "grad_bytes", "optimizer_state_bytes",
+    "projection_bytes", "accounted_peak_bytes", "peak_memory_bytes", "peak_memory_kind", "peak_rss_bytes",
+    "rss_after_load_bytes", "tokens_per_s", "tokens_per_s_p10", "tokens_per_s_p90", "final_train_loss",
+    "eval_loss", "eval_accuracy", "eval_loss_before", "losses", "wall_s", "estimate", "estimate_max_rel_error",
+)
+
+
+def _installed_methods():
+    available = ["full"]
+    if importlib.util.find_spec("peft"):
+        available.append("lora")
+    if importlib.util.find_spec("galore_torch"):
+        available.append("galore")
+    available += ["lisa", "owlore"]
+    return available
+
+
+def _bench(tmp_path, *args, env=None, timeout=300):
+    cmd = [sys.executable, "-m", "owlore_kernels", "bench", "--model", "tiny", "--steps", "2", "--batch", "2",
+           "--seq-len", "32", "--eval-seqs", "2", "--rank", "8", "--lora-rank", "4", "--gamma", "2",
+           "--interval", "1", "--out", str(tmp_path), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _report(tmp_path):
+    (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    with open(tmp_path / path) as f:
+        return json.load(f)
+
+
+def test_smoke_every_installed_method(tmp_path):
+    methods = _installed_methods()
+    out = _bench(tmp_path, "--methods", ",".join(methods))
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = _report(tmp_path)
+    assert set(report) >= {"meta", "config", "notes", "results", "files"}
+    for key in ("date", "model_name", "model_source", "dataset", "machine", "versions", "wall_s"):
+        assert key in report["meta"], key
+    assert report["meta"]["model_name"] == "tiny"
+    assert [r["method"] for r in report["results"]] == methods
+    for r in report["results"]:
+        assert r["status"] == "ok", r
+        missing = [f for f in RESULT_FIELDS if f not in r]
+        assert not missing, (r["method"], missing)
+        assert len(r["losses"]) == 2 and all(math.isfinite(x) for x in r["losses"])
+        assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] > 0
+        assert 0.0 <= r["eval_accuracy"] <= 1.0
+        # validation (a): the estimator's param, gradient and state bytes within 5% of the measurement
+        assert r["estimate_max_rel_error"] < 0.05, (r["method"], r["estimate"])
+    by = {r["method"]: r for r in report["results"]}
+    assert by["owlore"]["optimizer_state_bytes"] < by["lisa"]["optimizer_state_bytes"] < by["full"]["optimizer_state_bytes"]
+    assert by["lisa"]["trainable_params"] < by["full"]["trainable_params"]
+    for kind in ("json", "md", "png"):
+        assert os.path.isfile(report["files"][kind]), kind
+    assert "method" in out.stdout and "owlore" in out.stdout  # the table on stdout
+
+
+def test_missing_library_is_reported_in_its_row(tmp_path):
+    # a stand-in `peft` that fails to import, first on the workers' path
+    fake = tmp_path / "fake"
+    (fake / "peft").mkdir(parents=True)
+    (fake / "peft" / "__init__.py").write_text("raise ImportError('peft deliberately hidden by the test')\n")
+    env = dict(os.environ, PYTHONPATH=str(fake))
+    out = _bench(tmp_path / "out", "--methods", "lora,full", env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    by = {r["method"]: r for r in _report(tmp_path / "out")["results"]}
+    assert by["lora"]["status"] == "failed"
+    assert "peft" in by["lora"]["error"] and by["lora"]["install"] == "pip install peft"
+    assert by["full"]["status"] == "ok"
+    assert "FAILED" in out.stdout and "pip install peft" in out.stdout
+
+
+@pytest.mark.parametrize("args, flag, value", [
+    (["--methods", "full,sgd"], "--methods", "sgd"),
+    (["--model", "gpt-17"], "--model", "gpt-17"),
+    (["--model", "tiny", "--gamma", "9"], "--gamma", "9"),
+    (["--model", "tiny", "--gamma", "0"], "--gamma", "0"),
+    (["--model", "tiny", "--rank", "0"], "--rank", "0"),
+    (["--model", "tiny", "--rank", "65"], "--rank", "65"),
+    (["--steps", "1"], "--steps", "1"),
+    (["--dtype", "int4"], "--dtype", "int4"),
+    (["--batch", "two"], "--batch", "two"),
+])
+def test_bad_flags_name_flag_and_value(args, flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and value in err, err
+
+
+# ------------------------------------------------------------------ pieces
+def test_dataset_splits_are_disjoint_and_labels_cover_answers_only():
+    tok = bench_data.CharTokenizer()
+    train, held = bench_data.build_splits(tok.encode, tok.pad_token_id, steps=4, batch=2, seq_len=64,
+                                          eval_seqs=4, seed=0)
+    assert train.input_ids.shape == (8, 64) and held.input_ids.shape == (4, 64)
+    scored = train.labels != bench_data.IGNORE
+    assert torch.equal(train.labels[scored], train.input_ids[scored])
+    assert torch.equal(scored, train.example_ids >= 0)
+    inv = {v: k for k, v in tok.vocab.items()}
+
+    def questions(split):
+        text = "".join(inv.get(int(i), "|") for i in split.input_ids.flatten())
+        return {q.split("? Answer")[0] for q in text.split("What is ")[1:]}
+
+    assert questions(train).isdisjoint(questions(held))
+
+
+def test_answer_accuracy_counts_whole_answers():
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    example_ids = torch.tensor([[-1, -1, 0, 0, 1]])  # example 0 = tokens 2,3; example 1 = token 4
+    logits = torch.full((1, 5, 12), -1.0)
+    for pos, tok in ((1, 7), (2, 8), (3, 0)):  # predicts 7 and 8 right, token 9 wrong
+        logits[0, pos, tok] = 1.0
+    assert bench_data.answer_accuracy(logits, ids, example_ids) == (1, 2)
+
+
+def test_lr_schedule_warms_up_then_decays_to_ten_percent():
+    f = [lr_factor(s, 20) for s in range(20)]
+    assert f[0] == 0.5 and f[1] == 1.0
+    assert all(a >= b for a, b in zip(f[1:], f[2:]))
+    assert f[-1] > 0.1 and abs(lr_factor(20, 20) - 0.1) < 1e-12
+
+
+def test_state_bytes_counts_galore_projector_objects():
+    class Projector:  # galore-torch keeps P inside an object in the state
+        def __init__(self):
+            self.ortho_matrix = torch.zeros(4, 2)
+
+    p = torch.nn.Parameter(torch.zeros(4, 8))
+    opt = torch.optim.SGD([p], lr=0.1)
+    opt.state[p] = {"step": 3, "exp_avg": torch.zeros(2, 8), "exp_avg_sq": torch.zeros(2, 8), "projector": Projector()}
+    assert bench_methods.state_bytes(opt) == (2 * 16 * 4, 8 * 4)
