@@ -8,10 +8,13 @@
 // Threading: the outer tile loops use at::parallel_for (torch's own OpenMP
 // runtime; setup.py links the same libgomp that torch ships). BLAS calls made
 // inside a parallel region run single-threaded, so each thread owns whole tiles
-// and there is no synchronisation per tile.
+// and there is no synchronisation per tile. Worker threads do not inherit the
+// caller's thread-local state (grad mode, inference mode), so the tile loops
+// restore it with at::ThreadLocalStateGuard before calling ATen ops.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -51,6 +54,15 @@ void back_project_update_(
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+// Split `extent` into tiles of at most `max_width` (rounded up to a multiple of 16,
+// whole cache lines of fp32) whose count is a multiple of `threads`, so a static
+// split gives every thread the same number of tiles; returns the tile width.
+inline int64_t balanced_tile_width(int64_t extent, int64_t max_width, int64_t threads) {
+  int64_t tiles = ceil_div(extent, std::max<int64_t>(max_width, 1));
+  tiles = ceil_div(tiles, threads) * threads;
+  return ceil_div(ceil_div(extent, tiles), 16) * 16;
 }
 
 // "left" -> true, "right" -> false; anything else is an error.

@@ -5,11 +5,11 @@
 //
 // R never makes a round trip through memory: it is computed one tile at a time
 // (a block of columns of G for side="left", a block of rows for "right") into a
-// per-thread buffer of ~128 KB that stays in L2 (2 MB/core on the machine this was
-// tuned on), and Adam runs on that tile straight away. The tile GEMMs are ATen/BLAS
+// per-thread buffer of at most 1 MB that stays in L2 (2 MB/core on the machine this
+// was tuned on), and Adam runs on that tile straight away. The tile GEMMs are ATen/BLAS
 // calls on views; each thread owns whole tiles, so they run single-threaded.
 //
-// A bf16/fp16 G is upcast per tile and per K-block (~512 KB of fp32 at a time),
+// A bf16/fp16 G is upcast per tile and per K-block (at most 2 MB of fp32 at a time),
 // never as a full-size fp32 copy.
 #include "owlore.h"
 
@@ -20,18 +20,19 @@
 namespace owlore {
 namespace {
 
-// fp32 elements of R per tile: 32K floats = 128 KB, so R plus the moment rows it
-// touches stay in L2. For rank 128 that is 256 columns (left) or rows (right).
-constexpr int64_t kTileElems = 1 << 15;
-// fp32 elements of upcast G per K-block (bf16/fp16 only): 128K floats = 512 KB.
-constexpr int64_t kUpcastElems = 1 << 17;
-
-// Columns (left) or rows (right) of R per tile, for rank r: a multiple of 16
-// (whole cache lines of fp32), at least 16 and at most 1024.
-int64_t tile_width(int64_t r) {
-  int64_t w = (kTileElems / std::max<int64_t>(r, 1)) / 16 * 16;
-  return std::clamp<int64_t>(w, 16, 1024);
-}
+// Tile size. Each tile GEMM packs the whole projection matrix again (P is m x r,
+// 2 MB at 4096 x 128), so the packing costs 1/width of the tile's work: wide
+// tiles matter. Measured at 4096 x 11008, rank 128, 2 threads: widths 256 / 512 /
+// 928 / 1376 took 129 / 106 / 96 / 93 ms against 93 ms for one 2-thread GEMM.
+// So: at most 2048 wide and at most 256K floats (1 MB) of R per tile, which with
+// the moment rows of the epilogue still fits a 2 MB L2, and a tile count that is a
+// multiple of the thread count.
+constexpr int64_t kMaxTileWidth = 2048;
+constexpr int64_t kMaxTileElems = 1 << 18;
+// bf16/fp16 G is upcast kUpcastDepth rows (left) or columns (right) at a time:
+// deep enough that each block is an efficient GEMM (BLAS kernels block K by
+// ~256 anyway), and at most 256 x 2048 floats = 2 MB.
+constexpr int64_t kUpcastDepth = 256;
 
 struct AdamScalars {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, bias1, bias2, eps;
@@ -86,9 +87,8 @@ void tile_gemm(at::Tensor& R, const at::Tensor& A, const at::Tensor& B, bool g_i
   }
   const int64_t K = A.size(1);
   const int64_t g_other = g_is_a ? A.size(0) : B.size(1);  // the non-K extent of the G block
-  const int64_t kb = std::max<int64_t>(1, kUpcastElems / std::max<int64_t>(g_other, 1));
-  for (int64_t k0 = 0; k0 < K; k0 += kb) {
-    const int64_t kh = std::min(kb, K - k0);
+  for (int64_t k0 = 0; k0 < K; k0 += kUpcastDepth) {
+    const int64_t kh = std::min(kUpcastDepth, K - k0);
     at::Tensor g32 = g_is_a ? upcast.narrow(0, 0, g_other * kh).view({g_other, kh})
                             : upcast.narrow(0, 0, kh * g_other).view({kh, g_other});
     if (g_is_a) {
@@ -146,16 +146,18 @@ void project_adam_(
   const Strided v_s{exp_avg_sq.data_ptr<float>(), exp_avg_sq.stride(0), exp_avg_sq.stride(1)};
   const Strided o_s{out.data_ptr<float>(), out.stride(0), out.stride(1)};
 
-  const int64_t width = tile_width(r);
   const int64_t extent = left ? n : m;  // left tiles split the columns of G, right tiles its rows
+  const int64_t max_width = std::clamp<int64_t>(kMaxTileElems / std::max<int64_t>(r, 1), 16, kMaxTileWidth);
+  const int64_t width = balanced_tile_width(extent, max_width, at::get_num_threads());
   const int64_t tiles = ceil_div(extent, width);
   const bool upcast_needed = grad.scalar_type() != at::kFloat;
   const auto f32 = grad.options().dtype(at::kFloat);
 
+  const at::ThreadLocalState caller_state;  // grad/inference mode of the calling thread
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    const at::ThreadLocalStateGuard same_state_as_caller(caller_state);
     at::Tensor r_buf = at::empty({r * width}, f32);
-    // kUpcastElems, plus one width in case a single K-row of the G block is already larger
-    at::Tensor upcast = upcast_needed ? at::empty({kUpcastElems + width}, f32) : at::Tensor();
+    at::Tensor upcast = upcast_needed ? at::empty({kUpcastDepth * width}, f32) : at::Tensor();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * width, w = std::min(width, extent - start);
       if (left) {

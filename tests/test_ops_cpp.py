@@ -2,9 +2,10 @@
 
 Shapes are chosen against the kernels' tile sizes so every path has ragged
 edges: outlier_count works in 16384-column segments and 1024-element fp32
-blocks; project_adam tiles R by 32768 // r columns (left) or rows (right),
-clamped to [16, 1024] and rounded to 16, and upcasts bf16/fp16 G 131072 fp32
-elements at a time; back_project_update tiles W by 256 x 512.
+blocks; project_adam tiles R into a thread-count multiple of tiles at most
+min(2048, 262144 // r) wide, 16-aligned, and upcasts bf16/fp16 G 256 rows
+(left) or columns (right) at a time; back_project_update tiles W by 2048 x 512
+(fp32) or 512 x 512 (bf16/fp16).
 
 Tolerances, per dtype:
 * fp32 results (moments, N, fp32 W): rtol 1e-5, atol 1e-6. The backends sum
@@ -105,16 +106,18 @@ def test_outlier_count_direct_op_matches_public_api():
 
 
 # ----------------------------------------------------------------- project_adam
-# (m, n, r): ranks 1 and odd; widths that cross tile boundaries at those ranks
-PROJECT_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (1100, 67, 3), (300, 600, 128)]
+# (m, n, r): ranks 1 and odd; extents that cross tile and upcast-block boundaries at those ranks
+PROJECT_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (1100, 67, 3), (300, 600, 128), (520, 2100, 130)]
 
 
 def _projection(m, n, r, side):
-    """An orthonormal basis as GaLore uses: P (m, r) for left, Q (r, n) for right."""
-    basis = torch.linalg.qr(torch.randn(m if side == "left" else n, r)).Q
-    if basis.shape[1] < r:  # r > m (or n): pad, orthonormality does not matter here
-        basis = torch.cat([basis, torch.randn(basis.shape[0], r - basis.shape[1])], dim=1)
-    return basis if side == "left" else basis.t().contiguous()
+    """P (m, r) for left, Q (r, n) for right, scaled like GaLore's orthonormal bases
+    (unit-norm columns of P / rows of Q), so R = P^T G has O(1) entries for O(1) G.
+    Random rather than orthonormal: the ops do not rely on orthonormality, and a QR
+    costs seconds on a busy 2-core machine."""
+    if side == "left":
+        return torch.randn(m, r) / m**0.5
+    return torch.randn(r, n) / n**0.5
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -174,8 +177,8 @@ def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordered(a) - ordered(b)).abs()
 
 
-# (m, n, r): W tiles are 256 x 512, so these cross and end mid-tile
-BACK_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (300, 1100, 128)]
+# (m, n, r): W tiles are 2048 (fp32) or 512 (bf16/fp16) x 512, so these cross and end mid-tile
+BACK_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (600, 1100, 128), (2100, 520, 3)]
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -222,3 +225,18 @@ def test_back_project_update_rounds_to_nearest_even():
     w = torch.full((3, 4), 1.0 + 2.0**-7, dtype=torch.bfloat16)  # odd mantissa; + 2^-8 is halfway up
     torch.ops.owlore.back_project_update_(w, proj, norm, "left", 1.0, 0.0, 1.0)
     assert torch.equal(w, torch.full((3, 4), 1.0 + 2.0**-6, dtype=torch.bfloat16))
+
+
+def test_ops_run_under_inference_mode():
+    # the tile loops run on worker threads, which must see the caller's inference
+    # mode: in-place updates of inference tensors are refused outside it
+    m, n, r = 300, 1100, 7  # several tiles per op, so both threads take part
+    with torch.inference_mode():
+        w, grad = torch.randn(m, n), torch.randn(m, n)
+        proj = _projection(m, n, r, "left")
+        exp_avg, exp_avg_sq = torch.zeros(r, n), torch.zeros(r, n)
+        norm = project_adam(grad, proj, exp_avg, exp_avg_sq, side="left", beta1=0.9, beta2=0.999, eps=1e-6, step=1,
+                            backend="cpp")
+        before = w.clone()
+        back_project_update_(w, proj, norm, side="left", lr=1e-2, weight_decay=0.0, scale=1.0, backend="cpp")
+    assert not torch.equal(w, before)
