@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable
 
@@ -170,8 +171,22 @@ def machine() -> dict:
         "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "galore_torch": version("galore-torch"), "owlore_kernels": owlore_kernels.__version__,
         "backends": ops.backend_report()["cpu"],
+        "commit": git_commit(),
         "loadavg_start": os.getloadavg()[0],
     }
+
+
+def git_commit() -> str:
+    """The checkout's commit, with "+dirty" if csrc/ or the ops differ from it (what was measured)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "csrc", "owlore_kernels/ops",
+                               "owlore_kernels/optim.py", "owlore_kernels/projector.py"], cwd=root).returncode
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def table(rows: list[dict]) -> str:
@@ -212,7 +227,7 @@ def main() -> None:
     baselines = ("outlier: baseline = naive torch; step: baseline = galore-torch GaLoreAdamW; "
                  "op: baseline = the torch reference of the same op")
     text = (f"\n## {info['date']} — {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-            f"galore-torch {info['galore_torch']}, owlore-kernels {info['owlore_kernels']}\n\n"
+            f"galore-torch {info['galore_torch']}, owlore-kernels {info['owlore_kernels']} ({info['commit']})\n\n"
             f"`python benchmarks/bench_cpu.py --shapes {' '.join(args.shapes)} --ranks "
             f"{' '.join(map(str, args.ranks))} --repeats {args.repeats} --warmup {args.warmup}`; "
             f"load average {info['loadavg_start']:.1f} at start, {info['loadavg_end']:.1f} at end "
