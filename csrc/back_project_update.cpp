@@ -44,8 +44,9 @@ void back_project_update_(
   check_cpu_float(norm_update_in, "norm_update", true);
   TORCH_CHECK(param_in.dim() == 2 && proj_in.dim() == 2 && norm_update_in.dim() == 2,
               "back_project_update_: expected 2-D tensors");
-  // detach: param is usually a leaf that requires grad, and the worker threads do not
-  // inherit the caller's no_grad mode; the alias shares storage, so W is still updated.
+  // detach: param is usually a leaf that requires grad, whose views may be updated in
+  // place only with autograd off; the alias shares storage, so W is still updated
+  // whatever the caller's grad mode.
   const at::Tensor param = param_in.detach();
   const at::Tensor A = left ? proj_in.detach() : norm_update_in.detach();  // m x r
   const at::Tensor B = left ? norm_update_in.detach() : proj_in.detach();  // r x n

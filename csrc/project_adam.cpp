@@ -122,7 +122,8 @@ void project_adam_(
   check_cpu_float(out, "out", true);
   TORCH_CHECK(step >= 1, "project_adam_: step must be >= 1, got ", step);
   TORCH_CHECK(grad_in.dim() == 2 && proj_in.dim() == 2, "project_adam_: grad and proj must be 2-D");
-  // detach: the worker threads do not inherit no_grad, and nothing here is differentiable
+  // detach: nothing here is differentiable, so the ATen calls below never record
+  // autograd history, whatever the caller's grad mode
   const at::Tensor grad = grad_in.detach(), proj = proj_in.detach();
   const int64_t m = grad.size(0), n = grad.size(1);
   const int64_t r = left ? proj.size(1) : proj.size(0);
