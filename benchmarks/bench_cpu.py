@@ -49,6 +49,13 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OUTLIER_M = 5.0  # OWL's outlier multiplier
 
 
+def cpp_ops():
+    """torch.ops.owlore, after loading the extension that registers it."""
+    import owlore_kernels._C  # noqa: F401
+
+    return torch.ops.owlore
+
+
 def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
     """Time each candidate ``repeats`` times (ms), round-robin, rotating the order each round."""
     for fn in candidates.values():
@@ -71,8 +78,9 @@ def summary(ms: list[float]) -> dict[str, float]:
 
 def bench_outlier(shape: tuple[int, int], repeats: int) -> list[dict]:
     w = torch.randn(*shape)
+    owlore = cpp_ops()
     candidates = {
-        "cpp outlier_count": lambda: torch.ops.owlore.outlier_count([w], OUTLIER_M, [None]),
+        "cpp outlier_count": lambda: owlore.outlier_count([w], OUTLIER_M, [None]),
         "naive torch": lambda: (w.abs() > OUTLIER_M * w.abs().mean()).sum(),
     }
     cpp, naive = candidates["cpp outlier_count"](), candidates["naive torch"]()
@@ -136,10 +144,11 @@ def bench_fused_ops(shape: tuple[int, int], rank: int, repeats: int) -> list[dic
     exp_avg, exp_avg_sq, out = torch.zeros(low), torch.zeros(low), torch.empty(low)
     args = (grad, proj, exp_avg, exp_avg_sq, out, side, 0.9, 0.999, 1e-6, 2)
     back = (w, proj, out, side, 1e-6, 0.01, 0.25)
+    owlore = cpp_ops()
     candidates = {
-        "cpp project_adam": lambda: torch.ops.owlore.project_adam_(*args),
+        "cpp project_adam": lambda: owlore.project_adam_(*args),
         "torch project_adam": lambda: project_adam_reference(*args),
-        "cpp back_project_update": lambda: torch.ops.owlore.back_project_update_(*back),
+        "cpp back_project_update": lambda: owlore.back_project_update_(*back),
         "torch back_project_update": lambda: back_project_update_reference(*back),
     }
     samples = interleaved(candidates, repeats, warmup=2)

@@ -19,14 +19,16 @@ namespace owlore {
 namespace {
 
 // Tile of W. Each tile GEMM packs its rows of A (h x r) and columns of B (r x w)
-// again, so tall tiles matter: B is then packed only m / h times in all. Measured
-// at 4096 x 11008, rank 128, 2 threads: 256 x 512 tiles took 107 ms, 4096 x 512
-// column panels 89 ms, one 2-thread addmm_ 85 ms (97 ms with weight decay, where
-// the panels took 94 ms). fp32 tiles are 2048 x 512; bf16/fp16 tiles are 512 x 512
-// so that their fp32 copy (1 MB) stays in L2 between upcast, GEMM and store.
-constexpr int64_t kTileRowsFp32 = 2048;
+// again, so big tiles matter. With K = r <= 256 the GEMM streams its C tile once,
+// so an fp32 tile (updated in place in W) need not fit in cache: fp32 tiles are
+// full-height column panels at most 2048 wide, as many as a multiple of the thread
+// count, and pack B once in all and A once per panel. Measured at 4096 x 11008,
+// rank 128, 2 threads: 256 x 512 tiles took 107 ms, 4096 x 512 panels 89 ms, one
+// 2-thread addmm_ 85 ms. bf16/fp16 tiles are 512 x 512, so that their fp32 copy
+// (1 MB) stays in L2 between upcast, GEMM and store.
+constexpr int64_t kMaxPanelColsFp32 = 2048;
 constexpr int64_t kTileRowsHalf = 512;
-constexpr int64_t kTileCols = 512;
+constexpr int64_t kTileColsHalf = 512;
 
 }  // namespace
 
@@ -57,16 +59,17 @@ void back_project_update_(
   const double beta = 1.0 - lr * weight_decay;
   const double alpha = -lr * scale;
   const bool fp32 = param.scalar_type() == at::kFloat;
-  const int64_t tile_rows = fp32 ? kTileRowsFp32 : kTileRowsHalf;
-  const int64_t row_tiles = ceil_div(m, tile_rows), col_tiles = ceil_div(n, kTileCols);
+  const int64_t tile_rows = fp32 ? m : kTileRowsHalf;
+  const int64_t tile_cols = fp32 ? balanced_tile_width(n, kMaxPanelColsFp32, at::get_num_threads()) : kTileColsHalf;
+  const int64_t row_tiles = ceil_div(m, tile_rows), col_tiles = ceil_div(n, tile_cols);
 
   const at::ThreadLocalState caller_state;  // grad/inference mode of the calling thread
   at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t t0, int64_t t1) {
     const at::ThreadLocalStateGuard same_state_as_caller(caller_state);
-    at::Tensor buf = fp32 ? at::Tensor() : at::empty({tile_rows * kTileCols}, param.options().dtype(at::kFloat));
+    at::Tensor buf = fp32 ? at::Tensor() : at::empty({tile_rows * tile_cols}, param.options().dtype(at::kFloat));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i0 = (t / col_tiles) * tile_rows, j0 = (t % col_tiles) * kTileCols;
-      const int64_t h = std::min(tile_rows, m - i0), w = std::min(kTileCols, n - j0);
+      const int64_t i0 = (t / col_tiles) * tile_rows, j0 = (t % col_tiles) * tile_cols;
+      const int64_t h = std::min(tile_rows, m - i0), w = std::min(tile_cols, n - j0);
       at::Tensor w_tile = param.narrow(0, i0, h).narrow(1, j0, w);
       const at::Tensor a_rows = A.narrow(0, i0, h), b_cols = B.narrow(1, j0, w);
       if (fp32) {

@@ -4,8 +4,9 @@ Shapes are chosen against the kernels' tile sizes so every path has ragged
 edges: outlier_count works in 16384-column segments and 1024-element fp32
 blocks; project_adam tiles R into a thread-count multiple of tiles at most
 min(2048, 262144 // r) wide, 16-aligned, and upcasts bf16/fp16 G 256 rows
-(left) or columns (right) at a time; back_project_update tiles W by 2048 x 512
-(fp32) or 512 x 512 (bf16/fp16).
+(left) or columns (right) at a time; back_project_update tiles fp32 W into
+full-height panels at most 2048 wide (a thread-count multiple of them) and
+bf16/fp16 W by 512 x 512.
 
 Tolerances, per dtype:
 * fp32 results (moments, N, fp32 W): rtol 1e-5, atol 1e-6. The backends sum
@@ -177,7 +178,7 @@ def _ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (ordered(a) - ordered(b)).abs()
 
 
-# (m, n, r): W tiles are 2048 (fp32) or 512 (bf16/fp16) x 512, so these cross and end mid-tile
+# (m, n, r): fp32 panels split n in two or more; bf16/fp16 tiles are 512 x 512; these end mid-tile
 BACK_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (600, 1100, 128), (2100, 520, 3)]
 
 
