@@ -108,7 +108,7 @@ def test_outlier_count_direct_op_matches_public_api():
 
 # ----------------------------------------------------------------- project_adam
 # (m, n, r): ranks 1 and odd; extents that cross tile and upcast-block boundaries at those ranks
-PROJECT_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (1100, 67, 3), (300, 600, 128), (520, 2100, 130)]
+PROJECT_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (1100, 67, 3), (300, 600, 128), (520, 1100, 130)]
 
 
 def _projection(m, n, r, side):
@@ -131,7 +131,7 @@ def test_project_adam_matches_reference(side, dtype, m, n, r):
     # of R and the fp32 tolerance above holds for it too
     state = {"cpp": [torch.randn(low) * 0.1, torch.rand(low) + 0.5], "torch": None}
     state["torch"] = [t.clone() for t in state["cpp"]]
-    for step in (5, 6, 7):
+    for step in (5, 6):  # two steps: the second starts from moments the op itself wrote
         grad = torch.randn(m, n).to(dtype)
         out = project_adam(grad, proj, *state["cpp"], side=side, beta1=0.9, beta2=0.999, eps=1e-6, step=step,
                            backend="cpp")
