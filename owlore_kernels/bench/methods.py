@@ -112,7 +112,7 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
 
 # ----------------------------------------------------------------- accounting
 def _tensors_in(obj: Any, seen: set[int]):
-    """Yield (tensor, is_projection) for every tensor reachable from an optimizer-state value."""
+    """Yield every tensor reachable from an optimizer-state value, each once."""
     if isinstance(obj, torch.Tensor):
         if id(obj) not in seen:
             seen.add(id(obj))

@@ -151,9 +151,10 @@ def plot(report: dict[str, Any], path: str) -> Optional[str]:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
     for r in ok:
         x = r["accounted_peak_bytes"] / MiB
-        ax1.scatter(x, r["tokens_per_s"], s=60)
+        dot = ax1.scatter(x, r["tokens_per_s"], s=60)
         ax1.errorbar(x, r["tokens_per_s"], yerr=[[r["tokens_per_s"] - r["tokens_per_s_p10"]],
-                                                  [r["tokens_per_s_p90"] - r["tokens_per_s"]]], fmt="none", alpha=0.5)
+                                                  [r["tokens_per_s_p90"] - r["tokens_per_s"]]], fmt="none",
+                     alpha=0.5, color=dot.get_facecolor()[0], capsize=3)
         ax1.annotate(r["method"], (x, r["tokens_per_s"]), textcoords="offset points", xytext=(6, 6))
         ax2.plot(range(1, len(r["losses"]) + 1), r["losses"], label=r["method"], marker=".")
     ax1.set_xlabel("params + grads + optimizer state at peak (MiB)")
