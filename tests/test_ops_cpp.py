@@ -4,7 +4,7 @@ Shapes are chosen against the kernels' tile sizes so every path has ragged
 edges: outlier_count works in 16384-column segments and 1024-element fp32
 blocks; project_adam tiles R into a thread-count multiple of tiles at most
 min(2048, 262144 // r) wide, 16-aligned, and stages (upcasts) bf16/fp16 G, or
-fp32 G with a 4 KB-multiple row stride, 256 rows (left) or columns (right) at a
+fp32 G with a 4 KB-multiple row stride on the left side, 256 rows (left) or columns (right) at a
 time; back_project_update tiles fp32 W into
 full-height panels at most 2048 wide (a thread-count multiple of them) and
 bf16/fp16 W by 512 x 512.
@@ -109,7 +109,7 @@ def test_outlier_count_direct_op_matches_public_api():
 
 # ----------------------------------------------------------------- project_adam
 # (m, n, r): ranks 1 and odd; extents that cross tile and staging-block boundaries at
-# those ranks; n = 1024 (a 4 KB row stride) sends fp32 G through the staged path too
+# those ranks; n = 1024 (a 4 KB row stride) sends fp32 G through the staged path too (left)
 PROJECT_CASES = [(67, 131, 5), (1, 5, 1), (130, 4097, 17), (1100, 67, 3), (300, 600, 128), (520, 1100, 130),
                  (300, 1024, 7)]
 
