@@ -30,10 +30,10 @@ namespace {
 // multiple of the thread count.
 constexpr int64_t kMaxTileWidth = 2048;
 constexpr int64_t kMaxTileElems = 1 << 18;
-// G is staged (and upcast, if bf16/fp16) kUpcastDepth rows (left) or columns
+// G is staged (and upcast, if bf16/fp16) kStageDepth rows (left) or columns
 // (right) at a time: deep enough that each block is an efficient GEMM (BLAS
 // kernels block K by ~256 anyway), and at most 256 x 2048 floats = 2 MB.
-constexpr int64_t kUpcastDepth = 256;
+constexpr int64_t kStageDepth = 256;
 
 struct AdamScalars {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, bias1, bias2, eps;
@@ -77,14 +77,16 @@ void adam_epilogue(const at::Tensor& R, int64_t i0, int64_t j0, const Strided& m
   else adam_tile<false>(r, R.size(0), R.size(1), i0, j0, m, v, out, a);
 }
 
-// Leading dimension of a staged block with `cols` floats per row: a multiple of 16
-// plus 16, so never a multiple of 4 KB (see tile_gemm).
+// Leading dimension of a staged block with `cols` floats per row: rounded up to 16
+// floats (whole cache lines), plus 16 more where that would be a multiple of 1024
+// floats (4 KB), the strides that tile_gemm stages G to avoid.
 inline int64_t padded_ld(int64_t cols) {
-  return ceil_div(cols, 16) * 16 + 16;
+  const int64_t ld = ceil_div(cols, 16) * 16;
+  return ld % 1024 == 0 ? ld + 16 : ld;
 }
 
 // R_tile (h x w, fp32) = A (h x K) @ B (K x w), where one of A, B is a block of G
-// and the other is fp32. With `stage`, G is copied into `staging` kUpcastDepth deep
+// and the other is fp32. With `stage`, G is copied into `staging` kStageDepth deep
 // along K at a time (upcast if bf16/fp16) and the products are accumulated into R;
 // otherwise (fp32 G) BLAS reads G in place. Staging costs ~8% for fp32 G, but it
 // pays when G's row stride is a multiple of 4 KB (4096 or 14336 floats) and the
@@ -100,8 +102,8 @@ void tile_gemm(at::Tensor& R, const at::Tensor& A, const at::Tensor& B, bool g_i
   }
   const int64_t K = A.size(1);
   const int64_t g_other = g_is_a ? A.size(0) : B.size(1);  // the non-K extent of the G block
-  for (int64_t k0 = 0; k0 < K; k0 += kUpcastDepth) {
-    const int64_t kh = std::min(kUpcastDepth, K - k0);
+  for (int64_t k0 = 0; k0 < K; k0 += kStageDepth) {
+    const int64_t kh = std::min(kStageDepth, K - k0);
     const double beta = k0 == 0 ? 0.0 : 1.0;  // beta = 0 ignores R's old contents
     if (g_is_a) {
       const int64_t ld = padded_ld(kh);
@@ -178,8 +180,8 @@ void project_adam_(
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     const at::ThreadLocalStateGuard same_state_as_caller(caller_state);
     at::Tensor r_buf = at::empty({r * width}, f32);
-    // holds a width x padded_ld(kUpcastDepth) or kUpcastDepth x padded_ld(width) block
-    at::Tensor staging = stage ? at::empty({(kUpcastDepth + 32) * (width + 32)}, f32) : at::Tensor();
+    // holds a width x padded_ld(kStageDepth) or kStageDepth x padded_ld(width) block
+    at::Tensor staging = stage ? at::empty({(kStageDepth + 16) * (width + 16)}, f32) : at::Tensor();
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t start = t * width, w = std::min(width, extent - start);
       if (left) {
