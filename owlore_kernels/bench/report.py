@@ -43,6 +43,10 @@ def machine_info() -> dict[str, Any]:
         pass
     info = dict(platform=platform.platform(), python=platform.python_version(), cpu=cpu,
                 cpu_count=os.cpu_count(), memory_bytes=mem)
+    try:  # other work on the machine during the run makes step times noisy: record how busy it was
+        info["load_average_1_5_15m"] = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        pass
     try:
         import torch
 
@@ -114,7 +118,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- data: {meta['dataset']}",
         f"- config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()),
         f"- machine: {m['cpu']}, {m['cpu_count']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB; {m['platform']}"
-        + (f"; GPU {m['gpu']}" if m.get("gpu") else ""),
+        + (f"; GPU {m['gpu']}" if m.get("gpu") else "")
+        + (f"; load average at the end {m['load_average_1_5_15m']}" if m.get("load_average_1_5_15m") else ""),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         f"- total wall time: {meta['wall_s']:.0f} s",
         "",
