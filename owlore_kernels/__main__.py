@@ -66,7 +66,10 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--interval", type=_positive_int, default=D["interval"], help="steps between resamples")
     p.add_argument("--update-proj-gap", type=_positive_int, default=D["update_proj_gap"],
                    help="steps between projection refreshes (GaLore, OwLore)")
-    p.add_argument("--galore-scale", type=_positive_float, default=D["galore_scale"], help="GaLore scale")
+    p.add_argument("--galore-scale", type=_positive_float, default=D["galore_scale"],
+                   help="scale of the galore method (default 0.25, galore-torch's)")
+    p.add_argument("--owlore-scale", type=_positive_float, default=D["owlore_scale"],
+                   help="GaLore scale inside the owlore method (default 1.0, the OwLore paper's reference run)")
     p.add_argument("--proj-method", choices=("svd", "randomized"), default=D["proj_method"],
                    help="OwLore's projection refresh")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D["device"])

@@ -31,7 +31,8 @@ from .methods import METHODS
 # LISA/OwLore three samples of blocks within the 24 steps.
 DEFAULTS: dict[str, Any] = dict(
     model="smollm2", methods=",".join(METHODS), steps=24, batch=4, seq_len=64, eval_seqs=8,
-    lr=1e-4, rank=128, lora_rank=16, gamma=5, interval=8, update_proj_gap=200, galore_scale=0.25,
+    lr=1e-4, rank=128, lora_rank=16, gamma=5, interval=8, update_proj_gap=200,
+    galore_scale=0.25, owlore_scale=1.0,  # each method at its reference: galore-torch 0.25, the OwLore paper 1.0
     proj_method="svd", device="auto", dtype="fp32", seed=0, out=os.path.join("benchmarks", "results"),
 )
 

@@ -100,7 +100,7 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
             prob_mode, lib = "uniform", "OwLoreSampler(uniform) + OwLoreAdamW (no projection)"
         else:
             groups = sampler_mod.owlore_param_groups(model, rank=cfg["rank"], update_proj_gap=cfg["update_proj_gap"],
-                                                     scale=cfg["galore_scale"])
+                                                     scale=cfg["owlore_scale"])
             opt = optim.OwLoreAdamW(groups, lr=lr, weight_decay=0.0, proj_method=cfg["proj_method"],
                                     backend=backend)
             prob_mode, lib = "owl", f"OwLoreSampler(owl) + OwLoreAdamW rank={cfg['rank']} ({cfg['proj_method']})"
