@@ -18,24 +18,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import owlore_kernels
+from tiny_models import PlainLM
 
 STEPS, WORLD = 6, 2
-
-
-class TinyLM(nn.Module):
-    def __init__(self, vocab=32, dim=24, blocks=4):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, dim)
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, 2 * dim), nn.Tanh(), nn.Linear(2 * dim, dim)) for _ in range(blocks))
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, vocab)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        for block in self.layers:
-            h = h + block(h)
-        return self.head(self.norm(h))
 
 
 def batches():
@@ -46,7 +31,7 @@ def batches():
 def train(rank: int, world: int, model=None):
     """Train for STEPS; each rank takes its slice of every global batch. Returns the final params."""
     torch.manual_seed(0)
-    model = TinyLM()
+    model = PlainLM(n_blocks=4, d=24, vocab=32)
     groups = owlore_kernels.owlore_param_groups(model, rank=4, update_proj_gap=3, scale=1.0)
     opt = owlore_kernels.OwLoreAdamW(groups, lr=1e-2, backend="torch")
     sampler = owlore_kernels.OwLoreSampler(model, opt, gamma=2, interval=2, prob_mode="uniform", seed=0,

@@ -8,6 +8,7 @@ from torch import nn
 from owlore_kernels import block_outlier_ratios, outlier_ratio
 from owlore_kernels.ops import backend_report
 from owlore_kernels.outliers import DEFAULT_M
+from tiny_models import PlainLM
 
 # every backend that runs on CPU tensors here (the reference always; C++ when built)
 CPU_BACKENDS = ["torch"] + (["cpp"] if backend_report()["cpu"]["outlier_count"] == "cpp" else [])
@@ -27,30 +28,6 @@ def reference_ratio(arrays, M, scales=None):
         scores.append(a.ravel())
     s = np.concatenate(scores)
     return float((s > M * s.mean()).mean())
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class PlainLM(nn.Module):
-    def __init__(self, n_blocks=3, d=16, vocab=32):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n_blocks))
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, input_ids):
-        h = self.embed(input_ids)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
 
 
 def _heavy_tailed_(model, seed=0):
@@ -82,7 +59,7 @@ def test_scoring_leaves_weights_untouched(backend):
     outlier_ratio(w, 2.0, backend=backend)
     outlier_ratio([w], 2.0, col_scales=[torch.rand(47)], backend=backend)
     assert torch.equal(w, before)
-    model = _heavy_tailed_(PlainLM())
+    model = _heavy_tailed_(PlainLM(n_blocks=3, d=16, vocab=32))
     snap = {n: p.detach().clone() for n, p in model.named_parameters()}
     block_outlier_ratios(model, M=3.0, backend=backend)
     block_outlier_ratios(model, M=3.0, calibration=[torch.randint(0, 32, (2, 5))], backend=backend)
@@ -90,7 +67,7 @@ def test_scoring_leaves_weights_untouched(backend):
 
 
 def test_weight_only_block_ratios_match_numpy():
-    model = _heavy_tailed_(PlainLM(n_blocks=3))
+    model = _heavy_tailed_(PlainLM(n_blocks=3, d=16, vocab=32))
     for M in (3.0, DEFAULT_M):
         got = block_outlier_ratios(model, M=M)
         want = [reference_ratio([b.fc1.weight.detach().numpy(), b.fc2.weight.detach().numpy()], M)
@@ -100,7 +77,7 @@ def test_weight_only_block_ratios_match_numpy():
 
 
 def test_activation_aware_matches_hand_forward():
-    model = _heavy_tailed_(PlainLM(n_blocks=3))
+    model = _heavy_tailed_(PlainLM(n_blocks=3, d=16, vocab=32))
     calibration = [torch.randint(0, 32, (2, 7)), torch.randint(0, 32, (1, 5))]
     # ||X_j||_2 of each linear's input over every calibration token, by a hand-written forward
     sq = {}
@@ -128,7 +105,7 @@ def test_activation_aware_matches_hand_forward():
 
 
 def test_hooks_removed_and_mode_restored_also_on_error():
-    model = _heavy_tailed_(PlainLM())
+    model = _heavy_tailed_(PlainLM(n_blocks=3, d=16, vocab=32))
     model.train()
     block_outlier_ratios(model, calibration=[torch.randint(0, 32, (1, 4))])
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

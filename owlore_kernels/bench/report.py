@@ -116,7 +116,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"- model: {meta['model_source']}",
         f"- data: {meta['dataset']}",
-        f"- config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()),
+        "- config: " + ", ".join(f"{k}={v}" for k, v in cfg.items()),
         f"- machine: {m['cpu']}, {m['cpu_count']} cores, {(m['memory_bytes'] or 0) / 2**30:.0f} GiB; {m['platform']}"
         + (f"; GPU {m['gpu']}" if m.get("gpu") else "")
         + (f"; load average at the end {m['load_average_1_5_15m']}" if m.get("load_average_1_5_15m") else ""),
