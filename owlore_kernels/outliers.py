@@ -118,7 +118,7 @@ def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
 def _oriented(module: nn.Module) -> torch.Tensor:
     """The weight as (out_features, in_features), so that input features run along the last dim."""
     w = module.weight.detach()
-    return w.t().contiguous() if _is_conv1d(module) else w
+    return w.t() if _is_conv1d(module) else w  # a strided view: every backend reads strides, no copy
 
 
 def _run_batch(model: nn.Module, batch: Any) -> None:
@@ -141,7 +141,7 @@ def _input_norms(model: nn.Module, linears: list[nn.Module], calibration: Iterab
     sums: list[Optional[torch.Tensor]] = [None] * len(linears)
     handles = []
 
-    def make_hook(k: int, conv1d: bool):
+    def make_hook(k: int):
         def hook(module, args, kwargs=None):
             x = args[0] if args else next(iter(kwargs.values()))
             x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -153,7 +153,7 @@ def _input_norms(model: nn.Module, linears: list[nn.Module], calibration: Iterab
     was_training = model.training
     try:
         for k, lin in enumerate(linears):
-            handles.append(lin.register_forward_pre_hook(make_hook(k, _is_conv1d(lin))))
+            handles.append(lin.register_forward_pre_hook(make_hook(k)))
         model.eval()
         n_batches = 0
         with torch.no_grad():
