@@ -106,34 +106,35 @@ def test_matches_galore_torch(proj_type, shape):
 
 
 def test_loss_curve_close_to_galore_torch():
-    """A tiny MLP regression trained normally: the two loss curves stay close (same init, data, defaults)."""
+    """A tiny random-init LLaMA trained normally (galore-torch's defaults, eps=1e-6): the loss
+    curves of the two optimizers stay close, and the model really trains."""
     galore_torch = pytest.importorskip("galore_torch")
-    torch.manual_seed(0)
-    x, y = torch.randn(256, 48), torch.randn(256, 24)
-
-    def make():
-        torch.manual_seed(1)
-        return torch.nn.Sequential(torch.nn.Linear(48, 96), torch.nn.Tanh(), torch.nn.Linear(96, 24))
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    tokens = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
 
     curves = []
     for cls in (OwLoreAdamW, galore_torch.GaLoreAdamW):
-        model = make()
-        mats = [m.weight for m in model if isinstance(m, torch.nn.Linear)]
-        rest = [m.bias for m in model if isinstance(m, torch.nn.Linear)]
+        torch.manual_seed(1)
+        model = transformers.LlamaForCausalLM(config)
+        mats = [p for n, p in model.named_parameters() if "layers" in n and p.dim() == 2]
+        rest = [p for n, p in model.named_parameters() if not ("layers" in n and p.dim() == 2)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            opt = cls([galore_group(mats, rank=8, gap=20), {"params": rest}], lr=3e-3)
+            opt = cls([galore_group(mats, rank=8, gap=10), {"params": rest}], lr=3e-3)
         losses = []
-        for _ in range(60):
-            loss = torch.nn.functional.mse_loss(model(x), y)
+        for _ in range(30):
+            loss = model(input_ids=tokens, labels=tokens).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
         curves.append(torch.tensor(losses))
     ours, theirs = curves
-    assert ours[-1] < 0.9 * ours[0]  # it trains
-    assert (ours - theirs).abs().max() / theirs[0] < 2e-2
+    assert ours[-1] < 0.8 * ours[0]  # it trains
+    # the eps placement and fp32 rounding differ: measured 5e-4 of the starting loss at most over 30 steps
+    assert (ours - theirs).abs().max() / theirs[0] < 2e-3
 
 
 def test_eps_placement_difference():
