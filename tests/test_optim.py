@@ -230,17 +230,22 @@ def test_none_grad_is_skipped_and_release_frees_state():
     assert torch.equal(w, fresh)
 
 
+def _feed_same_grads(*runs, steps):
+    """Give every (param, optimizer) pair the same random gradient, then step each, ``steps`` times."""
+    for _ in range(steps):
+        g = torch.randn_like(runs[0][0])
+        for param, opt in runs:
+            param.grad = g.clone()
+            opt.step()
+
+
 def test_plain_groups_match_torch_adamw():
     """Groups without rank are AdamW with decoupled weight decay, as torch.optim.AdamW."""
     p0 = torch.randn(17, 9)
     a, b = torch.nn.Parameter(p0.clone()), torch.nn.Parameter(p0.clone())
     o1 = OwLoreAdamW([a], lr=1e-2, weight_decay=0.1, eps=1e-6)
     o2 = torch.optim.AdamW([b], lr=1e-2, weight_decay=0.1, eps=1e-6)
-    for _ in range(10):
-        g = torch.randn_like(p0)
-        a.grad, b.grad = g.clone(), g.clone()
-        o1.step()
-        o2.step()
+    _feed_same_grads((a, o1), (b, o2), steps=10)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(o1.state[a]["exp_avg_sq"], o2.state[b]["exp_avg_sq"])
 
@@ -253,11 +258,7 @@ def test_rank_too_large_falls_back_with_one_warning():
         opt = OwLoreAdamW([galore_group([a, c], rank=6)], lr=1e-2)
     assert len(record) == 1
     ref = torch.optim.AdamW([b], lr=1e-2, eps=1e-6, weight_decay=0.0)
-    for _ in range(5):
-        g = torch.randn_like(p0)
-        a.grad, b.grad = g.clone(), g.clone()
-        opt.step()
-        ref.step()
+    _feed_same_grads((a, opt), (b, ref), steps=5)
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert "proj_left" not in opt.state[a] and "proj_right" not in opt.state[a]
 
