@@ -1,11 +1,12 @@
 // Back-project + update, in place:
-//   W <- W * (1 - lr * wd) - lr * scale * (A B),
+//   W <- beta * W + alpha * (A B),
 // with A B = P N (side="left", P m x r, N r x n) or N Q (side="right", N m x r,
 // Q r x n). See owlore_kernels/ops/back_project_update.py for the reference.
 //
 // The m x n product is never stored. W is updated one tile at a time, each tile
-// by one GEMM with beta = 1 - lr*wd and alpha = -lr*scale, so decay, scale and
-// step size cost no extra pass and W is read and written once:
+// by one GEMM with that beta and alpha (the optimizer folds weight decay into beta
+// and step size and scale into alpha), so they cost no extra pass and W is read
+// and written once:
 //   fp32 W:      addmm_ straight into the W tile (a strided view);
 //   bf16/fp16 W: the tile is upcast into an fp32 buffer, updated there, and
 //                rounded back to nearest even as it is stored (ATen's
@@ -37,9 +38,8 @@ void back_project_update_(
     const at::Tensor& proj_in,
     const at::Tensor& norm_update_in,
     c10::string_view side,
-    double lr,
-    double weight_decay,
-    double scale) {
+    double beta,
+    double alpha) {
   const bool left = is_left_side(side);
   check_cpu_float(param_in, "param", false);
   check_cpu_float(proj_in, "proj", true);
@@ -56,8 +56,6 @@ void back_project_update_(
   TORCH_CHECK(A.size(0) == m && B.size(1) == n && A.size(1) == B.size(0), "back_project_update_: side=",
               std::string(side), " needs (m, r) @ (r, n) = ", param.sizes(), ", got ", A.sizes(), " @ ", B.sizes());
 
-  const double beta = 1.0 - lr * weight_decay;
-  const double alpha = -lr * scale;
   const bool fp32 = param.scalar_type() == at::kFloat;
   const int64_t tile_rows = fp32 ? m : kTileRowsHalf;
   const int64_t tile_cols = fp32 ? balanced_tile_width(n, kMaxPanelColsFp32, at::get_num_threads()) : kTileColsHalf;

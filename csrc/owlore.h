@@ -38,16 +38,16 @@ void project_adam_(
     double beta1,
     double beta2,
     double eps,
-    int64_t step);
+    double bias_correction1,
+    double bias_correction2);
 
 void back_project_update_(
     const at::Tensor& param,
     const at::Tensor& proj,
     const at::Tensor& norm_update,
     c10::string_view side,
-    double lr,
-    double weight_decay,
-    double scale);
+    double beta,
+    double alpha);
 
 // ---------------------------------------------------------------------------
 // helpers shared by the kernels

@@ -131,14 +131,16 @@ void project_adam_(
     double beta1,
     double beta2,
     double eps,
-    int64_t step) {
+    double bias_correction1,
+    double bias_correction2) {
   const bool left = is_left_side(side);
   check_cpu_float(grad_in, "grad", false);
   check_cpu_float(proj_in, "proj", true);
   check_cpu_float(exp_avg, "exp_avg", true);
   check_cpu_float(exp_avg_sq, "exp_avg_sq", true);
   check_cpu_float(out, "out", true);
-  TORCH_CHECK(step >= 1, "project_adam_: step must be >= 1, got ", step);
+  TORCH_CHECK(bias_correction1 > 0 && bias_correction1 <= 1 && bias_correction2 > 0 && bias_correction2 <= 1,
+              "project_adam_: bias corrections must be in (0, 1], got ", bias_correction1, " and ", bias_correction2);
   TORCH_CHECK(grad_in.dim() == 2 && proj_in.dim() == 2, "project_adam_: grad and proj must be 2-D");
   // detach: nothing here is differentiable, so the ATen calls below never record
   // autograd history, whatever the caller's grad mode
@@ -157,8 +159,8 @@ void project_adam_(
       static_cast<float>(beta2),
       static_cast<float>(1.0 - beta1),
       static_cast<float>(1.0 - beta2),
-      static_cast<float>(1.0 - std::pow(beta1, static_cast<double>(step))),
-      static_cast<float>(1.0 - std::pow(beta2, static_cast<double>(step))),
+      static_cast<float>(bias_correction1),
+      static_cast<float>(bias_correction2),
       static_cast<float>(eps),
   };
   const Strided m_s{exp_avg.data_ptr<float>(), exp_avg.stride(0), exp_avg.stride(1)};

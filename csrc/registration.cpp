@@ -12,14 +12,13 @@ TORCH_LIBRARY(owlore, m) {
   // (mean, count): mean of |w| (or |w_ij| * s_j) over all entries of all tensors,
   // and the number of entries whose score exceeds threshold * mean.
   m.def("outlier_count(Tensor[] tensors, float threshold, Tensor?[] col_scales) -> (float, int)");
-  // R = P^T G (left) or G Q^T (right); Adam moments updated in place; N written to out.
+  // R = P^T G (left) or G Q^T (right); Adam moments updated in place;
+  // N = (m / bias_correction1) / (sqrt(v / bias_correction2) + eps) written to out.
   m.def(
       "project_adam_(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, "
-      "str side, float beta1, float beta2, float eps, int step) -> ()");
-  // W <- W * (1 - lr * wd) - lr * scale * (P N) (left) or (N Q) (right), in place.
-  m.def(
-      "back_project_update_(Tensor(a!) param, Tensor proj, Tensor norm_update, str side, float lr, "
-      "float weight_decay, float scale) -> ()");
+      "str side, float beta1, float beta2, float eps, float bias_correction1, float bias_correction2) -> ()");
+  // W <- beta * W + alpha * (P N) (left) or (N Q) (right), in place.
+  m.def("back_project_update_(Tensor(a!) param, Tensor proj, Tensor norm_update, str side, float beta, float alpha) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(owlore, CPU, m) {

@@ -1,4 +1,4 @@
-"""Back-project + update on the GPU: W <- W (1 - lr wd) - lr scale (P N), in place.
+"""Back-project + update on the GPU: W <- beta W + alpha (P N), in place.
 
 Formula and reference: ``owlore_kernels.ops.back_project_update.back_project_update_reference``.
 side="left": P N with P m x r and N r x n; side="right": N Q with N m x r and Q r x n.
@@ -44,8 +44,8 @@ def _back_project_update_kernel(
     w_ptr, a_ptr, b_ptr,
     M, N, K,
     stride_wm, stride_wn, stride_am, stride_ak, stride_bk, stride_bn,
-    beta,  # runtime fp32: 1 - lr * weight_decay
-    alpha,  # runtime fp32: -lr * scale
+    beta,  # runtime fp32: the decay factor on W (1 - lr * weight_decay)
+    alpha,  # runtime fp32: the step on P N (minus step size times GaLore's scale)
     W_KIND: tl.constexpr,  # fp32 / bf16 bits / fp16: changes the load and the rounding store
     DOT_PRECISION: tl.constexpr,  # "ieee" | "tf32x3" | "tf32": different MMA instructions
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile shape
@@ -89,9 +89,8 @@ def back_project_update_launch(
     proj: torch.Tensor,
     norm_update: torch.Tensor,
     side: str,
-    lr: float,
-    weight_decay: float,
-    scale: float,
+    beta: float,
+    alpha: float,
     dot_precision: Optional[str] = None,
 ) -> torch.Tensor:
     """Update ``param`` in place and return it."""
@@ -123,7 +122,7 @@ def back_project_update_launch(
             as_kernel_arg(param), a, b,
             m, n, rank,
             param.stride(0), param.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            1.0 - lr * weight_decay, -lr * scale,
+            beta, alpha,
             W_KIND=dtype_kind(param), DOT_PRECISION=precision,
             BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,

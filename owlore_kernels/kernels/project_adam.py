@@ -126,7 +126,8 @@ def project_adam_launch(
     beta1: float,
     beta2: float,
     eps: float,
-    step: int,
+    bias_correction1: float,
+    bias_correction2: float,
     dot_precision: Optional[str] = None,
 ) -> torch.Tensor:
     """Update ``exp_avg``/``exp_avg_sq`` in place and write N into ``out``; returns ``out``."""
@@ -175,7 +176,7 @@ def project_adam_launch(
             proj, as_kernel_arg(grad), exp_avg, exp_avg_sq, out,
             rank, length, depth,
             *a_strides, *g_strides, *strides(exp_avg), *strides(exp_avg_sq), *strides(out),
-            beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, 1.0 - beta1**step, 1.0 - beta2**step,
+            beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction1, bias_correction2,
             G_KIND=dtype_kind(grad), DOT_PRECISION=precision,
             BLOCK_A=block_a, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES,

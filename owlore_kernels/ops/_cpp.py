@@ -23,12 +23,13 @@ def outlier_count_cpp(tensors, threshold, col_scales):
 
 
 @register("project_adam", "cpp")
-def project_adam_cpp(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, step):
+def project_adam_cpp(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2):
     """R a tile at a time (per-thread L2-sized buffer), Adam in the tile's epilogue."""
-    _owlore.project_adam_(grad, proj, exp_avg, exp_avg_sq, out, side, float(beta1), float(beta2), float(eps), int(step))
+    _owlore.project_adam_(grad, proj, exp_avg, exp_avg_sq, out, side, float(beta1), float(beta2), float(eps), float(bias1),
+                          float(bias2))
 
 
 @register("back_project_update", "cpp")
-def back_project_update_cpp(param, proj, norm_update, side, lr, weight_decay, scale):
-    """W updated one tile at a time by a GEMM with beta = 1 - lr*wd, alpha = -lr*scale."""
-    _owlore.back_project_update_(param, proj, norm_update, side, float(lr), float(weight_decay), float(scale))
+def back_project_update_cpp(param, proj, norm_update, side, beta, alpha):
+    """W updated one tile at a time by a GEMM with that beta and alpha."""
+    _owlore.back_project_update_(param, proj, norm_update, side, float(beta), float(alpha))

@@ -18,10 +18,10 @@ def outlier_count_triton(tensors, threshold, col_scales):
 
 
 @register("project_adam", "triton")
-def project_adam_triton(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, step):
-    project_adam_launch(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, step)
+def project_adam_triton(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2):
+    project_adam_launch(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2)
 
 
 @register("back_project_update", "triton")
-def back_project_update_triton(param, proj, norm_update, side, lr, weight_decay, scale):
-    back_project_update_launch(param, proj, norm_update, side, lr, weight_decay, scale)
+def back_project_update_triton(param, proj, norm_update, side, beta, alpha):
+    back_project_update_launch(param, proj, norm_update, side, beta, alpha)

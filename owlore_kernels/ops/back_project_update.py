@@ -1,9 +1,10 @@
-"""Back-project + update: W <- W * (1 - lr * wd) - lr * scale * (P N), in place.
+"""Back-project + update: W <- beta * W + alpha * (P N), in place.
 
 ``side="left"``: P is m x r and N is r x n. ``side="right"``: N is m x r and
 Q is r x n, and the product is N Q. The m x n product is never stored: fp32
 weights take one ``addmm_`` (beta and alpha fold decay and step size into
-the GEMM), and bf16/fp16 weights are upcast, updated and rounded back (round
+the GEMM; the optimizer folds weight decay into beta and step size and
+GaLore's scale into alpha), and bf16/fp16 weights are upcast, updated and rounded back (round
 to nearest even) one row chunk at a time.
 """
 from __future__ import annotations
@@ -22,9 +23,8 @@ def back_project_update_(
     norm_update: torch.Tensor,
     *,
     side: str,
-    lr: float,
-    weight_decay: float,
-    scale: float,
+    beta: float,
+    alpha: float,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Apply the GaLore update to ``param`` in place and return it."""
@@ -35,14 +35,12 @@ def back_project_update_(
     check_projection_shapes(side, param, proj, norm_update, "back_project_update_")
     check_same_device(("param", param), ("proj", proj), ("norm_update", norm_update))
     _, impl = resolve("back_project_update", param.device, backend)
-    impl(param, proj, norm_update, side, float(lr), float(weight_decay), float(scale))
+    impl(param, proj, norm_update, side, float(beta), float(alpha))
     return param
 
 
 @register("back_project_update", "torch")
-def back_project_update_reference(param, proj, norm_update, side, lr, weight_decay, scale):
-    beta = 1.0 - lr * weight_decay
-    alpha = -lr * scale
+def back_project_update_reference(param, proj, norm_update, side, beta, alpha):
     if param.dtype == torch.float32:
         if side == "left":
             param.addmm_(proj, norm_update, beta=beta, alpha=alpha)

@@ -1,13 +1,14 @@
 """Project + Adam: R = P^T G (or G Q^T), Adam moments updated in place, N written.
 
-The math, per element of the r-dimensional subspace, with ``t = step``
-(already incremented, so the first update has ``t = 1``)::
+The math, per element of the r-dimensional subspace, with the bias corrections
+``bc1``, ``bc2`` passed in (``1 - beta^t`` for torch-style Adam at update ``t``;
+1.0 for galore-torch's form, which folds them into the step size instead)::
 
     R    = P^T G                         side="left",  P is m x r, R is r x n
     R    = G Q^T                         side="right", Q is r x n, R is m x r
     m    = beta1 * m + (1 - beta1) * R
     v    = beta2 * v + (1 - beta2) * R^2
-    N    = (m / (1 - beta1^t)) / (sqrt(v / (1 - beta2^t)) + eps)
+    N    = (m / bc1) / (sqrt(v / bc2) + eps)
 
 ``m``, ``v``, ``P`` and ``N`` are fp32; ``G`` may be fp32, bf16 or fp16 and is
 upcast as it is read. Fast backends keep R in registers (Adam runs in the
@@ -23,7 +24,7 @@ from . import register, resolve
 from ._checks import check_float, check_projection_shapes, check_same_device, check_side, row_chunks
 
 
-def project_adam(
+def project_adam_(
     grad: torch.Tensor,
     proj: torch.Tensor,
     exp_avg: torch.Tensor,
@@ -33,7 +34,8 @@ def project_adam(
     beta1: float,
     beta2: float,
     eps: float,
-    step: int,
+    bias_correction1: float,
+    bias_correction2: float,
     out: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
@@ -48,8 +50,9 @@ def project_adam(
     check_projection_shapes(side, grad, proj, exp_avg, "project_adam")
     if exp_avg_sq.shape != exp_avg.shape:
         raise ValueError(f"exp_avg_sq shape {tuple(exp_avg_sq.shape)} != exp_avg shape {tuple(exp_avg.shape)}")
-    if int(step) < 1:
-        raise ValueError(f"step must be >= 1 (it counts this update), got {step}")
+    for name, bc in (("bias_correction1", bias_correction1), ("bias_correction2", bias_correction2)):
+        if not 0.0 < float(bc) <= 1.0:
+            raise ValueError(f"{name} must be in (0, 1] (1 - beta**t, or 1 for none), got {bc}")
     if out is None:
         out = torch.empty_like(exp_avg)
     else:
@@ -58,7 +61,8 @@ def project_adam(
             raise ValueError(f"out shape {tuple(out.shape)} != exp_avg shape {tuple(exp_avg.shape)}")
     check_same_device(("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out))
     _, impl = resolve("project_adam", grad.device, backend)
-    impl(grad, proj, exp_avg, exp_avg_sq, out, side, float(beta1), float(beta2), float(eps), int(step))
+    impl(grad, proj, exp_avg, exp_avg_sq, out, side, float(beta1), float(beta2), float(eps),
+         float(bias_correction1), float(bias_correction2))
     return out
 
 
@@ -78,10 +82,8 @@ def project_reference(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torc
     return low
 
 
-def adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, step):
+def adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, bias1, bias2):
     """The Adam part of the op on an fp32 subspace tensor ``low`` (R). Writes ``out`` (N)."""
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
     exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
     denom = exp_avg_sq.div(bias2).sqrt_().add_(eps)
@@ -91,6 +93,6 @@ def adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, step):
 
 
 @register("project_adam", "torch")
-def project_adam_reference(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, step):
+def project_adam_reference(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2):
     low = project_reference(grad, proj, side)
-    adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, step)
+    adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, bias1, bias2)
