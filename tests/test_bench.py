@@ -17,6 +17,7 @@ import torch
 from owlore_kernels.__main__ import main
 from owlore_kernels.bench import data as bench_data
 from owlore_kernels.bench import methods as bench_methods
+from owlore_kernels.bench import harness
 from owlore_kernels.bench.worker import lr_factor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,3 +156,60 @@ def test_state_bytes_counts_galore_projector_objects():
     opt = torch.optim.SGD([p], lr=0.1)
     opt.state[p] = {"step": 3, "exp_avg": torch.zeros(2, 8), "exp_avg_sq": torch.zeros(2, 8), "projector": Projector()}
     assert bench_methods.state_bytes(opt) == (2 * 16 * 4, 8 * 4)
+
+
+# ------------------------------------------------------------------ harness
+def test_quantile_is_a_measured_sample_at_the_nearest_rank():
+    samples = [5.0, 1.0, 4.0, 2.0, 3.0]  # sorted 1..5: rank round(q * 4)
+    assert [harness.quantile(samples, q) for q in (0.0, 0.1, 0.5, 0.9, 1.0)] == [1.0, 1.0, 3.0, 5.0, 5.0]
+    with pytest.raises(ValueError, match="q must be"):
+        harness.quantile(samples, 1.5)
+
+
+def test_time_interleaved_warms_up_then_rotates_the_order():
+    calls = []
+    candidates = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = harness.time_interleaved(candidates, repeats=3, warmup=2)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up, untimed
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t.samples_ms) == 3 and t.min >= 0 for t in timings.values())
+    summary = timings["a"].summary()
+    assert summary["min"] <= summary["p10"] <= summary["median"] <= summary["p90"] <= summary["max"]
+    with pytest.raises(ValueError, match="repeats"):
+        harness.time_fn(lambda: None, repeats=0)
+    with pytest.raises(ValueError, match="flush_l2"):
+        harness.time_fn(lambda: None, repeats=1, flush_l2=True)
+
+
+def test_append_results_never_rewrites_earlier_runs(tmp_path):
+    stamp = harness.machine_stamp()
+    assert {"date", "commit", "machine", "versions"} <= set(stamp)
+    assert stamp["versions"]["torch"] == torch.__version__
+    for run in range(2):
+        rows = [{"candidate": "x", "median": float(run)}]
+        harness.append_results(str(tmp_path), "demo", rows=rows, stamp=stamp, command="demo --run",
+                               table=harness.markdown_table(["candidate", "median"], [["x", run]]))
+    lines = (tmp_path / "demo.jsonl").read_text().splitlines()
+    assert [json.loads(line)["rows"][0]["median"] for line in lines] == [0.0, 1.0]
+    md = (tmp_path / "demo.md").read_text()
+    assert md.count("## ") == 2 and md.count("| x | 0 |") == 1 and md.count("| x | 1 |") == 1
+    first = tmp_path / "fig.png"
+    assert harness.unique_path(str(first)) == str(first)
+    first.write_bytes(b"")
+    assert harness.unique_path(str(first)) == str(tmp_path / "fig_2.png")
+
+
+def test_frozen_galore_refresh_gives_an_orthonormal_basis_and_restores_the_svd():
+    galore_projector = pytest.importorskip("galore_torch.galore_projector")
+    original = galore_projector.GaLoreProjector.get_orthogonal_matrix
+    proj = galore_projector.GaLoreProjector(rank=3)
+    w = torch.randn(5, 8)
+    with harness.frozen_galore_refresh():
+        left = proj.get_orthogonal_matrix(w, 3, "left")
+        right = proj.get_orthogonal_matrix(w, 3, "right")
+        assert galore_projector.GaLoreProjector.get_orthogonal_matrix is not original
+    assert galore_projector.GaLoreProjector.get_orthogonal_matrix is original
+    assert left.shape == (5, 3) and right.shape == (3, 8)
+    # Q of a QR in fp32: Q^T Q = I to a few fp32 ulps (k = 3, entries O(1))
+    torch.testing.assert_close(left.t() @ left, torch.eye(3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(right @ right.t(), torch.eye(3), rtol=0, atol=1e-5)
