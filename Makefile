@@ -23,8 +23,11 @@ $(STAMP): setup.py requirements.txt $(wildcard csrc/*.cpp csrc/*.h)
 bench: $(STAMP)
 	$(PY) -m owlore_kernels bench $(ARGS)
 
+# The second pass reruns the numerics tests on torch's generic (non-SIMD) CPU kernels with
+# one thread: other summation orders, as on a CPU with other vector units or another BLAS.
 test: $(STAMP)
 	$(PY) -m pytest tests -q $(ARGS)
+	ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 $(PY) -m pytest tests -q -m numerics $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info owlore_kernels/_C*.so

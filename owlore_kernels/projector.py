@@ -8,14 +8,15 @@ taken from G's own singular vectors:
 * side "full":  both, R = P^T G Q^T (r x r)
 
 ``proj_type`` picks the side from the shape exactly as galore-torch does:
-``std`` projects the larger dimension away (right when m >= n, else left),
+``std`` compresses the smaller dimension to r and keeps the larger one (right
+when m >= n, so R = G Q^T is m x r; else left, R = P^T G is r x n),
 ``reverse_std`` the opposite, and ``left``/``right``/``full`` force a side.
 
 Two ways to find the basis:
 
 * ``svd``: ``torch.linalg.svd(G, full_matrices=False)``, exact, and what
-  galore-torch does. On a 2-core CPU it costs ~10 s at 4096x4096 and ~37 s at
-  4096x11008 (REFERENCE.md), every refresh, for every matrix.
+  galore-torch does. On a 2-core CPU it took 7.4 s at 4096x4096 and 27 s at
+  4096x11008 (``benchmarks/bench_refresh.py``), every refresh, for every matrix.
 * ``randomized``: a randomized range finder (Halko, Martinsson & Tropp 2011,
   Alg. 4.4): sketch Y = G Omega with k = r + oversample Gaussian columns, run
   ``power_iters`` re-orthonormalised power iterations (G G^T)^q Y, take
@@ -26,7 +27,7 @@ Two ways to find the basis:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -64,19 +65,51 @@ def randomized_svd(
     matrix: torch.Tensor, rank: int, *, oversample: int = 8, power_iters: int = 1, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Approximate top-``rank`` singular vectors ``(U_r, Vh_r)`` of a 2-D fp32 matrix."""
-    m, n = matrix.shape
+    return randomized_svd_of_operator(
+        matrix.shape,
+        times=lambda x: matrix @ x,
+        transpose_times=lambda y: matrix.t() @ y,
+        project=lambda basis: basis.t() @ matrix,
+        rank=rank, oversample=oversample, power_iters=power_iters, seed=seed,
+        device=matrix.device, dtype=matrix.dtype,
+    )
+
+
+def randomized_svd_of_operator(
+    shape: tuple[int, int],
+    times: Callable[[torch.Tensor], torch.Tensor],
+    transpose_times: Callable[[torch.Tensor], torch.Tensor],
+    project: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    rank: int,
+    oversample: int,
+    power_iters: int,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range finder on an m x n matrix G seen only through three products:
+
+    ``times(X) = G X`` (X n x k -> m x k), ``transpose_times(Y) = G^T Y``
+    (Y m x k -> n x k) and ``project(B) = B^T G`` (B m x k -> k x n), each
+    returning the whole (replicated) tall-skinny result. A row- or
+    column-sharded G supplies them with one collective each
+    (``owlore_kernels.distributed``), so the sketch, the QRs and the small SVD
+    -- and therefore the signs and the basis -- are those of one process.
+    """
+    m, n = shape
     k = min(rank + oversample, m, n)
-    gen = torch.Generator(device=matrix.device).manual_seed(seed)
-    omega = torch.randn(n, k, generator=gen, device=matrix.device, dtype=matrix.dtype)
-    basis = matrix @ omega  # m x k
+    gen = torch.Generator(device=device).manual_seed(seed)
+    omega = torch.randn(n, k, generator=gen, device=device, dtype=dtype)
+    basis = times(omega)  # m x k
     for _ in range(power_iters):
         # re-orthonormalise between products: without it, the sketch's columns
         # collapse onto the top singular vector in fp32 after a few powers
         basis = torch.linalg.qr(basis).Q
-        basis = torch.linalg.qr(matrix.t() @ basis).Q  # n x k
-        basis = matrix @ basis  # m x k
+        basis = torch.linalg.qr(transpose_times(basis)).Q  # n x k
+        basis = times(basis)  # m x k
     basis = torch.linalg.qr(basis).Q
-    small_u, _, vh = torch.linalg.svd(basis.t() @ matrix, full_matrices=False)  # k x n, cheap
+    small_u, _, vh = torch.linalg.svd(project(basis), full_matrices=False)  # k x n, cheap
     return basis @ small_u[:, :rank], vh[:rank]
 
 

@@ -27,6 +27,8 @@ SHAPES = [(67, 131), (131, 67), (40, 40)]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 STATE_TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-3, rtol=1e-2)}
 
+pytestmark = pytest.mark.numerics
+
 CPU_BACKENDS = ["torch"] + (["cpp"] if backend_report()["cpu"]["project_adam"] == "cpp" else [])
 
 
