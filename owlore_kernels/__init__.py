@@ -14,9 +14,9 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS = {
     "OwLoreAdamW": "owlore_kernels.optim",
-    "owlore_param_groups": "owlore_kernels.sampler",
+    "owlore_param_groups": "owlore_kernels.param_groups",
     "OwLoreSampler": "owlore_kernels.sampler",
-    "find_decoder_blocks": "owlore_kernels.sampler",
+    "find_decoder_blocks": "owlore_kernels.introspection",
     "outlier_ratio": "owlore_kernels.outliers",
     "block_outlier_ratios": "owlore_kernels.outliers",
     "estimate_memory": "owlore_kernels.estimate",

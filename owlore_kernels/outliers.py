@@ -2,9 +2,10 @@
 
 OWL (Yin et al., 2023, "Outlier Weighed Layerwise Sparsity") scores a decoder
 block by its *layerwise outlier distribution*: the fraction of the block's
-linear-weight entries whose score exceeds ``M`` times the block's mean score,
+linear-weight entries whose score exceeds ``threshold`` times the block's mean
+score,
 
-    ratio(block) = #{ (k, i, j) : a^k_ij > M * mean(a) } / #entries,
+    ratio(block) = #{ (k, i, j) : a^k_ij > threshold * mean(a) } / #entries,
 
 with all linear weights ``W^k`` of the block pooled under one mean, and
 
@@ -16,7 +17,10 @@ with all linear weights ``W^k`` of the block pooled under one mean, and
 OwLore (Li et al., 2024) turns these ratios into sampling probabilities
 (``owlore_kernels.sampler``). All counting goes through the fused op
 ``owlore_kernels.ops.outlier_count`` (C++ on CPU, Triton on CUDA, torch
-reference otherwise).
+reference otherwise). Which weights form a block comes from
+``owlore_kernels.introspection`` (the sampler uses the same module; neither
+imports the other). A PEFT model is scored on its base weights: adapters (LoRA
+A/B) are not the model's weights and are left out.
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .introspection import block_linears, find_decoder_blocks, oriented_weight
 from .ops.outlier_count import outlier_count
 
-__all__ = ["DEFAULT_M", "outlier_ratio", "block_outlier_ratios", "block_linears"]
+__all__ = ["DEFAULT_THRESHOLD", "outlier_ratio", "block_outlier_ratios"]
 
-#: Default outlier threshold multiplier ``M`` (OWL's value).
+#: Default outlier threshold (OWL's ``M``): an entry is an outlier when its
+#: score exceeds ``threshold`` times the mean score.
 #:
 #: Why 5: the per-block count must be large enough not to be count noise,
 #: must not be dominated by one block, and must differ between blocks.
@@ -38,50 +44,51 @@ __all__ = ["DEFAULT_M", "outlier_ratio", "block_outlier_ratios", "block_linears"
 #: weights; ``benchmarks/real_model_scores.py`` writes the numbers to
 #: ``benchmarks/results/smollm2_scores.md``):
 #:
-#: * M = 5: weight-only ratios 0.057%..0.63% (>= 2,000 outlier entries in
+#: * threshold = 5: weight-only ratios 0.057%..0.63% (>= 2,000 outlier entries in
 #:   every block, coefficient of variation 0.66 across blocks, the largest
 #:   block probability 0.14 against uniform 0.033); activation-aware
 #:   0.58%..2.5% (CV 0.44, largest p 0.069). Discriminative for both metrics.
-#: * M = 13 (OwLore's LLaMA-2-7B setting, activation-aware metric): still
+#: * threshold = 13 (OwLore's LLaMA-2-7B setting, activation-aware metric): still
 #:   fine for the activation-aware metric (0.055%..0.69%, CV 1.05, largest p
 #:   0.22), but weight-only ratios drop to 2..517 outlier entries per block,
 #:   so they are count noise and block 0 alone takes a third of the probability.
-#: * M = 3: weight-only ratios are nearly flat (CV 0.12), so "owl" is close
+#: * threshold = 3: weight-only ratios are nearly flat (CV 0.12), so "owl" is close
 #:   to uniform.
 #:
 #: Baseline: for Gaussian weights mean|w| = 0.80 sigma, so the weight-only
-#: cut at M = 5 sits at 4.0 sigma, exceeded by 6.3e-5 of the entries; the
+#: cut at threshold 5 sits at 4.0 sigma, exceeded by 6.3e-5 of the entries; the
 #: SmolLM2 blocks are 9x..100x above that, i.e. the ratio measures real
-#: heavy tails. At M = 13 the cut is 10.4 sigma: a random-init model has no
+#: heavy tails. At threshold 13 the cut is 10.4 sigma: a random-init model has no
 #: outliers and the sampler falls back to uniform with a warning. Pass
-#: ``M=13`` with calibration data to reproduce the OwLore paper's run.
-DEFAULT_M = 5.0
+#: ``threshold=13`` with calibration data to reproduce the OwLore paper's run.
+DEFAULT_THRESHOLD = 5.0
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 
-def _check_M(M: float) -> float:
+
+def _check_threshold(threshold: float) -> float:
     try:
-        value = float(M)
+        value = float(threshold)
     except (TypeError, ValueError):
-        raise ValueError(f"M must be a finite number > 0, got {M!r}") from None
+        raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}") from None
     if not (value > 0.0 and math.isfinite(value)):
-        raise ValueError(f"M must be a finite number > 0, got {M!r}")
+        raise ValueError(f"threshold must be a finite number > 0, got {threshold!r}")
     return value
 
 
-def _count(tensors: list[torch.Tensor], M: float, col_scales, backend: Optional[str]) -> tuple[float, int]:
+def _count(tensors: list[torch.Tensor], threshold: float, col_scales, backend: Optional[str]) -> tuple[float, int]:
     """``outlier_count`` on detached tensors (the op never writes into its inputs)."""
-    return outlier_count([t.detach() for t in tensors], M, col_scales, backend=backend)
+    return outlier_count([t.detach() for t in tensors], threshold=threshold, col_scales=col_scales, backend=backend)
 
 
 def outlier_ratio(
     w: TensorOrList,
-    M: float = DEFAULT_M,
     *,
+    threshold: float = DEFAULT_THRESHOLD,
     col_scales: Optional[Sequence[Optional[torch.Tensor]]] = None,
     backend: Optional[str] = None,
 ) -> float:
-    """Fraction of entries with ``|w| > M * mean(|w|)``.
+    """Fraction of entries with ``|w| > threshold * mean(|w|)``.
 
     ``w`` is a tensor or a list of tensors scored together against one shared
     mean (OWL pools a block's linear weights this way). With ``col_scales``
@@ -89,36 +96,15 @@ def outlier_ratio(
     ``|w_ij| * s_j`` instead of ``|w_ij|``. Returns a float in [0, 1]; the
     weights are not modified.
     """
-    M = _check_M(M)
+    threshold = _check_threshold(threshold)
     tensors = [w] if isinstance(w, torch.Tensor) else list(w)
     if not tensors:
         raise ValueError("w must be a tensor or a non-empty list of tensors, got an empty list")
     if col_scales is not None:
         col_scales = list(col_scales)
-    _, count = _count(tensors, M, col_scales, backend)
+    _, count = _count(tensors, threshold, col_scales, backend)
     numel = sum(t.numel() for t in tensors)
     return count / numel
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers.pytorch_utils.Conv1D (GPT-2): a linear whose weight is stored
-    # (in_features, out_features); matched by name so transformers stays optional
-    return type(module).__name__ == "Conv1D" and getattr(getattr(module, "weight", None), "dim", lambda: 0)() == 2
-
-
-def block_linears(block: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The linear layers of ``block`` whose 2-D weight is scored: ``nn.Linear`` and GPT-2's ``Conv1D``."""
-    return [
-        (name, m)
-        for name, m in block.named_modules()
-        if (isinstance(m, nn.Linear) or _is_conv1d(m)) and m.weight is not None and m.weight.dim() == 2
-    ]
-
-
-def _oriented(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), so that input features run along the last dim."""
-    w = module.weight.detach()
-    return w.t() if _is_conv1d(module) else w  # a strided view: every backend reads strides, no copy
 
 
 def _run_batch(model: nn.Module, batch: Any) -> None:
@@ -171,7 +157,7 @@ def _input_norms(model: nn.Module, linears: list[nn.Module], calibration: Iterab
         if sums[k] is None:
             # the forward never reached this linear (e.g. an unused branch): its
             # scores are all zero, so it adds entries but no outliers
-            in_features = _oriented(lin).shape[-1]
+            in_features = oriented_weight(lin).shape[-1]
             sums[k] = torch.zeros(in_features, device=lin.weight.device)
         norms.append(sums[k].sqrt().to(lin.weight.device))
     return norms
@@ -179,10 +165,10 @@ def _input_norms(model: nn.Module, linears: list[nn.Module], calibration: Iterab
 
 def block_outlier_ratios(
     model: nn.Module,
-    M: float = DEFAULT_M,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
     calibration: Optional[Iterable[Any]] = None,
     layers_attr: Optional[str] = None,
-    *,
     backend: Optional[str] = None,
 ) -> list[float]:
     """Outlier ratio of every decoder block of ``model``, in block order.
@@ -194,14 +180,13 @@ def block_outlier_ratios(
     OWL, ``a_ij = |W_ij| * ||X_j||_2`` with ``||X_j||`` gathered by forward hooks
     on the linears' inputs (removed afterwards, also on error).
 
-    ``M`` (default :data:`DEFAULT_M` = 5, OWL's; see its comment for why) is the
-    threshold multiplier; ``layers_attr`` overrides block discovery (see
-    :func:`owlore_kernels.sampler.find_decoder_blocks`). The weights are never
-    modified. Returns a list of floats in [0, 1].
+    ``threshold`` (default :data:`DEFAULT_THRESHOLD` = 5, OWL's; see its comment
+    for why) is OWL's multiplier ``M``; ``layers_attr`` overrides block
+    discovery (see :func:`owlore_kernels.introspection.find_decoder_blocks`).
+    PEFT adapters are not scored (see :func:`~owlore_kernels.introspection.block_linears`).
+    The weights are never modified. Returns a list of floats in [0, 1].
     """
-    from .sampler import find_decoder_blocks  # sampler imports this module
-
-    M = _check_M(M)
+    threshold = _check_threshold(threshold)
     _, blocks = find_decoder_blocks(model, layers_attr=layers_attr)
     per_block = []
     for i, block in enumerate(blocks):
@@ -219,7 +204,7 @@ def block_outlier_ratios(
             start += len(linears)
     ratios = []
     for linears, norms in zip(per_block, norms_per_block):
-        weights = [_oriented(m) for m in linears]
-        _, count = _count(weights, M, norms, backend)
+        weights = [oriented_weight(m) for m in linears]
+        _, count = _count(weights, threshold, norms, backend)
         ratios.append(count / sum(w.numel() for w in weights))
     return ratios

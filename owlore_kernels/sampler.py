@@ -1,4 +1,4 @@
-"""OwLore's layer sampling: block discovery, probabilities, sampling, freezing.
+"""OwLore's layer sampling: probabilities, sampling, freezing.
 
 OwLore (Li et al., 2024, "OwLore: Outlier-weighed Layerwise Sampled Low-Rank
 Projection for Memory-Efficient LLM Fine-tuning") trains, at any time, only
@@ -8,7 +8,13 @@ blocks every ``interval`` optimizer steps. Block ``l`` is drawn with
 probability proportional to its outlier ratio ``r_l`` (OWL's layerwise outlier
 distribution, ``owlore_kernels.outliers``): blocks with more outliers are
 trained more often. Inside a sampled block the 2-D weights train with GaLore
-(``owlore_kernels.OwLoreAdamW``).
+(``owlore_kernels.OwLoreAdamW`` over ``owlore_kernels.owlore_param_groups``).
+
+Where the blocks, embeddings and norms are comes from
+``owlore_kernels.introspection``, which the outlier scores use too; this
+module imports ``outliers`` for the scores, never the other way round. The
+param groups live in ``owlore_kernels.param_groups``: they configure the
+optimizer, which this module only needs to hold every param.
 
 Typical use::
 
@@ -21,7 +27,6 @@ Typical use::
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 import warnings
@@ -31,226 +36,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from .outliers import DEFAULT_M, _check_M, block_linears, block_outlier_ratios
+from .introspection import (
+    default_always_train,
+    find_decoder_blocks,
+    module_prefix_matches,
+    name_matches,
+    unique_named_params,
+)
+from .outliers import DEFAULT_THRESHOLD, _check_threshold, block_outlier_ratios
 
-__all__ = ["find_decoder_blocks", "owlore_param_groups", "OwLoreSampler", "PROB_MODES"]
+__all__ = ["OwLoreSampler", "PROB_MODES"]
 
 PROB_MODES = ("owl", "uniform", "owl_reverse", "increase", "decrease")
-
-# Where known causal LMs keep their decoder blocks, tried in order before the
-# generic search: Llama, Mistral, Qwen2, Gemma, Phi (model.layers), GPT-2
-# (transformer.h), GPT-NeoX (gpt_neox.layers), OPT (model.decoder.layers),
-# Falcon/Bloom (transformer.h), MPT (transformer.blocks), GPT-J (transformer.h).
-_KNOWN_BLOCK_PATHS = (
-    "model.layers",
-    "transformer.h",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-    "transformer.layers",
-    "transformer.blocks",
-    "model.language_model.layers",
-    "layers",
-    "blocks",
-    "h",
-)
-# Wrappers whose inner model holds those paths (PEFT: base_model.model.<path>).
-_WRAPPER_PREFIXES = ("", "base_model.model.", "module.", "_orig_mod.")
-
-
-def _get_path(root: nn.Module, path: str) -> Optional[Any]:
-    obj: Any = root
-    for part in path.split("."):
-        if isinstance(obj, (nn.ModuleList, nn.Sequential)) and part.isdigit():
-            index = int(part)
-            obj = obj[index] if index < len(obj) else None
-        else:
-            obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def _is_block_list(obj: Any) -> bool:
-    """An nn.ModuleList of >= 1 blocks of one class, each holding parameters."""
-    if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
-        return False
-    first = type(obj[0])
-    return all(type(b) is first and any(True for _ in b.parameters()) for b in obj)
-
-
-def find_decoder_blocks(model: nn.Module, layers_attr: Optional[str] = None) -> tuple[str, nn.ModuleList]:
-    """Return ``(path, blocks)``: the dotted attribute path of the decoder block list and the list.
-
-    With ``layers_attr`` (e.g. ``"model.layers"``) that path is used as is and
-    must name an ``nn.ModuleList``. Otherwise the known paths of HF causal LMs
-    are tried (Llama, Mistral, Qwen2, Gemma, Phi: ``model.layers``; GPT-2:
-    ``transformer.h``; GPT-NeoX: ``gpt_neox.layers``; OPT:
-    ``model.decoder.layers``; also under a PEFT ``base_model.model.``), then
-    the ``nn.ModuleList`` of identical, parameter-holding blocks with the most
-    parameters anywhere in ``model`` (plain torch models). Raises
-    ``ValueError`` if none is found, saying how to pass ``layers_attr``.
-    """
-    if layers_attr is not None:
-        if not isinstance(layers_attr, str) or not layers_attr:
-            raise ValueError(f"layers_attr must be a dotted attribute path such as 'model.layers', got {layers_attr!r}")
-        obj = _get_path(model, layers_attr)
-        if obj is None:
-            raise ValueError(f"layers_attr={layers_attr!r}: {type(model).__name__} has no such attribute")
-        if not isinstance(obj, nn.ModuleList) or len(obj) == 0:
-            raise ValueError(
-                f"layers_attr={layers_attr!r} names a {type(obj).__name__}"
-                f"{' of length 0' if isinstance(obj, nn.ModuleList) else ''}; it must name a non-empty nn.ModuleList "
-                "of decoder blocks"
-            )
-        return layers_attr, obj
-    for prefix in _WRAPPER_PREFIXES:
-        for path in _KNOWN_BLOCK_PATHS:
-            obj = _get_path(model, prefix + path)
-            if _is_block_list(obj):
-                return prefix + path, obj
-    best: Optional[tuple[int, str, nn.ModuleList]] = None
-    for name, module in model.named_modules():
-        if name and _is_block_list(module):
-            size = sum(p.numel() for p in module.parameters())
-            if best is None or size > best[0]:
-                best = (size, name, module)
-    if best is None:
-        raise ValueError(
-            f"could not find the decoder blocks of {type(model).__name__}: it holds no nn.ModuleList of identical "
-            "blocks with parameters. Pass layers_attr='<dotted path to the nn.ModuleList of blocks>', "
-            "e.g. layers_attr='model.layers' (Llama) or layers_attr='transformer.h' (GPT-2)"
-        )
-    return best[1], best[2]
-
-
-def _unique_named_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    # named_parameters() already drops repeats (tied embeddings appear once, under
-    # the first name); the id set also guards against a param reached twice
-    seen: set[int] = set()
-    out = []
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append((name, p))
-    return out
-
-
-def _block_param_ids(blocks: nn.ModuleList) -> list[set[int]]:
-    return [{id(p) for p in b.parameters()} for b in blocks]
-
-
-def _name_matches(name: str, targets: Sequence[str]) -> bool:
-    """PEFT-style: ``name`` is a target, ends with ``.target``, or matches it as a glob pattern."""
-    return any(name == t or name.endswith("." + t) or fnmatch.fnmatchcase(name, t) for t in targets)
-
-
-def owlore_param_groups(
-    model: nn.Module,
-    rank: Optional[int] = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    target_modules: Optional[Sequence[str]] = None,
-    layers_attr: Optional[str] = None,
-    **galore_options: Any,
-) -> list[dict[str, Any]]:
-    """Param groups for ``OwLoreAdamW`` covering every parameter of ``model``, each once.
-
-    Build them (and the optimizer) *before* the sampler freezes anything: the
-    optimizer must hold every block's params from the start, or blocks
-    unfrozen later never train (LMFlow issue #726). Frozen params cost
-    nothing, since the optimizer skips params whose grad is None.
-
-    Returns ``[galore_group, adamw_group]`` (either dropped when empty):
-
-    * the GaLore group (galore-torch's format: ``{"params", "rank",
-      "update_proj_gap", "scale", "proj_type", **galore_options}``) holds the
-      2-D weights of the linears inside the decoder blocks -- ``nn.Linear`` and
-      GPT-2's ``Conv1D`` -- restricted to ``target_modules`` when given (module
-      names or their last parts, e.g. ``["q_proj", "v_proj"]``, or glob
-      patterns such as ``"*.mlp.*"``);
-    * the plain AdamW group holds everything else (embeddings, head, norms,
-      biases, untargeted linears). Tied params (embeddings = lm_head) appear once.
-
-    ``rank=None`` puts everything into the plain AdamW group.
-    """
-    if target_modules is not None:
-        if isinstance(target_modules, str):
-            target_modules = [target_modules]
-        target_modules = list(target_modules)
-        if not all(isinstance(t, str) and t for t in target_modules):
-            raise ValueError(f"target_modules must be a list of module names or patterns, got {target_modules!r}")
-    path, blocks = find_decoder_blocks(model, layers_attr)
-    galore_ids: set[int] = set()
-    matched_targets: set[str] = set()
-    for i, block in enumerate(blocks):
-        for name, lin in block_linears(block):
-            full = f"{path}.{i}.{name}"
-            if target_modules is None or _name_matches(full, target_modules):
-                galore_ids.add(id(lin.weight))
-                if target_modules is not None:
-                    matched_targets.update(t for t in target_modules if _name_matches(full, [t]))
-    if target_modules is not None and rank is not None:
-        missing = [t for t in target_modules if t not in matched_targets]
-        if missing:
-            raise ValueError(
-                f"target_modules={target_modules!r}: {missing} match no linear layer inside the blocks at {path!r}"
-            )
-    galore, plain = [], []
-    for _, p in _unique_named_params(model):
-        (galore if rank is not None and id(p) in galore_ids else plain).append(p)
-    groups = []
-    if galore:
-        groups.append(
-            {"params": galore, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
-             "proj_type": proj_type, **galore_options}
-        )
-    if plain:
-        groups.append({"params": plain})
-    return groups
-
-
-def _default_always_train(model: nn.Module, path: str, blocks: nn.ModuleList) -> list[str]:
-    """LISA's choice, found from the model: input/output embeddings and the norms outside the blocks.
-
-    Embeddings are every ``nn.Embedding`` outside the blocks (token and, for
-    GPT-2/OPT, learned position embeddings) plus ``get_input_embeddings()`` /
-    ``get_output_embeddings()`` where the model has them (the LM head); norms
-    are modules outside the blocks whose class name contains "Norm" (the final
-    norm: ``model.norm``, ``transformer.ln_f``, ``final_layer_norm``, ...).
-    """
-    block_modules = {id(m) for m in blocks.modules()}
-    by_id = {id(m): n for n, m in model.named_modules()}
-    names: list[str] = []
-
-    def add(module: Optional[nn.Module]) -> None:
-        if module is None or id(module) in block_modules or id(module) not in by_id:
-            return
-        name = by_id[id(module)]
-        if name and name not in names and any(True for _ in module.parameters()):
-            names.append(name)
-
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        fn = getattr(model, getter, None)
-        if callable(fn):
-            try:
-                add(fn())
-            except (NotImplementedError, AttributeError):
-                pass
-    vocab_sizes = set()
-    for name, module in model.named_modules():
-        if id(module) in block_modules or not name:
-            continue
-        if isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower():
-            add(module)
-        if isinstance(module, nn.Embedding):
-            vocab_sizes.add(module.num_embeddings)
-    # plain models without get_output_embeddings: the head is a linear outside
-    # the blocks that maps to the vocabulary
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and id(module) not in block_modules and module.out_features in vocab_sizes:
-            add(module)
-    return names
+# the modes that turn block scores into probabilities; the others ignore scores
+_SCORE_MODES = ("owl", "owl_reverse")
 
 
 class OwLoreSampler:
@@ -278,43 +77,58 @@ class OwLoreSampler:
 
     Sampling is without replacement, so a block with ``p_l = 0`` is never
     drawn; fewer than ``gamma`` blocks with ``p_l > 0`` raise ``ValueError``
-    (lower ``gamma``, raise nothing else: pick another ``prob_mode`` or ``M``).
+    (lower ``gamma``, or pick another ``prob_mode`` or ``threshold``).
+
+    Frozen params stay frozen: the sampler records which params are trainable
+    (``requires_grad=True``) when it is built and only ever toggles those. A
+    block is "trained" by unfreezing its trainable params; params frozen
+    before (by PEFT -- base weights, embeddings, head of a LoRA model -- or by
+    the caller) are never unfrozen, never get a ``.grad`` and never change. So
+    with PEFT the sampler picks the blocks whose adapters train, and PEFT's
+    ``save_pretrained`` saves all that trained. Build the sampler after the
+    freezing that is meant to last (``get_peft_model``) and before anything
+    that should be undone by it.
 
     Args:
-        model: the model (HF causal LM or any torch model with an
-            ``nn.ModuleList`` of blocks).
+        model: the model (HF causal LM, a PEFT model, or any torch model with
+            an ``nn.ModuleList`` of blocks).
         optimizer: built over every param *before* this sampler (see
-            :func:`owlore_param_groups`); every block param must be in it, so
-            blocks sampled later really train. ``None`` only freezes.
+            :func:`owlore_param_groups`); every trainable block param must be
+            in it, so blocks sampled later really train. ``None`` only freezes.
             Optimizers without ``release`` have their ``state[p]`` dropped.
         gamma: blocks trained at a time (OwLore: 5 of 32 for LLaMA-2-7B).
         interval: optimizer steps between resamples (OwLore: K = 50).
         prob_mode: see above (default ``"owl"``).
         seed: seeds ``numpy.random.Generator(PCG64(seed))``; equal seeds give
             equal block sequences.
-        scores: the ``n`` block scores for ``"owl"``/``"owl_reverse"``: a
-            sequence of numbers, or a path to a text file with one number per
-            line. ``None`` computes them with :func:`block_outlier_ratios`
+        scores: the ``n`` block scores for ``"owl"``/``"owl_reverse"`` (the
+            other modes use none: passing them there raises): a sequence of
+            numbers, or a path to a text file with one number per line.
+            ``None`` computes them with :func:`block_outlier_ratios`
             (weight-only, or activation-aware with ``calibration``).
-        M: outlier threshold multiplier when computing scores (default
-            ``owlore_kernels.outliers.DEFAULT_M``).
+        threshold: outlier threshold for computing scores (default
+            ``owlore_kernels.outliers.DEFAULT_THRESHOLD``, OWL's ``M`` = 5).
         calibration: batches for activation-aware scores (see
-            :func:`block_outlier_ratios`).
+            :func:`block_outlier_ratios`). ``threshold`` and ``calibration``
+            only serve to compute scores: with ``scores`` given, or a mode
+            without scores, they raise rather than be ignored.
         layers_attr: dotted path of the block list, overriding discovery.
         always_train: module names or glob patterns (matched against module
             and param names outside the blocks) that always train; ``None``
-            (default): input/output embeddings and the norms outside the
-            blocks; ``[]``: nothing outside the blocks trains.
+            (default): input/output embeddings, the norms outside the blocks
+            and PEFT's ``modules_to_save`` copies, as far as they are
+            trainable; ``[]``: nothing outside the blocks trains.
 
     Construction checks everything before touching the model or optimizer
-    (``ValueError`` naming the argument); it freezes the params outside the
-    blocks that are not always-trainable, and leaves the blocks as they are
-    until the first :meth:`step`.
+    (``ValueError`` naming the argument); it freezes the trainable params
+    outside the blocks that are not always-trainable, and leaves the blocks as
+    they are until the first :meth:`step`.
 
     Attributes: ``probabilities`` (1-D float64 numpy array summing to 1),
     ``active_layers`` (sorted block indices, empty before the first step),
     ``scores``, ``num_blocks``, ``layers_attr``, ``always_train`` (resolved
-    module names), ``num_steps`` (calls of :meth:`step` so far).
+    module names that hold a trainable param), ``num_steps`` (calls of
+    :meth:`step` so far).
     """
 
     def __init__(
@@ -327,13 +141,13 @@ class OwLoreSampler:
         seed: int = 0,
         *,
         scores: Union[None, str, os.PathLike, Sequence[float], np.ndarray, torch.Tensor] = None,
-        M: float = DEFAULT_M,
+        threshold: Optional[float] = None,
         calibration: Optional[Iterable[Any]] = None,
         layers_attr: Optional[str] = None,
         always_train: Optional[Sequence[str]] = None,
     ) -> None:
         # Everything is checked before the model or optimizer is touched.
-        path, blocks = find_decoder_blocks(model, layers_attr)
+        path, blocks = find_decoder_blocks(model, layers_attr=layers_attr)
         n = len(blocks)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, np.integer)) or not 1 <= gamma <= n:
             raise ValueError(f"gamma must be an int in [1, {n}] (the model has {n} blocks), got {gamma!r}")
@@ -341,15 +155,30 @@ class OwLoreSampler:
             raise ValueError(f"interval must be an int >= 1, got {interval!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        M = _check_M(M)
+        if threshold is not None:
+            threshold = _check_threshold(threshold)
         explicit = not isinstance(prob_mode, str)
         if not explicit and prob_mode not in PROB_MODES:
             raise ValueError(f"prob_mode must be one of {PROB_MODES} or an array of {n} probabilities, got {prob_mode!r}")
+        mode_name = "an array" if explicit else repr(prob_mode)
+        uses_scores = not explicit and prob_mode in _SCORE_MODES
+        if scores is not None and not uses_scores:
+            raise ValueError(
+                f"scores=... are used only by prob_mode 'owl' or 'owl_reverse', but prob_mode={mode_name} would ignore "
+                "them: drop scores, or pass prob_mode='owl'"
+            )
+        for name, value in (("threshold", threshold), ("calibration", calibration)):
+            if value is not None and (scores is not None or not uses_scores):
+                why = "scores= are given" if scores is not None else f"prob_mode={mode_name} uses no scores"
+                raise ValueError(f"{name}=... only serves to compute block scores, but {why}: drop {name}")
         if scores is not None:
             scores = _load_scores(scores, n)
-        elif not explicit and prob_mode in ("owl", "owl_reverse"):
-            scores = _check_scores(block_outlier_ratios(model, M=M, calibration=calibration, layers_attr=path), n,
-                                   "scores")
+        elif uses_scores:
+            computed = block_outlier_ratios(
+                model, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, calibration=calibration,
+                layers_attr=path,
+            )
+            scores = _check_scores(computed, n, "scores")
         if explicit:
             probabilities = _normalize(_check_scores(prob_mode, n, "prob_mode"), "prob_mode", warn_uniform=False)
         else:
@@ -359,42 +188,68 @@ class OwLoreSampler:
             raise ValueError(
                 f"gamma={gamma} blocks are drawn without replacement, but prob_mode="
                 f"{prob_mode if not explicit else 'array'!r} gives only {positive} of {n} blocks a probability > 0 "
-                f"(p={np.round(probabilities, 4).tolist()}); lower gamma to <= {positive}, or use other scores/M"
+                f"(p={np.round(probabilities, 4).tolist()}); lower gamma to <= {positive}, or use other "
+                "scores/threshold"
             )
+        # what may train: the params trainable now (PEFT and the caller froze the rest)
+        trainable = {id(p) for _, p in unique_named_params(model) if p.requires_grad}
+        block_params = [[p for p in b.parameters() if id(p) in trainable] for b in blocks]
+        if not any(block_params):
+            raise ValueError(
+                f"no parameter inside the {n} decoder blocks at {path!r} is trainable (requires_grad=True): the "
+                "sampler only unfreezes params that are trainable when it is built, so it would train nothing. "
+                "Build it before freezing the blocks (PEFT: give the adapters target_modules inside the blocks)"
+            )
+        all_block_ids = {id(p) for b in blocks for p in b.parameters()}
+        outside = [(name, p) for name, p in unique_named_params(model) if id(p) not in all_block_ids]
         if always_train is None:
-            always_names = _default_always_train(model, path, blocks)
-            always_patterns = always_names
+            # module names found from the structure; a tied LM head is one param with the embeddings
+            default = default_always_train(model, blocks)
+            owned = {name: {id(p) for p in model.get_submodule(name).parameters()} & trainable for name in default}
+            always_names = [name for name in default if owned[name]]
+            always_ids = set().union(*owned.values()) if owned else set()
         else:
             if isinstance(always_train, str):
                 always_train = [always_train]
-            always_patterns = list(always_train)
-            if not all(isinstance(t, str) and t for t in always_patterns):
+            always_names = list(always_train)
+            if not all(isinstance(t, str) and t for t in always_names):
                 raise ValueError(f"always_train must be a list of module names or patterns, got {always_train!r}")
-            always_names = always_patterns
-        block_ids = _block_param_ids(blocks)
-        all_block_ids = set().union(*block_ids)
-        always_params, other_params = [], []
-        matched: set[str] = set()
-        for name, p in _unique_named_params(model):
-            if id(p) in all_block_ids:
-                continue
-            hits = [t for t in always_patterns if _name_matches(name, [t]) or _module_prefix_matches(name, t)]
-            matched.update(hits)
-            (always_params if hits else other_params).append(p)
-        if always_train is not None:
-            missing = [t for t in always_patterns if t not in matched]
+            matched: dict[str, set[int]] = {t: set() for t in always_names}
+            for name, p in outside:
+                for t in always_names:
+                    if name_matches(name, [t]) or module_prefix_matches(name, t):
+                        matched[t].add(id(p))
+            missing = [t for t in always_names if not matched[t]]
             if missing:
-                raise ValueError(f"always_train={always_patterns!r}: {missing} match no parameter outside the blocks")
+                raise ValueError(f"always_train={always_names!r}: {missing} match no parameter outside the blocks")
+            frozen_only = [t for t in always_names if not matched[t] & trainable]
+            if frozen_only:
+                raise ValueError(
+                    f"always_train={always_names!r}: {frozen_only} match only parameters that were frozen "
+                    "(requires_grad=False, e.g. by PEFT) when the sampler was built; the sampler never unfreezes "
+                    "those. Unfreeze them first (PEFT: modules_to_save) or drop them from always_train"
+                )
+            always_ids = set().union(*matched.values()) & trainable
+        always_params = [p for _, p in outside if id(p) in always_ids]
+        # frozen before the sampler: stays as it is
+        other_params = [p for _, p in outside if id(p) in trainable and id(p) not in always_ids]
         if optimizer is not None:
             in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            block_params = [p for b in blocks for p in b.parameters()]
-            absent = [p for p in block_params + always_params if id(p) not in in_optimizer]
+            absent = [p for p in [p for ps in block_params for p in ps] + always_params if id(p) not in in_optimizer]
             if absent:
                 raise ValueError(
-                    f"the optimizer does not hold {len(absent)} of the block/always-trainable params; build it over "
-                    "every param before the sampler (owlore_param_groups(model, ...)): params it does not hold "
-                    "would never train once sampled (LMFlow issue #726)"
+                    f"the optimizer does not hold {len(absent)} of the trainable block/always-trainable params; "
+                    "build it over every param before the sampler (owlore_param_groups(model, ...)): params it does "
+                    "not hold would never train once sampled (LMFlow issue #726)"
                 )
+
+        idle = [i for i, params in enumerate(block_params) if not params]
+        if idle:
+            warnings.warn(
+                f"blocks {idle} of {n} hold no trainable parameter (frozen before the sampler was built, e.g. no "
+                "PEFT adapter there); an interval that draws them trains nothing in them",
+                stacklevel=2,
+            )
 
         self.model = model
         self.optimizer = optimizer
@@ -405,18 +260,16 @@ class OwLoreSampler:
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float64)
         self.layers_attr = path
         self.num_blocks = n
-        self.always_train = list(always_names)
+        self.always_train = always_names
         self.probabilities = probabilities
         self._blocks = blocks
-        self._block_params = [list(b.parameters()) for b in blocks]
+        self._block_params = block_params
         self._always_params = always_params
         self._other_params = other_params
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self.num_steps = 0
         self.active_layers: list[int] = []
-        # freeze what is outside the blocks and not always-trainable, once
-        for p in always_params:
-            p.requires_grad_(True)
+        # freeze what is trainable outside the blocks and not always-trainable, once
         self._freeze(other_params)
 
     # ------------------------------------------------------------- sampling
@@ -486,8 +339,13 @@ class OwLoreSampler:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict`, then freeze/unfreeze the model to its active blocks.
 
-        Checked first (block count, gamma, probabilities, generator state); on
-        error nothing is modified.
+        The state must come from a sampler built like this one: ``gamma`` and
+        ``interval`` that differ from this sampler's raise ``ValueError``
+        (either the checkpoint or the constructor is not what was meant, and
+        resuming would silently change the schedule). The probabilities, step
+        counter, generator and active blocks are the checkpoint's: they
+        continue the run that saved it (scores recomputed on trained weights
+        would differ). Everything is checked first; on error nothing is modified.
         """
         try:
             n = int(state_dict["num_blocks"])
@@ -509,6 +367,12 @@ class OwLoreSampler:
             raise ValueError(f"state_dict has num_blocks={n} but this model has {self.num_blocks} blocks")
         if not 1 <= gamma <= n or interval < 1 or num_steps < 0:
             raise ValueError(f"state_dict has invalid gamma={gamma}, interval={interval} or num_steps={num_steps}")
+        if (gamma, interval) != (self.gamma, self.interval):
+            raise ValueError(
+                f"state_dict was saved with gamma={gamma}, interval={interval} but this sampler has "
+                f"gamma={self.gamma}, interval={self.interval}; build the sampler with the checkpoint's values "
+                "to resume that run"
+            )
         if len(set(active)) != len(active) or any(not 0 <= i < n for i in active):
             raise ValueError(f"state_dict has invalid active_layers={active}")
         probs = _normalize(_check_scores(probs, n, "state_dict['probabilities']"), "state_dict['probabilities']",
@@ -517,22 +381,13 @@ class OwLoreSampler:
             raise ValueError(f"state_dict's generator is {bit_state['bit_generator']!r}, expected 'PCG64'")
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = bit_state
-        self.gamma, self.interval, self.num_steps = gamma, interval, num_steps
+        self.num_steps = num_steps
         self.probabilities = probs
         self._rng = rng
         if active:
             self._apply(active)
         else:
             self.active_layers = []
-
-
-def _module_prefix_matches(param_name: str, pattern: str) -> bool:
-    """``pattern`` names (or glob-matches) a module that owns ``param_name``."""
-    parts = param_name.split(".")
-    return any(
-        fnmatch.fnmatchcase(".".join(parts[:k]), pattern) or ".".join(parts[:k]).endswith("." + pattern)
-        for k in range(1, len(parts))
-    )
 
 
 def _load_scores(scores: Any, n: int) -> np.ndarray:
@@ -575,8 +430,8 @@ def _normalize(arr: np.ndarray, what: str, warn_uniform: bool) -> np.ndarray:
         if not warn_uniform:
             raise ValueError(f"{what} must have a positive sum, got all zeros")
         warnings.warn(
-            f"all {n} block scores are zero (no outliers at this M); sampling blocks uniformly instead. "
-            "A lower M gives non-zero scores.",
+            f"all {n} block scores are zero (no outliers at this threshold); sampling blocks uniformly instead. "
+            "A lower threshold gives non-zero scores.",
             stacklevel=4,
         )
         return np.full(n, 1.0 / n)

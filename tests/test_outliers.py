@@ -7,7 +7,7 @@ from torch import nn
 
 from owlore_kernels import block_outlier_ratios, outlier_ratio
 from owlore_kernels.ops import backend_report
-from owlore_kernels.outliers import DEFAULT_M
+from owlore_kernels.outliers import DEFAULT_THRESHOLD
 from tiny_models import PlainLM
 
 # every backend that runs on CPU tensors here (the reference always; C++ when built)
@@ -18,8 +18,8 @@ def student_t(shape, df=3.0, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).standard_t(df, size=shape)).float()
 
 
-def reference_ratio(arrays, M, scales=None):
-    """Fraction of entries with score > M * mean(score), one mean over all arrays (numpy, float64)."""
+def reference_ratio(arrays, threshold, scales=None):
+    """Fraction of entries with score > threshold * mean(score), one mean over all arrays (numpy, float64)."""
     scores = []
     for k, a in enumerate(arrays):
         a = np.abs(np.asarray(a, dtype=np.float64))
@@ -27,7 +27,7 @@ def reference_ratio(arrays, M, scales=None):
             a = a * np.asarray(scales[k], dtype=np.float64)[None, :]
         scores.append(a.ravel())
     s = np.concatenate(scores)
-    return float((s > M * s.mean()).mean())
+    return float((s > threshold * s.mean()).mean())
 
 
 def _heavy_tailed_(model, seed=0):
@@ -39,38 +39,38 @@ def _heavy_tailed_(model, seed=0):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("M", [2.0, 5.0, 13.0])
-def test_outlier_ratio_matches_numpy_on_student_t(M, backend):
+@pytest.mark.parametrize("threshold", [2.0, 5.0, 13.0])
+def test_outlier_ratio_matches_numpy_on_student_t(threshold, backend):
     w = student_t((67, 131), df=2.5)
-    assert outlier_ratio(w, M, backend=backend) == pytest.approx(reference_ratio([w.numpy()], M), abs=1e-12)
+    assert outlier_ratio(w, threshold=threshold, backend=backend) == pytest.approx(reference_ratio([w.numpy()], threshold), abs=1e-12)
     parts = [student_t((67, 131), seed=1), student_t((131, 40), seed=2), student_t((7, 13), seed=3)]
-    ref = reference_ratio([p.numpy() for p in parts], M)
-    assert outlier_ratio(parts, M, backend=backend) == pytest.approx(ref, abs=1e-12)
+    ref = reference_ratio([p.numpy() for p in parts], threshold)
+    assert outlier_ratio(parts, threshold=threshold, backend=backend) == pytest.approx(ref, abs=1e-12)
     assert ref > 0  # heavy tails: the test is not vacuous
     scales = [torch.rand(131) + 0.1, None, torch.rand(13) * 3]
-    ref = reference_ratio([p.numpy() for p in parts], M, [None if s is None else s.numpy() for s in scales])
-    assert outlier_ratio(parts, M, col_scales=scales, backend=backend) == pytest.approx(ref, abs=1e-12)
+    ref = reference_ratio([p.numpy() for p in parts], threshold, [None if s is None else s.numpy() for s in scales])
+    assert outlier_ratio(parts, threshold=threshold, col_scales=scales, backend=backend) == pytest.approx(ref, abs=1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_scoring_leaves_weights_untouched(backend):
     w = student_t((33, 47))
     before = w.clone()
-    outlier_ratio(w, 2.0, backend=backend)
-    outlier_ratio([w], 2.0, col_scales=[torch.rand(47)], backend=backend)
+    outlier_ratio(w, threshold=2.0, backend=backend)
+    outlier_ratio([w], threshold=2.0, col_scales=[torch.rand(47)], backend=backend)
     assert torch.equal(w, before)
     model = _heavy_tailed_(PlainLM(n_blocks=3, d=16, vocab=32))
     snap = {n: p.detach().clone() for n, p in model.named_parameters()}
-    block_outlier_ratios(model, M=3.0, backend=backend)
-    block_outlier_ratios(model, M=3.0, calibration=[torch.randint(0, 32, (2, 5))], backend=backend)
+    block_outlier_ratios(model, threshold=3.0, backend=backend)
+    block_outlier_ratios(model, threshold=3.0, calibration=[torch.randint(0, 32, (2, 5))], backend=backend)
     assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
 
 
 def test_weight_only_block_ratios_match_numpy():
     model = _heavy_tailed_(PlainLM(n_blocks=3, d=16, vocab=32))
-    for M in (3.0, DEFAULT_M):
-        got = block_outlier_ratios(model, M=M)
-        want = [reference_ratio([b.fc1.weight.detach().numpy(), b.fc2.weight.detach().numpy()], M)
+    for threshold in (3.0, DEFAULT_THRESHOLD):
+        got = block_outlier_ratios(model, threshold=threshold)
+        want = [reference_ratio([b.fc1.weight.detach().numpy(), b.fc2.weight.detach().numpy()], threshold)
                 for b in model.blocks]
         assert got == pytest.approx(want, abs=1e-12)
     assert len(set(got)) > 1  # discriminative on heavy-tailed weights
@@ -90,10 +90,10 @@ def test_activation_aware_matches_hand_forward():
                     x2 = (x.reshape(-1, x.shape[-1]).double() ** 2).sum(0)
                     sq[i, name] = sq.get((i, name), 0) + x2
                 h = h + b.fc2(z)
-    for M in (2.0, 5.0):
-        got = block_outlier_ratios(model, M=M, calibration=calibration)
+    for threshold in (2.0, 5.0):
+        got = block_outlier_ratios(model, threshold=threshold, calibration=calibration)
         want = [
-            reference_ratio([b.fc1.weight.detach().numpy(), b.fc2.weight.detach().numpy()], M,
+            reference_ratio([b.fc1.weight.detach().numpy(), b.fc2.weight.detach().numpy()], threshold,
                             [sq[i, "fc1"].sqrt().numpy(), sq[i, "fc2"].sqrt().numpy()])
             for i, b in enumerate(model.blocks)
         ]
@@ -101,7 +101,7 @@ def test_activation_aware_matches_hand_forward():
         # the cut may flip, so allow one entry per block
         n = 2 * model.blocks[0].fc1.weight.numel()
         assert got == pytest.approx(want, abs=1.0 / n + 1e-12)
-    assert got != block_outlier_ratios(model, M=5.0)  # activations matter
+    assert got != block_outlier_ratios(model, threshold=5.0)  # activations matter
 
 
 def test_hooks_removed_and_mode_restored_also_on_error():
@@ -145,18 +145,44 @@ def test_gpt2_conv1d_activation_aware_and_dict_batches():
         mods = [block.get_submodule(n) for n in names]
         want.append(reference_ratio([m.weight.detach().t().numpy() for m in mods], 2.0,
                                     [sq[f"transformer.h.{i}.{n}"].sqrt().numpy() for n in names]))
-    got = block_outlier_ratios(model, M=2.0, calibration=[batch])
+    got = block_outlier_ratios(model, threshold=2.0, calibration=[batch])
     assert got == pytest.approx(want, abs=2e-4)
 
 
-def test_bad_M():
+def test_bad_threshold_and_keyword_only_arguments():
     w = torch.randn(4, 4)
     for bad in (0, -1.0, float("nan"), float("inf"), "x"):
-        with pytest.raises(ValueError, match="M must be a finite number > 0"):
-            outlier_ratio(w, bad)
+        with pytest.raises(ValueError, match="threshold must be a finite number > 0"):
+            outlier_ratio(w, threshold=bad)
+        with pytest.raises(ValueError, match="threshold must be a finite number > 0"):
+            block_outlier_ratios(PlainLM(n_blocks=2), threshold=bad)
     with pytest.raises(ValueError, match="empty list"):
-        outlier_ratio([], 5.0)
+        outlier_ratio([], threshold=5.0)
+    with pytest.raises(TypeError):
+        outlier_ratio(w, 5.0)
+    with pytest.raises(TypeError):
+        block_outlier_ratios(PlainLM(n_blocks=2), 5.0)
 
 
-def test_default_M_is_owls():
-    assert DEFAULT_M == 5.0
+def test_default_threshold_is_owls():
+    assert DEFAULT_THRESHOLD == 5.0
+
+
+def test_peft_model_scores_its_base_weights_not_the_adapters():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = _heavy_tailed_(transformers.LlamaForCausalLM(cfg))
+    calibration = [{"input_ids": torch.randint(0, 64, (2, 6))}]
+    want = [block_outlier_ratios(base, threshold=t, calibration=c) for t in (3.0, 5.0) for c in (None, calibration)]
+    # B stays zero (PEFT's default init), so the forward and the calibration activations
+    # equal the base model's; A is made heavy-tailed, so scoring adapters would move the counts
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.copy_(student_t(p.shape, seed=7))  # heavy-tailed: would shift the counts if scored
+    got = [block_outlier_ratios(model, threshold=t, calibration=c) for t in (3.0, 5.0) for c in (None, calibration)]
+    assert got == want
+    assert len(set(want[0])) > 1

@@ -1,5 +1,5 @@
 """OwLoreSampler: block discovery, param groups, probabilities, the sampling law, freezing,
-optimizer state, resume exactness and bad inputs. Tiny random-init models built offline."""
+optimizer state, resume exactness, PEFT models and bad inputs. Tiny random-init models built offline."""
 import io
 import itertools
 import math
@@ -159,8 +159,10 @@ def test_probability_modes():
     model = PlainLM(n_blocks=4)
     scores = [1.0, 3.0, 0.0, 4.0]
 
-    def probs(mode, **kw):
-        return OwLoreSampler(model, None, gamma=1, interval=1, prob_mode=mode, scores=scores, **kw).probabilities
+    def probs(mode):
+        # scores only where the mode uses them: the other modes refuse them
+        kw = dict(scores=scores) if mode in ("owl", "owl_reverse") else {}
+        return OwLoreSampler(model, None, gamma=1, interval=1, prob_mode=mode, **kw).probabilities
 
     np.testing.assert_allclose(probs("owl"), [1 / 8, 3 / 8, 0, 4 / 8])
     np.testing.assert_allclose(probs("uniform"), [0.25] * 4)
@@ -185,12 +187,12 @@ def test_all_zero_scores_fall_back_to_uniform_with_warning():
     np.testing.assert_allclose(s.probabilities, [0.25] * 4)
     # Gaussian random init has no entry beyond 13 * mean|w| = 10.4 sigma: computed scores are zero
     with pytest.warns(UserWarning, match="uniform"):
-        s = OwLoreSampler(tiny_llama(3), None, gamma=1, interval=1, prob_mode="owl", M=13)
+        s = OwLoreSampler(tiny_llama(3), None, gamma=1, interval=1, prob_mode="owl", threshold=13)
     np.testing.assert_allclose(s.probabilities, [1 / 3] * 3)
-    # with a low M the weight-only scores are non-zero and used
+    # with a low threshold the weight-only scores are non-zero and used
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        s = OwLoreSampler(tiny_llama(3), None, gamma=1, interval=1, prob_mode="owl", M=2.0)
+        s = OwLoreSampler(tiny_llama(3), None, gamma=1, interval=1, prob_mode="owl", threshold=2.0)
     assert (s.scores > 0).all() and math.isclose(s.probabilities.sum(), 1.0)
 
 
@@ -401,11 +403,18 @@ def test_resume_is_bit_exact():
         (dict(scores=[1, float("nan"), 1, 1]), "scores must be finite and >= 0.*nan"),
         (dict(scores=[1, -2, 1, 1]), "scores must be finite and >= 0.*-2"),
         (dict(scores=[1, 2, 3]), "scores must hold one number per block \\(4\\)"),
-        (dict(prob_mode=[1, 1, -1, 1]), "prob_mode must be finite and >= 0"),
-        (dict(prob_mode=[0, 0, 0, 0]), "prob_mode must have a positive sum"),
+        (dict(prob_mode=[1, 1, -1, 1], scores=None), "prob_mode must be finite and >= 0"),
+        (dict(prob_mode=[0, 0, 0, 0], scores=None), "prob_mode must have a positive sum"),
         (dict(gamma=3, scores=[1, 0, 0, 1]), "gamma=3 .* only 2 of 4 blocks"),
         (dict(gamma=4, prob_mode="owl_reverse", scores=[1, 2, 3, 4]), "gamma=4 .* only 3 of 4"),
-        (dict(M=-1.0, prob_mode="owl"), "M must be a finite number > 0"),
+        (dict(threshold=-1.0, scores=None), "threshold must be a finite number > 0"),
+        # arguments a mode would ignore are refused, not dropped
+        (dict(prob_mode="uniform"), "scores=.* prob_mode='uniform' would ignore them"),
+        (dict(prob_mode="increase"), "scores=.* prob_mode='increase' would ignore them"),
+        (dict(prob_mode=[1, 1, 1, 1]), "scores=.* prob_mode=an array would ignore them"),
+        (dict(threshold=13.0), "threshold=... only serves to compute block scores, but scores= are given"),
+        (dict(prob_mode="uniform", scores=None, calibration=[torch.zeros(1, 2, dtype=torch.long)]),
+         "calibration=... only serves .* prob_mode='uniform' uses no scores"),
         (dict(always_train=["no_such_module"]), "always_train.*no_such_module"),
         (dict(seed=-1), "seed must be an int >= 0"),
     ],
@@ -450,6 +459,9 @@ def test_bad_state_dict_modifies_nothing():
         ({**good, "active_layers": [0, 9]}, "active_layers"),
         ({**good, "probabilities": [0.5, 0.5]}, "probabilities"),
         ({k: v for k, v in good.items() if k != "rng_state"}, "not an OwLoreSampler state_dict"),
+        # the constructor's schedule and the checkpoint's must agree: neither silently wins
+        ({**good, "gamma": 3}, r"saved with gamma=3, interval=2 but this sampler has gamma=2, interval=2"),
+        ({**good, "interval": 5}, r"saved with gamma=2, interval=5 but this sampler has gamma=2, interval=2"),
     ]:
         with pytest.raises(ValueError, match=match):
             sampler.load_state_dict(bad)
@@ -465,3 +477,109 @@ def test_discovery_through_a_peft_wrapper():
     model = peft.get_peft_model(tiny_llama(3), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     path, blocks = find_decoder_blocks(model)
     assert path == "base_model.model.model.layers" and len(blocks) == 3
+
+
+# -------------------------------------------------------------------- PEFT
+def _peft_llama(n_layers=3, **lora):
+    """A LoRA model (q_proj, v_proj; lm_head as a modules_to_save copy) over a seed-0 base."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_llama(n_layers, tie=False)
+    # init_lora_weights=False: B starts random, not zero, so A gets a gradient on
+    # the first step too and every adapter of a trained block moves at once
+    config = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                  init_lora_weights=False)
+    config.update(lora)
+    return peft, peft.get_peft_model(base, peft.LoraConfig(**config))
+
+
+def _is_adapter(name):
+    return ".lora_" in name or ".modules_to_save." in name
+
+
+def test_peft_param_groups_keep_adapters_out_of_the_rank_group():
+    _, model = _peft_llama()
+    names = {id(p): n for n, p in model.named_parameters()}
+    galore, plain = owlore_param_groups(model, rank=4)
+    galore_names = {names[id(p)] for p in galore["params"]}
+    # the 7 linears of each of 3 blocks: base weights only (q/v as their base_layer)
+    assert len(galore_names) == 3 * 7 and not any(_is_adapter(n) for n in galore_names)
+    assert {n for n in names.values() if ".lora_" in n} <= {names[id(p)] for p in plain["params"]}
+    # a layer PEFT wrapped is targeted by its own name
+    (qv, _) = owlore_param_groups(model, rank=4, target_modules=["q_proj", "v_proj"])
+    assert sorted(names[id(p)].split(".")[-3:][0] for p in qv["params"]) == ["q_proj"] * 3 + ["v_proj"] * 3
+    assert all(names[id(p)].endswith(".base_layer.weight") for p in qv["params"])
+    # only when asked do the LoRA A/B matrices join the rank group
+    (with_adapters, _) = owlore_param_groups(model, rank=4, project_adapters=True)
+    added = {names[id(p)] for p in with_adapters["params"]} - galore_names
+    assert added == {n for n in names.values() if ".lora_A." in n or ".lora_B." in n} and len(added) == 3 * 4
+    with pytest.raises(ValueError, match="project_adapters must be True or False, got 'yes'"):
+        owlore_param_groups(model, rank=4, project_adapters="yes")
+
+
+def test_peft_sampler_trains_only_the_sampled_adapters_and_save_pretrained_keeps_them(tmp_path):
+    peft, model = _peft_llama()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(_is_adapter(n) for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = OwLoreAdamW(owlore_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
+    sampler = OwLoreSampler(model, opt, gamma=1, interval=2, prob_mode="uniform", seed=0)
+    # the default always-trainable set is what PEFT left trainable outside the blocks: the lm_head copy
+    head = {n for n in trainable if ".lm_head." in n}
+    assert head == {"base_model.model.lm_head.modules_to_save.default.weight"}
+    batch = torch.randint(0, 64, (2, 8))
+    drawn = set()
+    for _ in range(8):
+        sampler.step()
+        (active,) = sampler.active_layers
+        drawn.add(active)
+        expected = head | {n for n in trainable if f".layers.{active}." in n}
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+        before = _snapshot(model)
+        model(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) == (n not in expected), n
+    assert len(drawn) > 1  # the test saw resampling
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert not p.requires_grad and p.grad is None and torch.equal(p, frozen[n]), n
+
+    # what trained is what PEFT saves: a reload onto a fresh seed-0 base equals the trained model
+    model.save_pretrained(tmp_path)
+    torch.manual_seed(0)
+    reloaded = peft.PeftModel.from_pretrained(tiny_llama(3, tie=False), tmp_path)
+    got = dict(reloaded.named_parameters())
+    assert got.keys() == dict(model.named_parameters()).keys()
+    for n, p in model.named_parameters():
+        assert torch.equal(got[n], p), n
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=batch).logits, reloaded(input_ids=batch).logits)
+
+
+def test_peft_frozen_params_are_never_unfrozen_and_refused_as_always_train():
+    _, model = _peft_llama(layers_to_transform=[0, 2])  # no adapter in block 1
+    flags = _flags(model)
+    with pytest.raises(ValueError, match=r"always_train=\['embed_tokens'\]: \['embed_tokens'\] match only "
+                                         r"parameters that were frozen"):
+        OwLoreSampler(model, None, gamma=1, interval=1, prob_mode="uniform", always_train=["embed_tokens"])
+    assert _flags(model) == flags
+    with pytest.warns(UserWarning, match=r"blocks \[1\] of 3 hold no trainable parameter"):
+        sampler = OwLoreSampler(model, None, gamma=3, interval=1, prob_mode="uniform")
+    sampler.step()  # all three blocks "active": only the adapters are trainable
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, f in flags.items() if f}
+
+    plain = tiny_llama(2)
+    plain.model.layers.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"no parameter inside the 2 decoder blocks at 'model.layers' is trainable"):
+        OwLoreSampler(plain, None, gamma=1, interval=1, prob_mode="uniform")
+
+
+def test_keyword_only_arguments():
+    model = PlainLM(n_blocks=2)
+    with pytest.raises(TypeError):
+        find_decoder_blocks(model, "blocks")
+    with pytest.raises(TypeError):
+        owlore_param_groups(model, 4, 200, 0.25, "std", ["fc1"])
