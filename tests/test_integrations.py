@@ -1,8 +1,10 @@
-"""OwLoreCallback with transformers.Trainer (tiny random-init Llama, in-memory data, CPU),
-and the ImportError when transformers is missing."""
+"""OwLoreCallback with transformers.Trainer (tiny random-init Llama, in-memory data, CPU):
+sampling per optimizer step, checkpoints, resume matching an uninterrupted run, and the
+ImportError when transformers is missing."""
 import importlib
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -89,6 +91,70 @@ def test_trainer_resamples_and_saves_sampler_state(tmp_path):
     twin = OwLoreSampler(tiny_llama(4), None, gamma=1, interval=2, prob_mode="uniform", seed=99)
     OwLoreCallback(twin).load_checkpoint(ckpt)
     assert twin.num_steps == 4 and twin.resample() == sampler.resample()
+
+
+def _resumable_run(tmp_path, name, init_seed, **train_kw):
+    """A 5-step Trainer run with OwLore that checkpoints at step 3 (mid-interval: interval=2).
+
+    Returns the trainer, the sampler and the active blocks seen at the end of each step."""
+    from owlore_kernels.integrations.transformers import OwLoreCallback
+
+    torch.manual_seed(init_seed)
+    model = tiny_llama(4)
+    opt = OwLoreAdamW(owlore_param_groups(model, rank=4, update_proj_gap=3), lr=1e-2)
+    sampler = OwLoreSampler(model, opt, gamma=2, interval=2, prob_mode="owl", scores=[1, 2, 3, 4], seed=7)
+    seen = {}
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = list(sampler.active_layers)
+
+    args = _args(tmp_path / name, max_steps=5, save_strategy="steps", save_steps=3,
+                 restore_callback_states_from_checkpoint=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(), optimizers=(opt, None),
+                                   callbacks=[OwLoreCallback(sampler), Record()])
+    trainer.train(**train_kw)
+    return model, sampler, seen
+
+
+def test_trainer_resume_restores_the_sampler_by_itself(tmp_path):
+    full_model, full_sampler, full_seen = _resumable_run(tmp_path, "full", init_seed=0)
+    assert len({tuple(v) for v in full_seen.values()}) > 1  # blocks were redrawn along the way
+    ckpt = tmp_path / "full" / "checkpoint-3"
+    # a different init and no load_checkpoint call: everything must come from the checkpoint
+    model, sampler, seen = _resumable_run(tmp_path, "resumed", init_seed=123, resume_from_checkpoint=str(ckpt))
+    assert sorted(seen) == [4, 5]  # step 5 redraws (calls 0, 2, 4 do): the restored generator is used
+    assert seen == {k: v for k, v in full_seen.items() if k > 3}
+    assert sampler.num_steps == full_sampler.num_steps == 5
+    assert sampler.state_dict() == full_sampler.state_dict()
+    full = dict(full_model.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, full[name]), name
+
+
+
+def test_resume_without_sampler_state_warns(tmp_path):
+    # what on_train_begin sees when the Trainer resumed from a checkpoint saved without the
+    # callback: a restored global step and no sampler entry in the Trainer's state
+    from owlore_kernels.integrations.transformers import OwLoreCallback
+
+    model = tiny_llama(2)
+    sampler = OwLoreSampler(model, None, gamma=1, interval=2, prob_mode="uniform", seed=0)
+    callback = OwLoreCallback(sampler)
+    args, control = _args(tmp_path), transformers.TrainerControl()
+    with pytest.warns(UserWarning, match="resumed at step 3 from a checkpoint that holds no OwLoreSampler state"):
+        callback.on_train_begin(args, transformers.TrainerState(global_step=3), control)
+    # restored by hand beforehand (load_checkpoint): nothing to warn about
+    for _ in range(3):
+        sampler.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        callback.on_train_begin(args, transformers.TrainerState(global_step=3), control)
+    # a saved state whose schedule differs from the sampler's is refused, naming both
+    saved = transformers.TrainerState(global_step=3)
+    saved.stateful_callbacks["OwLoreSampler"] = {**sampler.state_dict(), "interval": 5}
+    with pytest.raises(ValueError, match="saved with gamma=1, interval=5 but this sampler has gamma=1, interval=2"):
+        callback.on_train_begin(args, saved, control)
 
 
 def test_trainer_with_its_own_optimizer_is_refused(tmp_path):

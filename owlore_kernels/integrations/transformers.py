@@ -16,14 +16,23 @@ frozen blocks and later-sampled blocks still train)::
 
 ``on_step_begin`` runs once per optimizer step (before the first micro-batch
 of a gradient-accumulation cycle), so ``interval`` counts optimizer steps as
-in the plain loop. The callback writes the sampler state to
-``owlore_sampler.pt`` in each checkpoint folder; to resume, call
-``callback.load_checkpoint(checkpoint_dir)`` before
-``trainer.train(resume_from_checkpoint=checkpoint_dir)``.
+in the plain loop.
+
+Resuming needs nothing more than ``trainer.train(resume_from_checkpoint=...)``:
+the sampler's state rides in the Trainer's own state (``trainer_state.json``
+of every checkpoint, under ``stateful_callbacks["OwLoreSampler"]``), which
+the Trainer reads back from whichever checkpoint it resumes before
+``on_train_begin``; there the callback restores the sampler (block
+probabilities, generator, step count, active blocks). A resumed run without
+that entry (a checkpoint saved without this callback) warns, since the
+sampler would restart its sequence. The state is also written to
+``owlore_sampler.pt`` in each checkpoint folder, for
+``callback.load_checkpoint(checkpoint_dir)`` and loops without the Trainer.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 try:
@@ -37,9 +46,13 @@ import torch
 
 from ..sampler import OwLoreSampler
 
-__all__ = ["OwLoreCallback", "SAMPLER_STATE_NAME"]
+__all__ = ["OwLoreCallback", "SAMPLER_STATE_NAME", "TRAINER_STATE_KEY"]
 
 SAMPLER_STATE_NAME = "owlore_sampler.pt"
+# the key in TrainerState.stateful_callbacks; deliberately not a callback class name, so
+# that TrainingArguments(restore_callback_states_from_checkpoint=True) does not try to
+# rebuild a callback from it
+TRAINER_STATE_KEY = "OwLoreSampler"
 
 
 def _unwrap(optimizer: Any) -> Any:
@@ -58,7 +71,9 @@ class OwLoreCallback(TrainerCallback):
     sampler releases state from (pass ``Trainer(optimizers=(opt, None))``),
     and raises ``ValueError`` otherwise: a Trainer-built optimizer created
     after the sampler froze blocks would never train them (LMFlow#726).
-    Saves the sampler's state next to each checkpoint (``owlore_sampler.pt``).
+    Keeps the sampler's state in the Trainer's state, so that a Trainer that
+    resumes from a checkpoint resumes the sampler too (see the module
+    docstring), and saves it next to each checkpoint (``owlore_sampler.pt``).
     """
 
     def __init__(self, sampler: OwLoreSampler) -> None:
@@ -74,12 +89,42 @@ class OwLoreCallback(TrainerCallback):
                 "the Trainer's optimizer is not the one the OwLoreSampler was built with; pass it to the Trainer: "
                 "Trainer(..., optimizers=(opt, None))"
             )
+        if state.global_step > 0:  # the Trainer resumed from a checkpoint
+            self._resume(state)
+
+    def _resume(self, state) -> None:
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(TRAINER_STATE_KEY)
+        if saved is None:
+            if self.sampler.num_steps == state.global_step:
+                return  # restored by hand (load_checkpoint) from an owlore_sampler.pt
+            warnings.warn(
+                f"the Trainer resumed at step {state.global_step} from a checkpoint that holds no OwLoreSampler "
+                f"state, so the sampler continues from its step {self.sampler.num_steps} and the run will not match "
+                "an uninterrupted one; call callback.load_checkpoint(checkpoint_dir) before trainer.train(...) "
+                "if the checkpoint folder has an owlore_sampler.pt",
+                stacklevel=2,
+            )
+            return
+        self.sampler.load_state_dict(saved)
+        self._last_step = None
+        if self.sampler.num_steps != state.global_step:
+            warnings.warn(
+                f"the restored OwLoreSampler has taken {self.sampler.num_steps} steps but the Trainer resumes at "
+                f"step {state.global_step}: the sampler was not stepped by this callback from the start",
+                stacklevel=2,
+            )
 
     def on_step_begin(self, args, state, control, **kwargs):
         # once per optimizer step even if a Trainer version calls this per micro-batch
         if self._last_step != state.global_step:
             self._last_step = state.global_step
             self.sampler.step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # the Trainer writes its state (with this entry) into the checkpoint it may save right
+        # after this hook; the sampler only changes in on_step_begin, so this copy is current
+        if isinstance(getattr(state, "stateful_callbacks", None), dict):
+            state.stateful_callbacks[TRAINER_STATE_KEY] = self.sampler.state_dict()
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
