@@ -11,7 +11,11 @@ import json
 import sys
 from typing import Optional, Sequence
 
-METHODS = ("full", "lora", "galore", "lisa", "owlore")
+from owlore_kernels.estimate import METHODS
+
+# One spelling per option across the subcommands: --methods (comma-separated, or "all"),
+# --seq-len, --rank, --lora-rank, --gamma, --batch, --dtype, --model.
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 
 def _positive_int(text: str) -> int:
@@ -38,64 +42,73 @@ def _method_list(text: str) -> list[str]:
     names = [m.strip().lower() for m in text.split(",") if m.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of methods")
+    if names == ["all"]:
+        return list(METHODS)
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
     return list(dict.fromkeys(names))
 
 
+def _add_shared(p: argparse.ArgumentParser, d: dict) -> None:
+    """The options both subcommands take, with the same names, types and meaning."""
+    p.add_argument("--methods", type=_method_list, default=d["methods"],
+                   help=f"comma-separated subset of {','.join(METHODS)}, or all")
+    p.add_argument("--gamma", type=_positive_int, default=d["gamma"], help="blocks sampled by LISA/OwLore")
+    p.add_argument("--rank", type=_positive_int, default=d["rank"], help="GaLore/OwLore projection rank")
+    p.add_argument("--lora-rank", type=_positive_int, default=d["lora_rank"], help="LoRA rank")
+    p.add_argument("--batch", type=_positive_int, default=d["batch"], help="sequences per step")
+    p.add_argument("--seq-len", type=_positive_int, default=d["seq_len"], help="tokens per sequence")
+
+
 def _bench_parser(sub) -> argparse.ArgumentParser:
     from owlore_kernels.bench.driver import DEFAULTS as D
 
-    p = sub.add_parser("bench", help="run the end-to-end fine-tuning benchmark",
+    p = sub.add_parser("bench", help="run the end-to-end fine-tuning benchmark", formatter_class=FORMATTER,
                        description="Fine-tune with full AdamW, LoRA, GaLore, LISA and OwLore on the same data; "
                                    "report memory, throughput and loss.")
-    p.add_argument("--model", default=D["model"], help="smollm2 (default; SmolLM2-135M-Instruct), tiny "
-                                                       "(random-init, for tests) or a path to an HF model folder")
-    p.add_argument("--methods", type=_method_list, default=D["methods"].split(","),
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: all)")
+    p.add_argument("--model", default=D["model"], help="smollm2 (SmolLM2-135M-Instruct), tiny (random-init, for "
+                                                       "tests) or a path to an HF model folder")
+    _add_shared(p, D)
     p.add_argument("--steps", type=_positive_int, default=D["steps"], help="optimizer steps per method (>= 2)")
-    p.add_argument("--batch", type=_positive_int, default=D["batch"], help="sequences per step")
-    p.add_argument("--seq-len", type=_positive_int, default=D["seq_len"], help="tokens per sequence")
     p.add_argument("--eval-seqs", type=_positive_int, default=D["eval_seqs"], help="held-out sequences")
     p.add_argument("--lr", type=_positive_float, default=D["lr"], help="peak learning rate (all methods)")
-    p.add_argument("--rank", type=_positive_int, default=D["rank"], help="GaLore/OwLore projection rank")
-    p.add_argument("--lora-rank", type=_positive_int, default=D["lora_rank"], help="LoRA rank")
-    p.add_argument("--gamma", type=_positive_int, default=D["gamma"], help="blocks sampled by LISA/OwLore")
     p.add_argument("--interval", type=_positive_int, default=D["interval"], help="steps between resamples")
     p.add_argument("--update-proj-gap", type=_positive_int, default=D["update_proj_gap"],
                    help="steps between projection refreshes (GaLore, OwLore)")
     p.add_argument("--galore-scale", type=_positive_float, default=D["galore_scale"],
-                   help="scale of the galore method (default 0.25, galore-torch's)")
+                   help="scale of the galore method (galore-torch's default)")
     p.add_argument("--owlore-scale", type=_positive_float, default=D["owlore_scale"],
-                   help="GaLore scale inside the owlore method (default 1.0, the OwLore paper's reference run)")
+                   help="GaLore scale inside the owlore method (the OwLore paper's reference run)")
     p.add_argument("--proj-method", choices=("svd", "randomized"), default=D["proj_method"],
                    help="OwLore's projection refresh")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D["device"])
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=D["dtype"])
-    p.add_argument("--seed", type=int, default=D["seed"])
-    p.add_argument("--out", default=D["out"], help="folder for bench_<model>_<date>.json/.md/.png")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=D["device"],
+                   help="auto: cuda when available")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=D["dtype"], help="weight dtype")
+    p.add_argument("--seed", type=int, default=D["seed"], help="model init, data and sampling seed")
+    p.add_argument("--out", default=D["out"], help="folder for bench_<model>_<date>.json/.md/.png; a later run on "
+                                                   "the same day writes bench_<model>_<date>_2.* and so on")
     p.add_argument("--_worker", metavar="SPEC", default=None, help=argparse.SUPPRESS)
     return p
 
 
+ESTIMATE_DEFAULTS = dict(methods="owlore", gamma=5, rank=128, lora_rank=8, batch=1, seq_len=512)
+
+
 def _estimate_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("estimate", help="print a training-memory breakdown",
+    p = sub.add_parser("estimate", help="print a training-memory breakdown", formatter_class=FORMATTER,
                        description="Estimate weights, gradients, optimizer state, projections and activations.")
     p.add_argument("--model", default="llama2-7b",
                    help="llama2-7b, llama3-8b, mistral-7b, smollm2-135m or a path to an HF config.json (or folder)")
-    p.add_argument("--method", default="owlore", type=str.lower, choices=METHODS + ("all",))
-    p.add_argument("--gamma", type=_positive_int, default=5)
-    p.add_argument("--rank", type=_positive_int, default=128)
-    p.add_argument("--lora-rank", type=_positive_int, default=8)
-    p.add_argument("--batch", type=_positive_int, default=1)
-    p.add_argument("--seq", type=_positive_int, default=512)
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    _add_shared(p, ESTIMATE_DEFAULTS)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype")
     p.add_argument("--state-dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="optimizer-moment dtype (default: what each method's implementation uses)")
-    p.add_argument("--grad-checkpointing", action="store_true")
+                   help="optimizer-moment dtype; None: what each method's implementation uses")
+    p.add_argument("--grad-checkpointing", action="store_true", help="keep only each block's input for backward")
     p.add_argument("--fused-loss", action="store_true",
                    help="the loss never materialises full-vocabulary logits (chunked/fused cross-entropy)")
+    p.add_argument("--in-backward", action="store_true",
+                   help="the optimizer steps each parameter inside backward and frees its gradient at once")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
@@ -105,15 +118,18 @@ def _run_estimate(args, parser) -> int:
 
     try:
         shape = model_shape(args.model)
-    except (ValueError, OSError, json.JSONDecodeError) as exc:
+    except (ValueError, OSError) as exc:
         parser.error(f"argument --model: {exc}")
     if args.gamma > shape.num_layers:
         parser.error(f"argument --gamma: must be <= {shape.num_layers} (blocks of {shape.name}), got {args.gamma}")
-    methods = METHODS if args.method == "all" else (args.method,)
+    largest_min = max(min(m, n) for m, n in shape.block_linear_shapes().values())
+    if args.rank > largest_min and {"galore", "owlore"} & set(args.methods):
+        parser.error(f"argument --rank: must be in [1, {largest_min}] (the largest min(m, n) of {shape.name}'s "
+                     f"block weights), got {args.rank}")
     estimates = [estimate_memory(shape, m, gamma=args.gamma, rank=args.rank, lora_rank=args.lora_rank,
-                                 batch=args.batch, seq=args.seq, dtype=args.dtype,
+                                 batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
                                  grad_checkpointing=args.grad_checkpointing, state_dtype=args.state_dtype,
-                                 fused_loss=args.fused_loss) for m in methods]
+                                 fused_loss=args.fused_loss, in_backward=args.in_backward) for m in args.methods]
     if args.json:
         print(json.dumps([e.to_dict() for e in estimates], indent=1))
     else:
@@ -130,7 +146,10 @@ def _run_bench(args, parser) -> int:
 
     if args.steps < 2:
         parser.error(f"argument --steps: must be >= 2 (one warm-up step, then measured steps), got {args.steps}")
-    config = model_config_dict(args.model)
+    try:
+        config = model_config_dict(args.model)
+    except ValueError as exc:
+        parser.error(f"argument --model: {exc}")
     if config is None:
         parser.error(f"argument --model: unknown model {args.model!r} (expected smollm2, tiny or a path to an "
                      "HF model folder with a config.json)")
@@ -156,7 +175,7 @@ def _run_bench(args, parser) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m owlore_kernels",
+    parser = argparse.ArgumentParser(prog="python -m owlore_kernels", formatter_class=FORMATTER,
                                      description="owlore-kernels: benchmark and memory estimator")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = _bench_parser(sub)

@@ -12,7 +12,11 @@ Assumptions (each is a choice; change them with the keyword arguments):
   tied; the final norm is ``h``. Linear layers have no bias.
 * **Weights** are stored in ``dtype``. LoRA adapters are fp32, because peft's
   ``get_peft_model(autocast_adapter_dtype=True)`` (its default) upcasts bf16/fp16 adapters.
-* **Gradients** exist for the trainable parameters only, in the dtype of the parameter.
+* **Gradients** exist for the trainable parameters only, in the dtype of the parameter, all
+  alive together after backward. ``in_backward=True`` models a per-parameter optimizer step
+  inside backward that frees each gradient once it is used: then only the largest trainable
+  parameter's gradient is alive at a time, plus, with tied embeddings, the LM head's partial
+  gradient of the shared matrix (formula in ``estimate_memory``).
 * **Optimizer state** is two Adam moments per trainable element, or per element of the
   ``max(m, n) x r`` subspace for a projected matrix. Their dtype (``state_dtype=None``) follows
   the implementation each method runs with in ``owlore_kernels.bench``: torch AdamW and
@@ -20,8 +24,10 @@ Assumptions (each is a choice; change them with the keyword arguments):
   and OwLore) keeps them in fp32. The scalar step counters are left out (a few bytes a tensor).
 * **Projection matrices** (GaLore, OwLore): one ``min(m, n) x r`` matrix per projected weight,
   with ``r = min(rank, m, n)``; galore-torch stores it in the parameter's dtype, OwLoreAdamW in
-  fp32 (and OwLoreAdamW trains a weight with ``rank >= min(m, n)`` with plain Adam, no P). GaLore projects every 2-D linear weight of every block; OwLore those of the ``gamma``
-  sampled blocks. Embeddings, LM head and all norms use plain Adam.
+  fp32, and OwLoreAdamW trains a weight with ``rank >= min(m, n)`` with plain Adam, no P (both
+  cases are listed in ``MemoryEstimate.notes``). GaLore projects every 2-D linear weight of every
+  block; OwLore those of the ``gamma`` sampled blocks. Embeddings, LM head and all norms use
+  plain Adam.
 * **LISA / OwLore** train ``gamma`` decoder blocks plus the embeddings, the LM head and the
   final norm, which always train (as in the LISA paper); every other block is frozen, with no
   gradient and no optimizer state. The figures are for one sample of ``gamma`` blocks.
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -125,8 +132,19 @@ BUILTIN_MODELS: dict[str, ModelShape] = {
 }
 
 
+def _is_module(model: Any) -> bool:
+    """An nn.Module? (If torch is not imported, ``model`` cannot be one: the estimator never imports it.)"""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(model, torch.nn.Module)
+
+
 def model_shape(model: Union[str, ModelShape, Mapping[str, Any], Any]) -> ModelShape:
-    """Resolve a built-in name, a config.json path (file or folder), a dict or an HF config."""
+    """Resolve a built-in name, a config.json path (file or folder), a dict, an HF config, or a model.
+
+    A model (an ``nn.Module``, e.g. a transformers ``LlamaForCausalLM`` or a peft wrapper of one)
+    is read through its ``config``; ``estimate_memory`` also counts its parameters and notes any
+    difference from the LLaMA-shape count.
+    """
     if isinstance(model, ModelShape):
         return model
     if isinstance(model, str):
@@ -139,12 +157,27 @@ def model_shape(model: Union[str, ModelShape, Mapping[str, Any], Any]) -> ModelS
                 f"unknown model {model!r}: expected one of {sorted(BUILTIN_MODELS)} or a path to an HF config.json"
             )
         with open(path) as f:
-            return _shape_from_config(json.load(f), name=model)
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") \
+                    from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} holds a JSON {type(config).__name__}, expected an object (an HF config)")
+        return _shape_from_config(config, name=model)
     if isinstance(model, Mapping):
         return _shape_from_config(dict(model), name=str(model.get("_name_or_path") or "config"))
+    if _is_module(model):
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "to_dict"):
+            raise TypeError(f"model is a {type(model).__name__} without a Hugging Face `config`; pass its config "
+                            "(a dict or a config.json path) or a ModelShape")
+        name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+        return _shape_from_config(config.to_dict(), name=name)
     if hasattr(model, "to_dict"):  # transformers.PretrainedConfig
         return _shape_from_config(model.to_dict(), name=str(getattr(model, "_name_or_path", "") or "config"))
-    raise TypeError(f"model must be a name, a config path, a dict or an HF config, got {type(model).__name__}")
+    raise TypeError("model must be a name, a config path, a dict, an HF config or an nn.Module with a config, "
+                    f"got {type(model).__name__}")
 
 
 def _shape_from_config(cfg: dict[str, Any], name: str) -> ModelShape:
@@ -181,6 +214,7 @@ class MemoryEstimate:
     trainable_params: int
     total_params: int
     settings: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the figures assume beyond the settings
 
     COMPONENTS = ("weights", "gradients", "optimizer_state", "projection", "activations")
 
@@ -198,7 +232,8 @@ class MemoryEstimate:
         s = self.settings
         lines = [
             f"model {self.model}  method {self.method}  dtype {s.get('dtype')}  batch {s.get('batch')}  "
-            f"seq {s.get('seq')}  grad-checkpointing {s.get('grad_checkpointing')}"
+            f"seq-len {s.get('seq_len')}  grad-checkpointing {s.get('grad_checkpointing')}"
+            + ("  in-backward" if s.get("in_backward") else "")
             + (f"  gamma {s['gamma']}" if self.method in ("lisa", "owlore") else "")
             + (f"  rank {s['rank']}" if self.method in ("galore", "owlore") else "")
             + (f"  lora-rank {s['lora_rank']}" if self.method == "lora" else ""),
@@ -207,6 +242,7 @@ class MemoryEstimate:
         for c in self.COMPONENTS + ("total",):
             value = self.total if c == "total" else getattr(self, c)
             lines.append(f"  {c:<16} {format_bytes(value):>12}  {value:>16,} B")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -221,12 +257,12 @@ def _bytes_of(dtype: str) -> int:
         raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}") from None
 
 
-def activation_bytes(shape: ModelShape, batch: int, seq: int, dtype: str = "bf16",
+def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype: str = "bf16",
                      grad_checkpointing: bool = False, fused_loss: bool = False) -> int:
     """Bytes backward keeps alive at its peak (see the module docstring for the formula)."""
     e = _bytes_of(dtype)
     h, i, V = shape.hidden_size, shape.intermediate_size, shape.vocab_size
-    tokens = batch * seq
+    tokens = batch * seq_len
     per_block = e * (4 * h + 2 * shape.q_dim + 2 * shape.kv_dim + 4 * i) + (8 * h if e < 4 else 0)
     # final norm (input + fp32 copy) and the LM-head input
     final = e * 2 * h + (4 * h if e < 4 else 0)
@@ -247,21 +283,42 @@ def estimate_memory(
     rank: int = 128,
     lora_rank: int = 8,
     batch: int = 1,
-    seq: int = 512,
+    seq_len: int = 512,
     dtype: str = "bf16",
     grad_checkpointing: bool = False,
     fused_loss: bool = False,
+    in_backward: bool = False,
     state_dtype: Optional[str] = None,
     lora_targets: tuple[str, ...] = LORA_TARGETS,
 ) -> MemoryEstimate:
     """Estimate the bytes of weights, gradients, optimizer state, projections and activations.
 
     ``model``: a built-in name (``llama2-7b``, ``llama3-8b``, ``mistral-7b``, ``smollm2-135m``),
-    a path to an HF ``config.json`` (or its folder), a dict or an HF config object.
-    ``method``: one of ``full``, ``lora``, ``galore``, ``lisa``, ``owlore``. ``gamma`` sampled
-    blocks (LISA, OwLore); ``rank`` of the GaLore projection (GaLore, OwLore); ``lora_rank``.
-    ``state_dtype=None`` uses each method's implementation's own choice (module docstring).
-    ``fused_loss``: the loss never materialises full-vocabulary logits.
+    a path to an HF ``config.json`` (or its folder), a dict, an HF config object, or a model
+    (an ``nn.Module`` with an HF ``config``: its parameters are counted and a difference from the
+    LLaMA-shape count is noted). ``method``: one of ``full``, ``lora``, ``galore``, ``lisa``,
+    ``owlore``. ``gamma`` sampled blocks (LISA, OwLore); ``rank`` of the GaLore projection
+    (GaLore, OwLore); ``lora_rank``. ``state_dtype=None`` uses each method's implementation's
+    own choice (module docstring). ``fused_loss``: the loss never materialises full-vocabulary
+    logits.
+
+    ``rank``: a weight with ``rank >= min(m, n)`` is noted in ``MemoryEstimate.notes`` (galore-torch
+    projects it onto all ``min(m, n)`` directions; OwLoreAdamW trains it full-rank, see the module
+    docstring); a rank above every block weight's ``min(m, n)`` (the hidden size, for LLaMA shapes)
+    is a ``ValueError`` for ``galore`` and ``owlore``, since no weight could use it.
+
+    ``in_backward``: the optimizer steps each parameter inside backward, as soon as its gradient
+    is accumulated (``Tensor.register_post_accumulate_grad_hook``), and frees that gradient right
+    after. autograd runs a parameter's gradient accumulation as soon as it is ready, so at most
+    one trainable parameter's gradient is alive at a time, and the gradient term is
+
+        ``e * max_p numel(p)``  over the trainable parameters ``p`` (``e`` = bytes of a gradient)
+
+    instead of ``e * sum_p numel(p)``. With tied embeddings that train, the LM head's partial
+    gradient of the shared ``V x h`` matrix is computed first in backward and held (in flight)
+    until the embedding's backward adds its own part at the very end, so ``e * V * h`` is added:
+    ``e * (V h + max_p numel(p))``. Weights, optimizer state, projections and activations do not
+    change.
     """
     shape = model_shape(model)
     if method not in METHODS:
@@ -272,8 +329,8 @@ def estimate_memory(
         raise ValueError(f"rank must be >= 1, got {rank}")
     if lora_rank < 1:
         raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-    if batch < 1 or seq < 1:
-        raise ValueError(f"batch and seq must be >= 1, got batch={batch}, seq={seq}")
+    if batch < 1 or seq_len < 1:
+        raise ValueError(f"batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
     e = _bytes_of(dtype)
     if state_dtype is None:
         s = 4 if method in ("lisa", "owlore") else e
@@ -281,6 +338,25 @@ def estimate_memory(
         s = _bytes_of(state_dtype)
 
     linears = shape.block_linear_shapes()
+    notes: list[str] = []
+    if method in ("galore", "owlore"):
+        largest_min = max(min(m, n) for m, n in linears.values())
+        if rank > largest_min:
+            raise ValueError(f"rank must be <= {largest_min} (the largest min(m, n) of {shape.name}'s block weights) "
+                             f"for method {method!r}, got {rank}: no weight could be projected to it")
+        capped = [(name, min(m, n)) for name, (m, n) in linears.items() if rank >= min(m, n)]  # block order
+        if capped:
+            which = ", ".join(f"{name} ({k})" for name, k in capped)
+            notes.append(f"rank {rank} >= min(m, n) for {which}: " + (
+                "galore-torch projects these onto all min(m, n) directions (a full orthonormal basis, the update "
+                "still multiplied by scale); counted at that size" if method == "galore" else
+                "OwLoreAdamW trains these with full-rank Adam and no projection; counted so"))
+    if _is_module(model):
+        counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        if counted != shape.total_params:
+            notes.append(f"the model has {counted:,} parameters, the LLaMA-shape count of its config is "
+                         f"{shape.total_params:,}: the figures are for the latter")
+
     total = shape.total_params
     weights = total * e
     projection = 0
@@ -301,22 +377,30 @@ def estimate_memory(
             proj += min(m, n) * r * proj_bytes
         return moments + 2 * shape.block_norm_params, proj  # norms: plain Adam
 
+    # the largest single trainable tensor (in_backward), among those of a trained block and the
+    # always-trained embeddings, LM head and final norm
+    largest_block = max(m * n for m, n in linears.values())
+    largest_always = max(shape.embedding_params, shape.head_params, shape.hidden_size)
     if method == "full":
         trainable = total
         gradients = trainable * e
         state = 2 * trainable * s
+        largest = max(largest_block, largest_always)
     elif method == "lora":
-        adapters = sum(lora_rank * (m + n) for name, (m, n) in linears.items() if name in lora_targets)
-        trainable = shape.num_layers * adapters
+        adapters = {name: lora_rank * (m + n) for name, (m, n) in linears.items() if name in lora_targets}
+        trainable = shape.num_layers * sum(adapters.values())
         weights += trainable * 4  # fp32 adapters (peft autocast_adapter_dtype)
         gradients = trainable * 4
         state = 2 * trainable * 4  # torch AdamW: moments in the adapters' dtype (fp32)
+        # the larger of A (r x n) and B (m x r) of the widest adapted weight
+        largest = max((lora_rank * max(linears[name]) for name in adapters), default=0)
     elif method == "galore":
         trainable = total
         gradients = trainable * e
         moments, proj = galore_block(e, False)  # galore-torch keeps P in the param dtype
         state = (shape.num_layers * moments + 2 * shape.always_trained_params) * s
         projection = shape.num_layers * proj
+        largest = max(largest_block, largest_always)
     else:  # lisa, owlore
         trainable = gamma * shape.block_params + shape.always_trained_params
         gradients = trainable * e
@@ -326,8 +410,14 @@ def estimate_memory(
             moments, proj = galore_block(4, True)  # OwLoreAdamW keeps P in fp32
             state = (gamma * moments + 2 * shape.always_trained_params) * s
             projection = gamma * proj
-    activations = activation_bytes(shape, batch, seq, dtype, grad_checkpointing, fused_loss)
-    settings = dict(gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq=seq, dtype=dtype,
-                    grad_checkpointing=grad_checkpointing, fused_loss=fused_loss, state_bytes_per_element=s)
+        largest = max(largest_block, largest_always)
+    if in_backward:
+        grad_e = 4 if method == "lora" else e
+        held = shape.embedding_params if shape.tie_word_embeddings and method != "lora" else 0
+        gradients = grad_e * (held + largest)
+    activations = activation_bytes(shape, batch, seq_len, dtype, grad_checkpointing, fused_loss)
+    settings = dict(gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len, dtype=dtype,
+                    grad_checkpointing=grad_checkpointing, fused_loss=fused_loss, in_backward=in_backward,
+                    state_bytes_per_element=s)
     return MemoryEstimate(shape.name, method, weights, gradients, state, projection, activations,
-                          trainable, total, settings)
+                          trainable, total, settings, notes)

@@ -4,6 +4,7 @@ The smoke run starts one worker process per method (the real driver path), so it
 that each method's measured parameter, gradient and optimizer-state bytes agree with
 ``estimate_memory`` within 5% (they are exact for this model).
 """
+import datetime
 import importlib.util
 import json
 import math
@@ -54,9 +55,14 @@ def _report(tmp_path):
 
 def test_smoke_every_installed_method(tmp_path):
     methods = _installed_methods()
+    # an earlier run of the same day, which the new run must not overwrite
+    earlier = tmp_path / f"bench_tiny_{datetime.date.today().isoformat()}.md"
+    earlier.write_text("earlier run\n")
     out = _bench(tmp_path, "--methods", ",".join(methods))
     assert out.returncode == 0, out.stderr[-3000:]
     report = _report(tmp_path)
+    assert earlier.read_text() == "earlier run\n"
+    assert report["files"]["md"] == str(earlier).replace(".md", "_2.md")
     assert set(report) >= {"meta", "config", "notes", "results", "files"}
     for key in ("date", "model_name", "model_source", "dataset", "machine", "versions", "wall_s"):
         assert key in report["meta"], key
@@ -111,6 +117,15 @@ def test_bad_flags_name_flag_and_value(args, flag, value, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert flag in err and value in err, err
+
+
+def test_bad_json_config_names_the_file(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"hidden_size": 64,}')
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--model", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --model" in err and str(tmp_path / "config.json") in err and "line 1, column 20" in err
 
 
 # ------------------------------------------------------------------ pieces
@@ -193,10 +208,10 @@ def test_append_results_never_rewrites_earlier_runs(tmp_path):
     assert [json.loads(line)["rows"][0]["median"] for line in lines] == [0.0, 1.0]
     md = (tmp_path / "demo.md").read_text()
     assert md.count("## ") == 2 and md.count("| x | 0 |") == 1 and md.count("| x | 1 |") == 1
-    first = tmp_path / "fig.png"
-    assert harness.unique_path(str(first)) == str(first)
-    first.write_bytes(b"")
-    assert harness.unique_path(str(first)) == str(tmp_path / "fig_2.png")
+    stem = str(tmp_path / "fig")
+    assert harness.unique_stem(stem, (".png", ".md")) == stem
+    (tmp_path / "fig.md").write_text("")
+    assert harness.unique_stem(stem, (".png", ".md")) == stem + "_2"
 
 
 def test_frozen_galore_refresh_gives_an_orthonormal_basis_and_restores_the_svd():

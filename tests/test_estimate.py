@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from owlore_kernels.__main__ import main
 from owlore_kernels.estimate import (BUILTIN_MODELS, METHODS, ModelShape, activation_bytes, estimate_memory,
                                      model_shape)
 
@@ -53,11 +54,30 @@ def test_galore_rank2_bf16():
     assert e.gradients == 840
 
 
-def test_galore_rank_above_min_dim_projects_onto_min():
+def test_galore_rank_at_min_dim_projects_onto_the_full_basis_and_says_so():
     # rank 4 = min(m, n) for every linear: moments 4 x 2*4*4 + 3 x 2*8*4 = 320, + 16 norms -> 336 per block
-    e = estimate_memory(TOY, "galore", rank=100, dtype="fp32")
+    e = estimate_memory(TOY, "galore", rank=4, dtype="fp32")
     assert e.optimizer_state == (2 * 336 + 168) * 4
     assert e.projection == 2 * 7 * 16 * 4
+    (note,) = e.notes
+    assert "rank 4 >= min(m, n)" in note and "q_proj (4)" in note and "full orthonormal basis" in note
+    assert "note: rank 4" in e.table()
+    assert estimate_memory(TOY, "galore", rank=3).notes == []
+
+
+@pytest.mark.parametrize("method", ["galore", "owlore"])
+def test_rank_above_every_weight_is_refused(method):
+    # TOY's block weights are 4x4, 8x4 and 4x8: the largest min(m, n) is 4
+    with pytest.raises(ValueError, match=r"rank must be <= 4 .* got 5"):
+        estimate_memory(TOY, method, gamma=1, rank=5)
+    assert estimate_memory(TOY, "full", rank=5).projection == 0  # rank is not used by full: accepted
+
+
+def test_gqa_rank_above_kv_dim_is_noted_per_weight():
+    # smollm2-135m: k_proj/v_proj are 192 x 576; the paper's rank 256 covers them with a full basis
+    e = estimate_memory("smollm2-135m", "owlore", rank=256)
+    (note,) = e.notes
+    assert "k_proj (192), v_proj (192)" in note and "full-rank Adam" in note
 
 
 def test_lisa_and_owlore_one_block():
@@ -83,6 +103,77 @@ def test_activations_by_hand():
     # loss 2*10 + 4*10 (upcast) + 40 + 40 = 140
     assert activation_bytes(TOY, 2, 3, "bf16") == 6 * (2 * 160 + 32 + 140)
     assert activation_bytes(TOY, 2, 3, "bf16", fused_loss=True) == 6 * (2 * 160 + 32)
+
+
+# ---------------------------------------------------------------- in-backward optimizer steps
+# A toy whose largest tensor is a block weight: V=2, h=4, i=8 -> embedding 8, head 8, gate/up/down 32.
+MLP_HEAVY = ModelShape("mlp-heavy", vocab_size=2, hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2,
+                       num_kv_heads=2)
+
+
+def test_in_backward_keeps_only_the_largest_gradient():
+    # TOY fp32: the largest trainable tensor is the 10 x 4 embedding (or head): 40 elements x 4 B
+    for method in ("full", "galore", "lisa", "owlore"):
+        e = estimate_memory(TOY, method, gamma=1, rank=2, dtype="fp32", in_backward=True)
+        assert e.gradients == 40 * 4, method
+    # everything else is unchanged
+    plain = estimate_memory(TOY, "owlore", gamma=1, rank=2, dtype="fp32")
+    e = estimate_memory(TOY, "owlore", gamma=1, rank=2, dtype="fp32", in_backward=True)
+    assert (e.weights, e.optimizer_state, e.projection, e.activations) == (
+        plain.weights, plain.optimizer_state, plain.projection, plain.activations)
+    assert plain.gradients == (168 + 84) * 4 and e.settings["in_backward"]
+    # MLP_HEAVY bf16: gate/up/down (32 elements) beat the 2 x 4 embedding: 32 x 2 B
+    assert estimate_memory(MLP_HEAVY, "full", dtype="bf16", in_backward=True).gradients == 32 * 2
+    # LoRA r=1 (fp32 adapters): the largest factor is gate's or up's B (8 x 1) or down's A (1 x 8): 8 x 4 B
+    assert estimate_memory(TOY, "lora", lora_rank=1, in_backward=True).gradients == 8 * 4
+
+
+def test_in_backward_with_tied_embeddings_holds_the_heads_partial_gradient():
+    tied = ModelShape("mlp-heavy-tied", vocab_size=2, hidden_size=4, intermediate_size=8, num_layers=2,
+                      num_heads=2, num_kv_heads=2, tie_word_embeddings=True)
+    # the head's partial gradient of the shared 2 x 4 matrix (8) is held while a 32-element
+    # MLP weight's gradient is in flight: (8 + 32) x 4 B
+    assert estimate_memory(tied, "full", dtype="fp32", in_backward=True).gradients == (8 + 32) * 4
+    # LoRA freezes the embeddings: nothing held
+    assert estimate_memory(tied, "lora", lora_rank=1, in_backward=True).gradients == 8 * 4
+
+
+# ---------------------------------------------------------------- models and config files
+def test_model_instance_is_read_through_its_config():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    e = estimate_memory(model, "full", dtype="fp32")
+    assert e.total_params == TOY.total_params == sum(p.numel() for p in model.parameters())
+    assert e.weights == estimate_memory(TOY, "full", dtype="fp32").weights and e.notes == []
+
+
+def test_model_instance_with_other_parameters_is_noted():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=10, hidden_size=4, intermediate_size=8, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
+                                      attention_bias=True)  # q/k/v/o biases: 4 x 4 per block, 32 in all
+    e = estimate_memory(transformers.LlamaForCausalLM(config), "full")
+    (note,) = e.notes
+    assert "452 parameters" in note and "420" in note
+
+
+def test_module_without_config_is_a_clear_type_error():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="Linear without a Hugging Face `config`"):
+        estimate_memory(torch.nn.Linear(2, 2), "full")
+
+
+def test_bad_json_config_names_the_file_and_the_problem(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text('{"vocab_size": 10,\n "hidden_size": }')
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON: Expecting value at line 2, column 17"):
+        model_shape(str(path))
+    with pytest.raises(SystemExit):
+        main(["estimate", "--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "argument --model" in err and str(path) in err and "line 2, column 17" in err
 
 
 def test_total_is_sum_and_dict():
@@ -127,7 +218,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_every_method_orders_sensibly():
-    est = {m: estimate_memory("llama2-7b", m, gamma=5, rank=128, batch=1, seq=512).total for m in METHODS}
+    est = {m: estimate_memory("llama2-7b", m, gamma=5, rank=128, batch=1, seq_len=512).total for m in METHODS}
     assert est["owlore"] < est["lisa"] < est["full"]
     assert est["galore"] < est["full"]
 
@@ -142,7 +233,7 @@ def test_galore_paper_llama7b_full_adamw():
     pre-training sequence length), no checkpointing; GB = 1e9 B. The paper rounds 7B params x 2 B
     = 14 GB; the real count is 6.74e9, so weights and state come out 3.7% lower.
     """
-    e = estimate_memory("llama2-7b", "full", batch=1, seq=256, dtype="bf16")
+    e = estimate_memory("llama2-7b", "full", batch=1, seq_len=256, dtype="bf16")
     assert e.weights / GB == pytest.approx(14, rel=0.10)                          # 13.48 GB, -3.7%
     assert (e.gradients + e.optimizer_state) / GB == pytest.approx(42, rel=0.10)  # 40.43 GB, -3.7%
     assert e.total / GB == pytest.approx(58, rel=0.10)                            # 55.56 GB, -4.2%
@@ -155,7 +246,7 @@ def test_galore_paper_llama7b_full_adamw():
 # batch 16, 512 tokens, bf16, gradient checkpointing. Assumptions: embeddings + LM head + final
 # norm always train with Adam; OwLoreAdamW's fp32 moments and fp32 projections; loss over
 # full-vocabulary logits kept in bf16 + an fp32 upcast + fp32 log-softmax + fp32 gradient.
-OWLORE_REF = dict(gamma=5, rank=256, batch=16, seq=512, dtype="bf16", grad_checkpointing=True)
+OWLORE_REF = dict(gamma=5, rank=256, batch=16, seq_len=512, dtype="bf16", grad_checkpointing=True)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -186,26 +277,51 @@ def _cli(*args):
 
 
 def test_cli_prints_breakdown_and_matches_api():
-    out = _cli("--model", "llama2-7b", "--method", "owlore", "--gamma", "5", "--rank", "128", "--batch", "16",
-               "--seq", "512", "--grad-checkpointing", "--dtype", "bf16", "--json")
+    out = _cli("--model", "llama2-7b", "--methods", "owlore,galore", "--gamma", "5", "--rank", "128", "--batch",
+               "16", "--seq-len", "512", "--grad-checkpointing", "--in-backward", "--dtype", "bf16", "--json")
     assert out.returncode == 0, out.stderr
-    (row,) = json.loads(out.stdout)
-    api = estimate_memory("llama2-7b", "owlore", gamma=5, rank=128, batch=16, seq=512, grad_checkpointing=True)
-    assert row["total"] == api.total and row["activations"] == api.activations
-    text = _cli("--method", "all")
+    rows = json.loads(out.stdout)
+    assert [r["method"] for r in rows] == ["owlore", "galore"]
+    for row in rows:
+        api = estimate_memory("llama2-7b", row["method"], gamma=5, rank=128, batch=16, seq_len=512,
+                              grad_checkpointing=True, in_backward=True)
+        assert row["total"] == api.total and row["gradients"] == api.gradients
+    text = _cli("--methods", "all")
     assert text.returncode == 0
     for word in ("weights", "gradients", "optimizer_state", "projection", "activations", "total", "lora", "lisa"):
         assert word in text.stdout
 
 
+def test_cli_notes_a_rank_that_covers_a_whole_weight():
+    out = _cli("--model", "smollm2-135m", "--methods", "galore", "--rank", "256")
+    assert out.returncode == 0, out.stderr
+    assert "note: rank 256 >= min(m, n) for k_proj (192), v_proj (192)" in out.stdout
+
+
+def test_cli_shows_defaults_and_shares_option_names_with_bench(capsys):
+    helps = {}
+    for command in ("estimate", "bench"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--rank RANK GaLore/OwLore projection rank (default: 128)" in helps["estimate"]
+    assert "(default: full,lora,galore,lisa,owlore)" in helps["bench"]
+    for option in ("--methods", "--seq-len", "--rank", "--lora-rank", "--gamma", "--batch", "--dtype", "--model"):
+        assert option in helps["estimate"] and option in helps["bench"], option
+
+
 @pytest.mark.parametrize("args, flag, value", [
-    (("--method", "adam"), "--method", "adam"),
+    (("--methods", "owlore,adam"), "--methods", "adam"),
     (("--model", "gpt-9"), "--model", "gpt-9"),
     (("--gamma", "0"), "--gamma", "0"),
     (("--gamma", "40"), "--gamma", "40"),
     (("--rank", "-3"), "--rank", "-3"),
+    (("--rank", "5000"), "--rank", "5000"),  # llama2-7b's weights have min(m, n) = 4096
+    (("--methods", "all", "--rank", "4097"), "--rank", "4097"),
 ])
-def test_cli_bad_flags(args, flag, value):
-    out = _cli(*args)
-    assert out.returncode == 2
-    assert flag in out.stderr and value in out.stderr
+def test_cli_bad_flags(args, flag, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and value in err, err

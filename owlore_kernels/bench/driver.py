@@ -5,11 +5,11 @@ as safetensors in a temporary folder, tokenizes the embedded dataset, and then s
 worker process per method (``python -m owlore_kernels bench --_worker SPEC``), in the same
 order, with the same seed, data order, batch, sequence length and LR schedule. Each worker's
 peak RSS is its method's alone. Results go to stdout (table), ``<out>/bench_<model>_<date>``
-``.json``/``.md``/``.png``.
+``.json``/``.md``/``.png``; a later run on the same day writes ``..._<date>_2.*`` and so on, never
+over an earlier run.
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -20,6 +20,7 @@ import time
 from typing import Any, Optional
 
 from . import data as bench_data
+from . import harness
 from . import report as bench_report
 from .methods import METHODS
 
@@ -62,7 +63,11 @@ def model_config_dict(model_arg: str) -> Optional[dict[str, Any]]:
     path = os.path.join(model_arg, "config.json")
     if os.path.isfile(path):
         with open(path) as f:
-            return json.load(f)
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") \
+                    from None
     return None
 
 
@@ -78,7 +83,7 @@ def prepare_model(model_arg: str, workdir: str, seed: int, log) -> dict[str, Any
                     config=model.config.to_dict())
     if model_arg == "smollm2":
         try:
-            from owlore_kernels.models import load_smollm2
+            from .models import load_smollm2
 
             model, tok = load_smollm2()
             model.config.quantization_config = None  # de-quantized: reload as a plain fp32 checkpoint
@@ -126,7 +131,7 @@ def _estimate(config: dict[str, Any], method: str, cfg: dict[str, Any]) -> Optio
         from owlore_kernels.estimate import estimate_memory
 
         est = estimate_memory(config, method, gamma=cfg["gamma"], rank=cfg["rank"], lora_rank=cfg["lora_rank"],
-                              batch=cfg["batch"], seq=cfg["seq_len"], dtype=cfg["dtype"])
+                              batch=cfg["batch"], seq_len=cfg["seq_len"], dtype=cfg["dtype"])
     except Exception:  # a config the estimator cannot read: no comparison, not a failure
         return None
     return dict(weights=est.weights, gradients=est.gradients, state=est.optimizer_state + est.projection,
@@ -204,17 +209,19 @@ def run_bench(cfg: dict[str, Any], log=print) -> dict[str, Any]:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
-    date = datetime.date.today().isoformat()
+    stamp = harness.machine_stamp()
+    date = stamp["date"][:10]
     rep = dict(
-        meta=dict(date=date, timestamp=datetime.datetime.now().isoformat(timespec="seconds"),
+        meta=dict(date=date, timestamp=stamp["date"], commit=stamp["commit"],
                   model_name=prepared["name"], model_source=prepared["source"], dataset=bench_data.describe(),
-                  machine=bench_report.machine_info(), versions=bench_report.versions(),
+                  machine=stamp["machine"], versions=stamp["versions"],
                   wall_s=time.perf_counter() - t_start),
         config={k: v for k, v in cfg.items()},
         notes=NOTES,
         results=results,
     )
     stem = os.path.join(cfg["out"], f"bench_{prepared['name']}_{date}")
+    stem = harness.unique_stem(stem, (".json", ".md", ".png"))  # a same-day run never overwrites another
     rep["files"] = dict(json=stem + ".json", md=stem + ".md", png=stem + ".png")
     png = bench_report.plot(rep, stem + ".png")
     if png is None:

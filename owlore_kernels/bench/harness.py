@@ -25,7 +25,7 @@ Every benchmark script imports these instead of keeping its own copy::
   torch, triton, transformers, peft, galore-torch, bitsandbytes, numpy and owlore-kernels.
 * **Results.** ``append_results(folder, name, ...)`` appends one JSON line to
   ``<folder>/<name>.jsonl`` and one dated markdown section to ``<folder>/<name>.md``; files are
-  only ever opened for appending. ``unique_path`` picks a file name that does not exist yet,
+  only ever opened for appending. ``unique_stem`` picks a file name that does not exist yet,
   for outputs that are whole files (figures, per-run reports).
 * **Frozen refresh.** ``frozen_galore_refresh()`` replaces galore-torch's exact-SVD
   ``get_orthogonal_matrix`` by a seeded random orthonormal basis of the same shape for the
@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 __all__ = [
     "Timing", "quantile", "time_fn", "time_interleaved", "machine_info", "versions", "git_commit",
-    "machine_stamp", "stamp_line", "markdown_table", "append_results", "unique_path", "frozen_galore_refresh",
+    "machine_stamp", "stamp_line", "markdown_table", "append_results", "unique_stem", "frozen_galore_refresh",
 ]
 
 # the distributions named in the stamp; None where not installed
@@ -297,13 +297,16 @@ def append_results(folder: str, name: str, *, rows: Sequence[Mapping[str, Any]],
     return jsonl, md
 
 
-def unique_path(path: str) -> str:
-    """``path`` if no file has that name yet, else ``stem_2.ext``, ``stem_3.ext``, ... (the first free one)."""
-    stem, ext = os.path.splitext(path)
-    candidate, k = path, 1
-    while os.path.exists(candidate):
+def unique_stem(stem: str, extensions: Sequence[str]) -> str:
+    """``stem``, or ``stem_2``, ``stem_3``, ...: the first for which no ``stem + ext`` exists for any ext.
+
+    For outputs that are whole files (a figure, a per-run report): a second run writes next to
+    the first instead of over it.
+    """
+    candidate, k = stem, 1
+    while any(os.path.exists(candidate + ext) for ext in extensions):
         k += 1
-        candidate = f"{stem}_{k}{ext}"
+        candidate = f"{stem}_{k}"
     return candidate
 
 

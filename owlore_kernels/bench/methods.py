@@ -15,13 +15,12 @@ A missing library raises :class:`MethodUnavailable` carrying the command that in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-METHODS = ("full", "lora", "galore", "lisa", "owlore")
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from ..estimate import LORA_TARGETS, METHODS
 
 
 class MethodUnavailable(RuntimeError):
@@ -51,12 +50,9 @@ def _require(module: str, install: str):
 
 def _decoder_block_linears(model: nn.Module) -> list[nn.Parameter]:
     """The 2-D weights of every nn.Linear inside the decoder blocks (found as OwLore finds them)."""
-    try:
-        from owlore_kernels.sampler import find_decoder_blocks
+    from owlore_kernels import find_decoder_blocks
 
-        _, blocks = find_decoder_blocks(model)
-    except ImportError:  # fall back to the largest ModuleList
-        blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+    _, blocks = find_decoder_blocks(model)
     return [m.weight for b in blocks for m in b.modules() if isinstance(m, nn.Linear)]
 
 
@@ -76,7 +72,7 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
     if method == "lora":
         peft = _require("peft", "pip install peft")
         config = peft.LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
-                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
         model = peft.get_peft_model(model, config)
         opt, lib = _torch_adamw((p for p in model.parameters() if p.requires_grad), lr)
         return Setup(model, opt, None, f"peft {peft.__version__} LoRA r={cfg['lora_rank']} + {lib}")
@@ -91,21 +87,19 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
         opt = galore_torch.GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
         return Setup(model, opt, None, f"galore_torch.GaLoreAdamW rank={cfg['rank']}")
     if method in ("lisa", "owlore"):
-        install = "pip install -e .  (owlore-kernels itself)"
-        optim = _require("owlore_kernels.optim", install)
-        sampler_mod = _require("owlore_kernels.sampler", install)
+        import owlore_kernels as ok  # the public names, wherever they live inside the package
+
         backend = cfg.get("backend")
         if method == "lisa":
-            opt = optim.OwLoreAdamW(model.parameters(), lr=lr, weight_decay=0.0, backend=backend)
+            opt = ok.OwLoreAdamW(model.parameters(), lr=lr, weight_decay=0.0, backend=backend)
             prob_mode, lib = "uniform", "OwLoreSampler(uniform) + OwLoreAdamW (no projection)"
         else:
-            groups = sampler_mod.owlore_param_groups(model, rank=cfg["rank"], update_proj_gap=cfg["update_proj_gap"],
-                                                     scale=cfg["owlore_scale"])
-            opt = optim.OwLoreAdamW(groups, lr=lr, weight_decay=0.0, proj_method=cfg["proj_method"],
-                                    backend=backend)
+            groups = ok.owlore_param_groups(model, rank=cfg["rank"], update_proj_gap=cfg["update_proj_gap"],
+                                            scale=cfg["owlore_scale"])
+            opt = ok.OwLoreAdamW(groups, lr=lr, weight_decay=0.0, proj_method=cfg["proj_method"], backend=backend)
             prob_mode, lib = "owl", f"OwLoreSampler(owl) + OwLoreAdamW rank={cfg['rank']} ({cfg['proj_method']})"
-        sampler = sampler_mod.OwLoreSampler(model, opt, gamma=cfg["gamma"], interval=cfg["interval"],
-                                            prob_mode=prob_mode, seed=cfg["seed"])
+        sampler = ok.OwLoreSampler(model, opt, gamma=cfg["gamma"], interval=cfg["interval"],
+                                   prob_mode=prob_mode, seed=cfg["seed"])
         return Setup(model, opt, sampler, lib)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
@@ -160,6 +154,3 @@ def grad_bytes(model: nn.Module) -> int:
 def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in unique_params(model) if p.requires_grad)
 
-
-def install_hint(exc: BaseException) -> Optional[str]:
-    return getattr(exc, "install", None)

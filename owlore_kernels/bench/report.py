@@ -1,10 +1,7 @@
-"""Reporting for the benchmark: machine and versions, the stdout/markdown table, JSON, PNG."""
+"""Reporting for the benchmark: the stdout/markdown table, JSON, PNG (the machine stamp is ``harness``'s)."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import platform
 from typing import Any, Optional
 
 MiB = 2**20
@@ -24,52 +21,6 @@ COLUMNS = (
     ("eval acc", "eval_accuracy", lambda v: f"{100 * v:.1f}%"),
     ("wall s", "wall_s", lambda v: f"{v:.0f}"),
 )
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        pass
-    info = dict(platform=platform.platform(), python=platform.python_version(), cpu=cpu,
-                cpu_count=os.cpu_count(), memory_bytes=mem)
-    try:  # other work on the machine during the run makes step times noisy: record how busy it was
-        info["load_average_1_5_15m"] = [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        pass
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
-
-
-def versions() -> dict[str, Optional[str]]:
-    out = {}
-    for dist in ("torch", "transformers", "peft", "galore-torch", "bitsandbytes", "triton", "numpy", "owlore-kernels"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    if out["owlore-kernels"] is None:
-        import owlore_kernels
-
-        out["owlore-kernels"] = owlore_kernels.__version__ + " (source tree)"
-    return out
 
 
 def _cell(row: dict[str, Any], key: str, fmt) -> str:

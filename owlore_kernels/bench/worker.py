@@ -19,6 +19,7 @@ import torch
 
 from . import methods
 from .data import answer_accuracy
+from .harness import quantile
 
 
 def _rss_now() -> int:
@@ -124,11 +125,7 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
     eval_loss, eval_acc = evaluate(model, held, batch, device)
     measured = step_times[1:] if len(step_times) > 1 else step_times  # step 0 is the warm-up
-    tps = sorted(tokens_per_step / t for t in measured)
-
-    def quantile(q: float) -> float:
-        return tps[min(len(tps) - 1, max(0, round(q * (len(tps) - 1))))]
-
+    tps = [tokens_per_step / t for t in measured]
     result = dict(
         library=setup.library,
         trainable_params=peak["trainable"],
@@ -144,8 +141,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         rss_after_load_bytes=rss_after_load,
         tokens_per_step=tokens_per_step,
         tokens_per_s=statistics.median(tps),
-        tokens_per_s_p10=quantile(0.1),
-        tokens_per_s_p90=quantile(0.9),
+        tokens_per_s_p10=quantile(tps, 0.1),
+        tokens_per_s_p90=quantile(tps, 0.9),
         step_time_s_median=statistics.median(measured),
         final_train_loss=losses[-1],
         final_train_loss_avg5=sum(losses[-5:]) / len(losses[-5:]),
