@@ -37,8 +37,9 @@ __all__ = [
     "oriented_weight",
     "is_conv1d",
     "unique_named_params",
-    "adapter_param_ids",
+    "default_always_train",
     "name_matches",
+    "module_prefix_matches",
 ]
 
 # Where known causal LMs keep their decoder blocks, tried in order before the
@@ -168,11 +169,6 @@ def _adapter_modules(root: nn.Module) -> dict[int, nn.Module]:
             if isinstance(sub, nn.Module):
                 found.update((id(m), m) for m in sub.modules())
     return found
-
-
-def adapter_param_ids(root: nn.Module) -> set[int]:
-    """ids of the PEFT adapter params under ``root``: LoRA A/B (and the other tuner adapters), modules_to_save copies."""
-    return {id(p) for m in _adapter_modules(root).values() for p in m.parameters(recurse=False)}
 
 
 def block_linears(block: nn.Module, *, include_adapters: bool = False) -> list[tuple[str, nn.Module]]:

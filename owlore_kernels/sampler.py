@@ -171,26 +171,6 @@ class OwLoreSampler:
             if value is not None and (scores is not None or not uses_scores):
                 why = "scores= are given" if scores is not None else f"prob_mode={mode_name} uses no scores"
                 raise ValueError(f"{name}=... only serves to compute block scores, but {why}: drop {name}")
-        if scores is not None:
-            scores = _load_scores(scores, n)
-        elif uses_scores:
-            computed = block_outlier_ratios(
-                model, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, calibration=calibration,
-                layers_attr=path,
-            )
-            scores = _check_scores(computed, n, "scores")
-        if explicit:
-            probabilities = _normalize(_check_scores(prob_mode, n, "prob_mode"), "prob_mode", warn_uniform=False)
-        else:
-            probabilities = _probabilities(prob_mode, scores, n)
-        positive = int(np.count_nonzero(probabilities > 0))
-        if positive < gamma:
-            raise ValueError(
-                f"gamma={gamma} blocks are drawn without replacement, but prob_mode="
-                f"{prob_mode if not explicit else 'array'!r} gives only {positive} of {n} blocks a probability > 0 "
-                f"(p={np.round(probabilities, 4).tolist()}); lower gamma to <= {positive}, or use other "
-                "scores/threshold"
-            )
         # what may train: the params trainable now (PEFT and the caller froze the rest)
         trainable = {id(p) for _, p in unique_named_params(model) if p.requires_grad}
         block_params = [[p for p in b.parameters() if id(p) in trainable] for b in blocks]
@@ -242,7 +222,26 @@ class OwLoreSampler:
                     "build it over every param before the sampler (owlore_param_groups(model, ...)): params it does "
                     "not hold would never train once sampled (LMFlow issue #726)"
                 )
-
+        if scores is not None:
+            scores = _load_scores(scores, n)
+        elif uses_scores:
+            computed = block_outlier_ratios(
+                model, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, calibration=calibration,
+                layers_attr=path,
+            )
+            scores = _check_scores(computed, n, "scores")
+        if explicit:
+            probabilities = _normalize(_check_scores(prob_mode, n, "prob_mode"), "prob_mode", warn_uniform=False)
+        else:
+            probabilities = _probabilities(prob_mode, scores, n)
+        positive = int(np.count_nonzero(probabilities > 0))
+        if positive < gamma:
+            raise ValueError(
+                f"gamma={gamma} blocks are drawn without replacement, but prob_mode="
+                f"{prob_mode if not explicit else 'array'!r} gives only {positive} of {n} blocks a probability > 0 "
+                f"(p={np.round(probabilities, 4).tolist()}); lower gamma to <= {positive}, or use other "
+                "scores/threshold"
+            )
         idle = [i for i, params in enumerate(block_params) if not params]
         if idle:
             warnings.warn(
@@ -262,10 +261,8 @@ class OwLoreSampler:
         self.num_blocks = n
         self.always_train = always_names
         self.probabilities = probabilities
-        self._blocks = blocks
+        # the trainable params of each block: the only ones the sampler ever toggles
         self._block_params = block_params
-        self._always_params = always_params
-        self._other_params = other_params
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self.num_steps = 0
         self.active_layers: list[int] = []

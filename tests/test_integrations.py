@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from owlore_kernels import OwLoreAdamW, OwLoreSampler, owlore_param_groups
+from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(n_layers=4):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(cfg)
 
 
 def _dataset(n=16, seq=8):

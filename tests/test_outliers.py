@@ -8,7 +8,7 @@ from torch import nn
 from owlore_kernels import block_outlier_ratios, outlier_ratio
 from owlore_kernels.ops import backend_report
 from owlore_kernels.outliers import DEFAULT_THRESHOLD
-from tiny_models import PlainLM
+from tiny_models import PlainLM, tiny_llama
 
 # every backend that runs on CPU tensors here (the reference always; C++ when built)
 CPU_BACKENDS = ["torch"] + (["cpp"] if backend_report()["cpu"]["outlier_count"] == "cpp" else [])
@@ -169,11 +169,9 @@ def test_default_threshold_is_owls():
 
 
 def test_peft_model_scores_its_base_weights_not_the_adapters():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    base = _heavy_tailed_(transformers.LlamaForCausalLM(cfg))
+    base = _heavy_tailed_(tiny_llama(3))
     calibration = [{"input_ids": torch.randint(0, 64, (2, 6))}]
     want = [block_outlier_ratios(base, threshold=t, calibration=c) for t in (3.0, 5.0) for c in (None, calibration)]
     # B stays zero (PEFT's default init), so the forward and the calibration activations

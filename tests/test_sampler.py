@@ -11,32 +11,19 @@ import torch
 from torch import nn
 
 from owlore_kernels import OwLoreAdamW, OwLoreSampler, find_decoder_blocks, owlore_param_groups
-from tiny_models import Block, PlainLM
+from tiny_models import Block, PlainLM, tiny_gpt2, tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 
 # ----------------------------------------------------------------- models
-def tiny_llama(n_layers=4, tie=True):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def tiny_gpt2(n_layers=3):
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64)
-    return transformers.GPT2LMHeadModel(cfg)
-
-
 # architecture -> (builder, expected block path, modules expected among the default always_train)
 def _arch_table():
     t = transformers
     common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                   max_position_embeddings=64)
     table = {
-        "llama": (lambda: tiny_llama(3), "model.layers", {"model.embed_tokens", "model.norm"}),
+        "llama": (lambda: tiny_llama(3, tie=True), "model.layers", {"model.embed_tokens", "model.norm"}),
         "gpt2": (lambda: tiny_gpt2(3), "transformer.h", {"transformer.wte", "transformer.wpe", "transformer.ln_f"}),
     }
     optional = {
@@ -106,7 +93,7 @@ def test_discovery_plain_model_override_and_error():
     sampler = OwLoreSampler(two, None, gamma=2, interval=1, prob_mode="uniform", layers_attr="small")
     assert sampler.num_blocks == 3 and sampler.layers_attr == "small"
 
-    llama = tiny_llama(2)
+    llama = tiny_llama(2, tie=True)
     assert find_decoder_blocks(llama, layers_attr="model.layers")[1] is llama.model.layers
     with pytest.raises(ValueError, match="layers_attr='model.nope'"):
         find_decoder_blocks(llama, layers_attr="model.nope")
@@ -187,12 +174,12 @@ def test_all_zero_scores_fall_back_to_uniform_with_warning():
     np.testing.assert_allclose(s.probabilities, [0.25] * 4)
     # Gaussian random init has no entry beyond 13 * mean|w| = 10.4 sigma: computed scores are zero
     with pytest.warns(UserWarning, match="uniform"):
-        s = OwLoreSampler(tiny_llama(3), None, gamma=1, interval=1, prob_mode="owl", threshold=13)
+        s = OwLoreSampler(tiny_llama(3, tie=True), None, gamma=1, interval=1, prob_mode="owl", threshold=13)
     np.testing.assert_allclose(s.probabilities, [1 / 3] * 3)
     # with a low threshold the weight-only scores are non-zero and used
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        s = OwLoreSampler(tiny_llama(3), None, gamma=1, interval=1, prob_mode="owl", threshold=2.0)
+        s = OwLoreSampler(tiny_llama(3, tie=True), None, gamma=1, interval=1, prob_mode="owl", threshold=2.0)
     assert (s.scores > 0).all() and math.isclose(s.probabilities.sum(), 1.0)
 
 
@@ -258,7 +245,7 @@ def _train_step(model, opt, sampler, batch):
 
 
 def test_frozen_blocks_bit_identical_active_blocks_change():
-    model = tiny_llama(4)
+    model = tiny_llama(4, tie=True)
     opt = OwLoreAdamW(owlore_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
     sampler = OwLoreSampler(model, opt, gamma=2, interval=3, prob_mode="owl", scores=[1, 2, 3, 4], seed=5)
     batch = torch.randint(0, 64, (2, 8))
@@ -289,7 +276,7 @@ def test_frozen_blocks_bit_identical_active_blocks_change():
 def test_every_block_once_sampled_really_changes():
     # the optimizer sees every block from the start (LMFlow#726): blocks first
     # sampled late still train
-    model = tiny_llama(4)
+    model = tiny_llama(4, tie=True)
     opt = OwLoreAdamW(owlore_param_groups(model, rank=4, update_proj_gap=2), lr=1e-2)
     sampler = OwLoreSampler(model, opt, gamma=1, interval=1, prob_mode="uniform", seed=1)
     batch = torch.randint(0, 64, (2, 8))
@@ -349,7 +336,7 @@ def test_state_bytes_counts_only_active_blocks_and_stays_flat():
 # ------------------------------------------------------------------ resume
 def _fresh(seed_init=0):
     torch.manual_seed(seed_init)
-    model = tiny_llama(4)
+    model = tiny_llama(4, tie=True)
     opt = OwLoreAdamW(owlore_param_groups(model, rank=4, update_proj_gap=3), lr=1e-2)
     sampler = OwLoreSampler(model, opt, gamma=2, interval=2, prob_mode="owl", scores=[1, 2, 3, 4], seed=7)
     return model, opt, sampler
@@ -420,7 +407,7 @@ def test_resume_is_bit_exact():
     ],
 )
 def test_bad_input_raises_and_modifies_nothing(kwargs, match):
-    model = tiny_llama(4)
+    model = tiny_llama(4, tie=True)
     opt = OwLoreAdamW(owlore_param_groups(model, rank=4), lr=1e-2)
     batch = torch.randint(0, 64, (2, 8))
     model(input_ids=batch, labels=batch).loss.backward()
@@ -439,7 +426,7 @@ def test_bad_input_raises_and_modifies_nothing(kwargs, match):
 
 
 def test_optimizer_missing_block_params_is_refused():
-    model = tiny_llama(3)
+    model = tiny_llama(3, tie=True)
     # LMFlow#726: an optimizer built over the trainable params after freezing misses blocks
     opt = OwLoreAdamW([p for n, p in model.named_parameters() if not n.startswith("model.layers.2.")], lr=1e-3)
     flags = _flags(model)
@@ -474,7 +461,7 @@ def test_bad_state_dict_modifies_nothing():
 
 def test_discovery_through_a_peft_wrapper():
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(tiny_llama(3), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    model = peft.get_peft_model(tiny_llama(3, tie=True), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     path, blocks = find_decoder_blocks(model)
     assert path == "base_model.model.model.layers" and len(blocks) == 3
 
@@ -571,7 +558,7 @@ def test_peft_frozen_params_are_never_unfrozen_and_refused_as_always_train():
     sampler.step()  # all three blocks "active": only the adapters are trainable
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, f in flags.items() if f}
 
-    plain = tiny_llama(2)
+    plain = tiny_llama(2, tie=True)
     plain.model.layers.requires_grad_(False)
     with pytest.raises(ValueError, match=r"no parameter inside the 2 decoder blocks at 'model.layers' is trainable"):
         OwLoreSampler(plain, None, gamma=1, interval=1, prob_mode="uniform")

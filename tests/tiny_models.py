@@ -1,4 +1,8 @@
-"""A plain torch language model built around an nn.ModuleList of identical blocks, for tests."""
+"""Tiny random-init models for tests: a plain torch block-list LM, and small HF causal LMs.
+
+The HF builders import transformers when called, so tests that need only ``PlainLM`` run
+without it; callers skip with ``pytest.importorskip("transformers")`` first.
+"""
 import torch
 from torch import nn
 
@@ -28,3 +32,22 @@ class PlainLM(nn.Module):
         for b in self.blocks:
             h = b(h)
         return self.head(self.norm(h))
+
+
+def tiny_llama(n_layers=4, *, tie=False):
+    """LlamaForCausalLM with vocabulary 64, width 32, 4 heads (2 KV heads): 7 linears per block."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def tiny_gpt2(n_layers=3):
+    """GPT2LMHeadModel with vocabulary 64, width 32: its linears are transformers' Conv1D."""
+    import transformers
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg)
