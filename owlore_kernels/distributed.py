@@ -114,7 +114,7 @@ def check_param_layout(p: torch.Tensor, group: dict[str, Any], group_index: int,
         m, n = p.shape
         raise ValueError(
             f"proj_method={group['proj_method']!r} in param group {group_index} cannot refresh the sharded {where}: "
-            f"an exact SVD needs the whole {m} x {n} gradient ({m * n * 4 / 2**20:.1f} MiB in fp32) gathered on "
+            f"an exact SVD needs the whole {m} x {n} gradient ({m * n * 4:,} bytes in fp32) gathered on "
             "every rank. Use proj_method='randomized', which runs on the shards and exchanges only m x k and "
             "k x n sketches (k = rank + oversample)."
         )
