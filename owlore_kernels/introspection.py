@@ -268,4 +268,5 @@ def default_always_train(model: nn.Module, blocks: nn.ModuleList) -> list[str]:
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and id(module) not in block_modules and module.out_features in vocab_sizes:
             add(module)
-    return names
+    # a module inside one already listed adds nothing (PEFT: lm_head, lm_head.modules_to_save.default)
+    return [n for n in names if not any(n.startswith(m + ".") for m in names)]

@@ -8,7 +8,7 @@ from torch import nn
 from owlore_kernels import block_outlier_ratios, outlier_ratio
 from owlore_kernels.ops import backend_report
 from owlore_kernels.outliers import DEFAULT_THRESHOLD
-from tiny_models import PlainLM, tiny_llama
+from tiny_models import PlainLM, tiny_gpt2, tiny_llama
 
 # every backend that runs on CPU tensors here (the reference always; C++ when built)
 CPU_BACKENDS = ["torch"] + (["cpp"] if backend_report()["cpu"]["outlier_count"] == "cpp" else [])
@@ -28,6 +28,14 @@ def reference_ratio(arrays, threshold, scales=None):
         scores.append(a.ravel())
     s = np.concatenate(scores)
     return float((s > threshold * s.mean()).mean())
+
+
+def _heavy_tailed_conv1d_(model, seed=0):
+    with torch.no_grad():
+        for k, m in enumerate(model.modules()):
+            if type(m).__name__ == "Conv1D":
+                m.weight.copy_(student_t(m.weight.shape, seed=seed + k) * 0.02)
+    return model
 
 
 def _heavy_tailed_(model, seed=0):
@@ -184,3 +192,9 @@ def test_peft_model_scores_its_base_weights_not_the_adapters():
     got = [block_outlier_ratios(model, threshold=t, calibration=c) for t in (3.0, 5.0) for c in (None, calibration)]
     assert got == want
     assert len(set(want[0])) > 1
+
+    # GPT-2: PEFT wraps a Conv1D ((in, out) storage, fan_in_fan_out); the base weight is scored as before
+    gpt2 = _heavy_tailed_conv1d_(tiny_gpt2(2))
+    want = block_outlier_ratios(gpt2, threshold=3.0)
+    wrapped = peft.get_peft_model(gpt2, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    assert block_outlier_ratios(wrapped, threshold=3.0) == want

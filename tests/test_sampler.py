@@ -514,6 +514,7 @@ def test_peft_sampler_trains_only_the_sampled_adapters_and_save_pretrained_keeps
     # the default always-trainable set is what PEFT left trainable outside the blocks: the lm_head copy
     head = {n for n in trainable if ".lm_head." in n}
     assert head == {"base_model.model.lm_head.modules_to_save.default.weight"}
+    assert sampler.always_train == ["base_model.model.lm_head"]
     batch = torch.randint(0, 64, (2, 8))
     drawn = set()
     for _ in range(8):

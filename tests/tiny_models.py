@@ -49,5 +49,7 @@ def tiny_gpt2(n_layers=3):
     """GPT2LMHeadModel with vocabulary 64, width 32: its linears are transformers' Conv1D."""
     import transformers
 
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64)
+    # bos/eos inside the 64-token vocabulary (GPT-2's 50256 is not): no config warning
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=n_layers, n_head=4, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg)
