@@ -1,6 +1,7 @@
 """OwLoreAdamW: AdamW whose 2-D weights can train in a GaLore low-rank subspace."""
 from __future__ import annotations
 
+import difflib
 import math
 import warnings
 from itertools import chain
@@ -9,48 +10,69 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch.optim import Optimizer
 
+from .distributed import InBackwardSteps, check_step_params, galore_update_sharded, is_dtensor, local_tensor
 from .ops import BACKENDS
+from .ops._checks import row_chunks
 from .ops.back_project_update import back_project_update_
-from .ops.project_adam import adam_normalized_, project_adam, project_reference
+from .ops.project_adam import adam_normalized_, project_adam_, project_reference
 from .projector import PROJ_METHODS, PROJ_TYPES, compute_projection, projection_side, refresh_seed, subspace_shape
 
-__all__ = ["OwLoreAdamW"]
+__all__ = ["OwLoreAdamW", "VARIANTS"]
 
-_GALORE_KEYS = ("rank", "update_proj_gap", "scale", "proj_type")
+# "galore": galore-torch 1.0's GaLoreAdamW (and transformers' old AdamW): eps is added to
+# sqrt(v) before the bias correction, which goes into the step size, and weight decay
+# multiplies W after the update. "torch": torch.optim.AdamW: eps added to sqrt(v_hat),
+# decay first.
+VARIANTS = ("galore", "torch")
+# Keys a param group may carry besides the options: torch's LR schedulers add
+# "initial_lr", users often add "name". Unknown keys are allowed, but one that is a
+# near miss of an option (a typo such as "rnak") raises: it would silently make a plain group.
+_KNOWN_EXTRA_KEYS = ("params", "initial_lr", "name")
 
 
 class OwLoreAdamW(Optimizer):
     r"""AdamW with GaLore gradient low-rank projection, for OwLore fine-tuning.
 
-    A param group that carries ``rank`` (galore-torch's format:
-    ``{"params": [...], "rank": 128, "update_proj_gap": 200, "scale": 0.25,
-    "proj_type": "std"}``) trains its 2-D weights in a rank-r subspace; every
-    other group is plain AdamW with decoupled weight decay. Algorithm, per
-    GaLore weight W (m x n) with gradient G, at update t = 1, 2, ...::
+    A drop-in for galore-torch 1.0's ``GaLoreAdamW``: the same param groups
+    (``{"params": [...], "rank": 128, "update_proj_gap": 200, "scale": 0.25,
+    "proj_type": "std"}``), the same constructor arguments and, by default, the
+    same update, so swapping the class changes nothing beyond rounding. A group
+    with ``rank`` trains its 2-D weights in a rank-r subspace; every other group
+    is plain AdamW. Algorithm, per GaLore weight W (m x n) with gradient G, at
+    update t = 1, 2, ... (``variant="galore"``, the default)::
 
         if (t - 1) % update_proj_gap == 0:  P <- top-r singular vectors of G
         R  = P^T G            (or G Q^T; the side follows proj_type and the shape)
         m  = b1 m + (1 - b1) R ;  v = b2 v + (1 - b2) R^2         (fp32, r-dim)
-        N  = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-        W <- W (1 - lr wd) - lr scale P N
+        N  = m / (sqrt(v) + eps)
+        s  = lr sqrt(1 - b2^t) / (1 - b1^t)     (s = lr if correct_bias=False)
+        W <- (W - s scale P N) (1 - lr wd)
 
-    and for a plain weight the same with R = G, P = I, scale = 1. Moments are
-    fp32 whatever the param dtype; P is fp32. R and P N are never stored at
-    full size: the fused ops (``owlore_kernels.ops``) run Adam in the
-    projection GEMM's epilogue and apply the back-projection to W in place.
+    A plain weight takes the same with R = G, P = I, scale = 1. As in
+    galore-torch, a weight whose rank is >= min(m, n) is still projected (on a
+    full basis, so it saves no memory) and still scaled. ``variant="torch"``
+    uses torch.optim.AdamW's rule instead: ``N = (m / (1 - b1^t)) / (sqrt(v /
+    (1 - b2^t)) + eps)`` and ``W <- W (1 - lr wd) - lr scale P N``; the two
+    differ where eps is comparable to sqrt(v), e.g. for gradients of ~1e-5 at
+    eps=1e-6, by 10-60% of the first updates.
 
-    Differences from galore-torch 1.0's ``GaLoreAdamW``: eps is added to
-    sqrt(v_hat) as in ``torch.optim.AdamW`` (galore adds it before the bias
-    correction), weight decay is applied before the update (as torch), moments
-    are fp32 for bf16 params, and the state holds only tensors and ints, so
-    ``torch.load(weights_only=True)`` reads checkpoints.
+    Moments are fp32 for fp32/bf16/fp16 params (fp64 for fp64 plain params); P
+    is fp32. R and P N are never stored at full size: the fused ops
+    (``owlore_kernels.ops``) run Adam in the projection GEMM's epilogue and apply
+    the back-projection to W in place; plain weights are updated a row chunk
+    at a time, so no step makes a full-size temporary. The state holds only
+    tensors and ints, so ``torch.load(weights_only=True)`` reads checkpoints.
 
     Args:
         params: params or param groups (galore-torch's format works unchanged).
-        lr: learning rate (default 1e-3).
+        lr: learning rate (default 1e-3); a float or a 0-dim tensor.
         betas: Adam's (beta1, beta2) (default (0.9, 0.999)).
-        eps: added to sqrt(v_hat) (default 1e-6, galore-torch's).
+        eps: Adam's epsilon (default 1e-6, galore-torch's); where it enters
+            depends on ``variant``.
         weight_decay: decoupled weight decay (default 0).
+        correct_bias: Adam's bias correction (default True; galore-torch's flag).
+        no_deprecation_warning: accepted for galore-torch compatibility; this
+            class is not deprecated and never warns about it.
         rank: default rank for groups that do not set one; None (default) means
             groups without ``rank`` are plain AdamW.
         update_proj_gap: refresh P on the first update and every this many
@@ -62,21 +84,28 @@ class OwLoreAdamW(Optimizer):
         oversample, power_iters: the range finder's extra columns (default 8)
             and power iterations (default 1).
         seed: seeds the range finder (per param and refresh), so runs repeat.
+        variant: ``"galore"`` (default) or ``"torch"``, the update rule above.
         backend: ``None`` (auto: Triton on CUDA, C++ on CPU, else torch) or
             ``"triton"`` / ``"cpp"`` / ``"torch"`` to force one; a forced
             backend that is missing raises at the first step.
 
     Extra methods: ``release(params)`` frees all state of those params;
     ``state_bytes()`` counts the bytes held in state.
+
+    ``torch.compile``: compile the model, not ``step``; ``step`` runs eagerly
+    (its refresh schedule and the fused ops' host-side dispatch would recompile
+    or break the graph every step).
     """
 
     def __init__(
         self,
         params: Iterable[Union[torch.Tensor, dict[str, Any]]],
-        lr: float = 1e-3,
+        lr: Union[float, torch.Tensor] = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        no_deprecation_warning: bool = False,
         *,
         rank: Optional[int] = None,
         update_proj_gap: int = 200,
@@ -86,47 +115,55 @@ class OwLoreAdamW(Optimizer):
         oversample: int = 8,
         power_iters: int = 1,
         seed: int = 0,
+        variant: str = "galore",
         backend: Optional[str] = None,
     ):
+        if not isinstance(no_deprecation_warning, bool):
+            raise ValueError(f"Invalid no_deprecation_warning={no_deprecation_warning!r}: must be a bool")
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=rank,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, proj_method=proj_method,
-            oversample=oversample, power_iters=power_iters, seed=seed, backend=backend,
+            oversample=oversample, power_iters=power_iters, seed=seed, variant=variant, backend=backend,
         )
         _check_options(defaults, "")
         super().__init__(params, defaults)
+        # torch.optim's load_state_dict casts floating state to the param's dtype (fp32
+        # moments of a bf16 param would become bf16); this first post hook restores the
+        # saved dtypes before any user hook sees the state.
+        self._loading: Optional[dict[str, Any]] = None
+        self.register_load_state_dict_post_hook(OwLoreAdamW._restore_saved_dtypes, prepend=True)
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Check the group (options and, for GaLore groups, 2-D params) before adding it."""
+        """Check the group (options, keys and, for GaLore groups, 2-D params) before adding it."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         group = {**param_group, "params": params}
         where = f" in param group {len(self.param_groups)}"
+        known = set(self.defaults) | set(_KNOWN_EXTRA_KEYS)
+        for key in group:
+            close = difflib.get_close_matches(str(key), sorted(self.defaults), n=1, cutoff=0.75)
+            if key not in known and close:
+                raise ValueError(f"Unknown key {key!r}{where}: did you mean {close[0]!r}? (options: {sorted(self.defaults)})")
         merged = {**self.defaults, **group}
         _check_options(merged, where)
         if merged["rank"] is not None:
-            small = []
             for p in params:
-                if p.dim() != 2:
-                    raise ValueError(
-                        f"param group {len(self.param_groups)} has rank={merged['rank']} but holds a tensor of shape "
-                        f"{tuple(p.shape)}; GaLore groups must hold only 2-D weights (put others in a group without rank)"
-                    )
-                if merged["rank"] >= min(p.shape):
-                    small.append(tuple(p.shape))
+                _check_galore_param(p, merged["rank"], where)
+            small = sorted({tuple(p.shape) for p in params if merged["rank"] >= min(p.shape)})
             if small:
                 warnings.warn(
-                    f"rank={merged['rank']}{where} is >= min(m, n) for {len(small)} weight(s) of shape(s) "
-                    f"{sorted(set(small))}; they train with full-rank AdamW instead",
+                    f"rank={merged['rank']}{where} is >= min(m, n) for weight shape(s) {small}: they are projected on "
+                    f"a full basis and scaled by scale={merged['scale']}, as galore-torch does, and save no memory",
                     stacklevel=3,
                 )
         super().add_param_group(group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_loading", None)
         for group in self.param_groups:  # checkpoints from before an option existed
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -152,27 +189,34 @@ class OwLoreAdamW(Optimizer):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a ``state_dict()``, keeping state dtypes as saved.
+        """Load a ``state_dict()``; state tensors keep their saved dtype (fp32 moments of
+        a bf16 param stay fp32) and only move to the param's device."""
+        self._loading = state_dict
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._loading = None
 
-        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the
-        param's dtype, which would turn fp32 moments of a bf16 param into bf16;
-        here tensors keep their saved dtype and only move to the param's device.
-        """
-        saved_state = state_dict["state"]
-        super().load_state_dict({**state_dict, "state": {}})
-        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+    @staticmethod
+    def _restore_saved_dtypes(self: "OwLoreAdamW") -> None:
+        saved = self._loading
+        if saved is None:
+            return
+        saved_ids = chain.from_iterable(g["params"] for g in saved["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
-        id_to_param = dict(zip(saved_ids, params))
-        for key, st in saved_state.items():
-            p = id_to_param[key]
-            self.state[p] = {
-                k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in st.items()
-            }
+        for key, p in zip(saved_ids, params):
+            for name, value in saved["state"].get(key, {}).items():
+                if isinstance(value, torch.Tensor) and value.dtype != self.state[p][name].dtype:
+                    self.state[p][name] = value.to(device=p.device, copy=True)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
     # ------------------------------------------------------------------- step
+    # The step runs eagerly even inside torch.compile: its refresh schedule (a Python int
+    # per param) and the ops' host-side dispatch would otherwise recompile at every step
+    # until dynamo's cache limit. Compiled models call it like any other optimizer.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step; params whose ``grad`` is None are skipped."""
@@ -180,44 +224,78 @@ class OwLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_step_params(self)  # sharded (FSDP2/DeepSpeed) layouts, before anything is modified
         index = -1  # position of a param across all groups: seeds its refreshes
-        for group in self.param_groups:
+        for group_index, group in enumerate(self.param_groups):
             for p in group["params"]:
                 index += 1
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("OwLoreAdamW does not support sparse gradients")
-                rank = group["rank"]
-                if rank is None or rank >= min(p.shape):
-                    self._adamw_update(p, group)
-                else:
-                    self._galore_update(p, group, index)
+                if p.grad is not None:
+                    self._step_param(p, group, group_index, index)
         return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
+        """Update one param with a gradient (from step(), or from an in-backward hook)."""
+        if p.grad.is_sparse:
+            raise RuntimeError("OwLoreAdamW does not support sparse gradients")
+        if group["rank"] is None:
+            self._adamw_update(p, group)
+        elif is_dtensor(p):
+            galore_update_sharded(self, p, group, index)
+        else:
+            _check_galore_param(p, group["rank"], f" in param group {group_index}")
+            self._galore_update(p, group, index)
+
+    def register_step_hooks(self, params: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> InBackwardSteps:
+        """Step each of ``params`` (or a module's params) inside backward, as soon as its gradient is
+        ready, and free that gradient; see ``owlore_kernels.distributed.InBackwardSteps``."""
+        return InBackwardSteps(self, params)
 
     def _adamw_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
+        # fp64 params keep fp64 moments and math; everything else computes in fp32
+        math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        lr, step = group["lr"], state["step"]
-        grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = exp_avg_sq.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(group["eps"])
-        weight = p if p.dtype == torch.float32 else p.float()
-        weight.mul_(1.0 - lr * group["weight_decay"])
-        weight.addcdiv_(exp_avg, denom, value=-lr / (1.0 - beta1**step))
-        if weight is not p:
-            p.copy_(weight)  # rounds to nearest even
+        lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
+        bias1, bias2 = _bias_corrections(group, state["step"])
+        galore_rule = group["variant"] == "galore"
+        # One row chunk (~1M elements) at a time: the fp32 copies of a bf16 chunk, sqrt(v)
+        # and the update are chunk-sized, never full-size (a 7B model's 131M-entry embedding
+        # would otherwise take ~1.5 GB of temporaries).
+        # a DTensor (FSDP2) param, its grad and moments are sharded alike: update the local shards
+        param = local_tensor(p)
+        rows = param.shape[0] if param.dim() > 0 else 1
+        cols = param.numel() // max(rows, 1)
+        flat = (lambda t: t.reshape(rows, cols)) if param.dim() != 2 else (lambda t: t)
+        weight_all, grad_all = flat(param), flat(local_tensor(p.grad))
+        m_all, v_all = flat(local_tensor(state["exp_avg"])), flat(local_tensor(state["exp_avg_sq"]))
+        for chunk in row_chunks(rows, cols):
+            grad = grad_all[chunk].to(math_dtype)
+            m, v = m_all[chunk], v_all[chunk]
+            m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            weight = weight_all[chunk].to(math_dtype)
+            if galore_rule:
+                denom = v.sqrt().add_(eps)
+                weight.addcdiv_(m, denom, value=-lr * math.sqrt(bias2) / bias1)
+                if wd > 0.0:
+                    weight.add_(weight, alpha=-lr * wd)
+            else:
+                weight.mul_(1.0 - lr * wd)
+                denom = v.sqrt().div_(math.sqrt(bias2)).add_(eps)
+                weight.addcdiv_(m, denom, value=-lr / bias1)
+            if weight.data_ptr() != weight_all[chunk].data_ptr():
+                weight_all[chunk].copy_(weight)  # rounds to nearest even
+        if weight_all.data_ptr() != param.data_ptr():  # a non-contiguous p: reshape copied it
+            param.copy_(weight_all.view_as(param))
 
     def _galore_update(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
-        rank = group["rank"]
+        rank = min(group["rank"], *p.shape)  # galore-torch: a too-large rank is a full basis
         side = projection_side(p.shape, group["proj_type"])
         if not state:
             state["step"] = 0
@@ -226,6 +304,11 @@ class OwLoreAdamW(Optimizer):
             state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
         grad = p.grad
         if state["step"] % group["update_proj_gap"] == 0:
+            if not bool(torch.isfinite(grad).all()):  # one pass per refresh, not per step
+                raise RuntimeError(
+                    f"OwLoreAdamW: the gradient of param {index} (shape {tuple(p.shape)}) has NaN or inf entries "
+                    f"at a subspace refresh (update {state['step'] + 1}); its projection cannot be computed"
+                )
             left, right = compute_projection(
                 grad, rank, side, group["proj_method"], oversample=group["oversample"],
                 power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),
@@ -234,20 +317,59 @@ class OwLoreAdamW(Optimizer):
                 if basis is not None:
                     state[key] = basis
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        adam = dict(beta1=beta1, beta2=beta2, eps=group["eps"], step=state["step"])
-        update = dict(lr=group["lr"], weight_decay=group["weight_decay"], scale=group["scale"], backend=group["backend"])
+        adam, update = _galore_coefficients(group, state["step"])
         if side == "full":
             # Two-sided projection has no fused kernel: R = (P^T G) Q^T with the
             # reference projection, then the fused back-projection of N Q (r x n).
             left, right = state["proj_left"], state["proj_right"]
             low = project_reference(grad, left, "left").mm(right.t())
-            norm = adam_normalized_(low, state["exp_avg"], state["exp_avg_sq"], torch.empty_like(low), **adam)
-            back_project_update_(p, left, norm.mm(right), side="left", **update)
+            norm = adam_normalized_(low, state["exp_avg"], state["exp_avg_sq"], torch.empty_like(low),
+                                    adam["beta1"], adam["beta2"], adam["eps"], adam["bias_correction1"],
+                                    adam["bias_correction2"])
+            back_project_update_(p, left, norm.mm(right), side="left", backend=group["backend"], **update)
             return
         proj = state["proj_left"] if side == "left" else state["proj_right"]
-        norm = project_adam(grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, backend=group["backend"], **adam)
-        back_project_update_(p, proj, norm, side=side, **update)
+        norm = project_adam_(grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, backend=group["backend"],
+                             **adam)
+        back_project_update_(p, proj, norm, side=side, backend=group["backend"], **update)
+
+
+def _galore_coefficients(group: dict[str, Any], step: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Keyword arguments of project_adam_ (``adam``) and back_project_update_ (``update``) at update ``step``;
+    shared with the sharded update (``owlore_kernels.distributed``)."""
+    beta1, beta2 = group["betas"]
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    bias1, bias2 = _bias_corrections(group, step)
+    if group["variant"] == "galore":
+        # N = m / (sqrt(v) + eps); W <- (W - s scale P N)(1 - lr wd), s = lr sqrt(bc2) / bc1
+        adam = dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction1=1.0, bias_correction2=1.0)
+        decay = 1.0 - lr * wd if wd > 0.0 else 1.0
+        update = dict(beta=decay, alpha=-lr * math.sqrt(bias2) / bias1 * group["scale"] * decay)
+    else:
+        adam = dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction1=bias1, bias_correction2=bias2)
+        update = dict(beta=1.0 - lr * wd, alpha=-lr * group["scale"])
+    return adam, update
+
+
+def _bias_corrections(group: dict[str, Any], step: int) -> tuple[float, float]:
+    """(1 - beta1^t, 1 - beta2^t), or (1, 1) with correct_bias=False."""
+    if not group["correct_bias"]:
+        return 1.0, 1.0
+    beta1, beta2 = group["betas"]
+    return 1.0 - beta1**step, 1.0 - beta2**step
+
+
+def _check_galore_param(p: torch.Tensor, rank: int, where: str) -> None:
+    if p.dim() != 2:
+        raise ValueError(
+            f"param group has rank={rank}{where} but holds a tensor of shape {tuple(p.shape)}; GaLore groups must "
+            f"hold only 2-D weights (put others in a group without rank)"
+        )
+    if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"param group has rank={rank}{where} but holds a {p.dtype} weight of shape {tuple(p.shape)}; GaLore "
+            f"weights must be float32, bfloat16 or float16 (put fp64 weights in a group without rank)"
+        )
 
 
 def _check_options(o: dict[str, Any], where: str) -> None:
@@ -259,7 +381,12 @@ def _check_options(o: dict[str, Any], where: str) -> None:
     def is_number(x: Any) -> bool:
         return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
-    if not is_number(o["lr"]) or o["lr"] < 0:
+    lr = o["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or not lr.is_floating_point():
+            raise bad("lr", "a tensor lr must be a floating 0-dim tensor")
+        lr = lr.item()
+    if not is_number(lr) or lr < 0:
         raise bad("lr", "must be a finite number >= 0")
     if not is_number(o["eps"]) or o["eps"] < 0:
         raise bad("eps", "must be a finite number >= 0")
@@ -268,6 +395,8 @@ def _check_options(o: dict[str, Any], where: str) -> None:
         raise bad("betas", "must be two numbers in [0, 1)")
     if not is_number(o["weight_decay"]) or o["weight_decay"] < 0:
         raise bad("weight_decay", "must be a finite number >= 0")
+    if not isinstance(o["correct_bias"], bool):
+        raise bad("correct_bias", "must be a bool")
     rank = o["rank"]
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         raise bad("rank", "must be an int >= 1 (or None for plain AdamW)")
@@ -284,5 +413,7 @@ def _check_options(o: dict[str, Any], where: str) -> None:
         v = o[name]
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise bad(name, "must be an int >= 0")
+    if o["variant"] not in VARIANTS:
+        raise bad("variant", f"must be one of {VARIANTS}")
     if o["backend"] is not None and o["backend"] not in BACKENDS:
         raise bad("backend", f"must be one of {BACKENDS} or None")

@@ -266,3 +266,25 @@ def test_nan_gradient_at_refresh_names_the_param():
 def test_no_deprecation_flag_must_be_bool():
     with pytest.raises(ValueError, match="no_deprecation_warning"):
         OwLoreAdamW(_model(), no_deprecation_warning="yes")
+
+
+def test_compiled_step_runs_eagerly_without_recompiles():
+    """torch.compile(opt.step) neither recompiles per step nor changes the numbers: the step is
+    excluded from tracing (its refresh schedule is a Python int per param)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    inp = INPUTS[1]
+    p1, o1 = _build(inp)
+    p2, o2 = _build(inp)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_step = torch.compile(o2.step, backend="eager")
+    for _ in range(6):  # 3 refreshes at update_proj_gap=2
+        _train(p1, o1, 1)
+        o2.zero_grad()
+        _loss(p2).backward()
+        compiled_step()
+    assert _same(p1, p2)
+    assert counters["stats"]["unique_graphs"] <= 1, dict(counters["stats"])
+    torch._dynamo.reset()
