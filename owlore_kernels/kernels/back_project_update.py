@@ -2,24 +2,26 @@
 
 Formula and reference: ``owlore_kernels.ops.back_project_update.back_project_update_reference``.
 side="left": P N with P m x r and N r x n; side="right": N Q with N m x r and Q r x n.
-Both are ``W += alpha * (A @ B) + (beta - 1) W`` with A m x r and B r x n, so one kernel
+Both are ``W <- beta W + alpha (A @ B)`` with A m x r and B r x n, so one kernel
 takes (A, B) = (P, N) or (N, Q).
 
 Each program owns one BLOCK_M x BLOCK_N tile of W: it forms that tile of A @ B in
-registers (K = r is short: 4-16 steps of tl.dot), then reads the W tile, updates it in
+registers (K = r is short: 2-32 steps of tl.dot), then reads the W tile, updates it in
 fp32 and stores it in W's dtype (bf16 rounded to nearest even with integer ops, see
 ``_common``). The m x n product never reaches memory, so W is read and written once.
 
-Fixed config (one, explained; no autotune):
-* 64 x 128 tiles: 2-D tiles, so the grid is (m/64) x (n/128) = 64 x 86 = 5504
-  programs at 4096 x 11008 and 2048 at 4096 x 4096 -- many waves on 132 SMs. A
-  one-pass design over whole rows would have only 64 row-blocks at 4096 rows.
-  A and B (2-6 MB at r = 128) stay in the 50 MB L2, so re-reading them per tile costs
-  L2 bandwidth, not DRAM bandwidth.
-* BLOCK_K = 32: per stage 64x32 + 32x128 fp32 = 24 KB of shared memory.
-* 4 warps: the 64 x 128 fp32 accumulator is 64 registers per thread.
-* ``dot_precision``: as in ``project_adam`` ("ieee" by default for fp32 parity; the
-  2 m n r FLOPs then run on FMA units, ~0.17 ms at 4096 x 11008, r = 128).
+Dot precision (``resolve_dot_precision``, per call, on W's dtype): bf16 / fp16 W -> A and
+B rounded to W's type in registers, tensor-core dot, fp32 accumulation. The rounding
+error of the product, ~2^-8 relative per operand for bf16, lands on alpha * (P N),
+which is ~lr times smaller than W itself, and W is then rounded to bf16 anyway (2^-9
+relative): the dot's rounding moves W by less than a thousandth of W's own ulp at
+lr = 1e-3. galore-torch does the same product in bf16 with a bf16 result. fp32 W
+follows ``torch.get_float32_matmul_precision()`` as in ``project_adam``.
+
+Tiles (``config``): 128 x 128 for tensor-core dots, so the A and B re-reads from L2
+per tile, (128 + 128) r 4 bytes, are 2x the tile's W read + write at bf16 and r = 128
+(64 x 128 tiles made it 3x); 4096 x 11008 gives 32 x 86 = 2752 programs, ~21 waves of
+132 SMs. The figures (registers, spills, shared memory) are in ``gpu_static_check``'s table.
 """
 from __future__ import annotations
 
@@ -29,14 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
-from . import project_adam as _pa
-from ._common import as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind, fp32_to_bf16_bits_rne
+from ._common import (Launch, as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind, fp32_to_bf16_bits_rne,
+                      interpreting, resolve_dot_precision, round_fp32_to_bf16_values, target_arch)
 
-BLOCK_M = 64
-BLOCK_N = 128
-BLOCK_K = 32
-NUM_WARPS = 4
-NUM_STAGES = 3
+__all__ = ["back_project_update_launch", "back_project_update_plan", "config"]
+
+
+def config(precision: str, rank: int, arch: int) -> dict:
+    if precision in ("bf16", "fp16", "tf32"):
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    if precision == "tf32x3":
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=2)  # ieee: FFMA
 
 
 @triton.jit
@@ -44,10 +50,11 @@ def _back_project_update_kernel(
     w_ptr, a_ptr, b_ptr,
     M, N, K,
     stride_wm, stride_wn, stride_am, stride_ak, stride_bk, stride_bn,
-    beta,  # runtime fp32: the decay factor on W (1 - lr * weight_decay)
-    alpha,  # runtime fp32: the step on P N (minus step size times GaLore's scale)
+    beta,  # runtime fp32: the decay factor on W
+    alpha,  # runtime fp32: the step on A @ B
     W_KIND: tl.constexpr,  # fp32 / bf16 bits / fp16: changes the load and the rounding store
-    DOT_PRECISION: tl.constexpr,  # "ieee" | "tf32x3" | "tf32": different MMA instructions
+    DOT: tl.constexpr,  # "ieee" | "tf32x3" | "tf32" | "bf16" | "fp16"
+    EMULATE_16BIT: tl.constexpr,  # interpreter: bf16 dot as an fp32 dot of bf16-rounded values
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # tile shape
 ):
     pid = tl.program_id(0)
@@ -67,7 +74,15 @@ def _back_project_update_kernel(
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
                     mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if DOT == "bf16":
+            if EMULATE_16BIT:
+                acc = tl.dot(round_fp32_to_bf16_values(a), round_fp32_to_bf16_values(b), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+        elif DOT == "fp16":
+            acc = tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=DOT)
 
     mask = mask_m[:, None] & mask_n[None, :]
     w_ptrs = w_ptr + offs_m[:, None] * stride_wm + offs_n[None, :] * stride_wn
@@ -84,21 +99,13 @@ def _back_project_update_kernel(
         tl.store(w_ptrs, w, mask=mask)
 
 
-def back_project_update_launch(
-    param: torch.Tensor,
-    proj: torch.Tensor,
-    norm_update: torch.Tensor,
-    side: str,
-    beta: float,
-    alpha: float,
-    dot_precision: Optional[str] = None,
-) -> torch.Tensor:
-    """Update ``param`` in place and return it."""
-    precision = dot_precision or _pa.DOT_PRECISION
-    if precision not in _pa.DOT_PRECISIONS:
-        raise ValueError(f"dot_precision must be one of {_pa.DOT_PRECISIONS}, got {precision!r}")
+def back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_precision: Optional[str] = None, *,
+                             arch: Optional[int] = None, interpret: Optional[bool] = None) -> list:
+    """Check the arguments and decide the launch without running it (works on ``meta`` tensors)."""
+    precision = resolve_dot_precision(param.dtype, dot_precision)
     if param.dim() != 2 or proj.dim() != 2 or norm_update.dim() != 2:
         raise ValueError("param, proj and norm_update must be 2-D")
+    dtype_kind(param)
     for name, t in (("proj", proj), ("norm_update", norm_update)):
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {t.dtype}")
@@ -114,17 +121,31 @@ def back_project_update_launch(
     rank = a.shape[1]
     if a.shape[0] != m or tuple(b.shape) != (rank, n):
         raise ValueError(f"side={side!r}: need ({m}, r) @ (r, {n}), got {tuple(a.shape)} @ {tuple(b.shape)}")
-    grid = (triton.cdiv(m, BLOCK_M) * triton.cdiv(n, BLOCK_N),)
+    cfg = config(precision, rank, target_arch(param) if arch is None else arch)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     if grid[0] == 0:  # an empty weight: nothing to update (a 0-program launch is an error)
-        return param
+        return []
+    interpret = interpreting() if interpret is None else interpret
+    args = dict(w_ptr=as_kernel_arg(param), a_ptr=a, b_ptr=b, M=m, N=n, K=rank,
+                stride_wm=param.stride(0), stride_wn=param.stride(1), stride_am=a.stride(0), stride_ak=a.stride(1),
+                stride_bk=b.stride(0), stride_bn=b.stride(1), beta=beta, alpha=alpha)
+    constexprs = dict(W_KIND=dtype_kind(param), DOT=precision, EMULATE_16BIT=bool(interpret),
+                      BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
+    return [Launch(_back_project_update_kernel, grid, args, constexprs, cfg["num_warps"], cfg["num_stages"])]
+
+
+def back_project_update_launch(
+    param: torch.Tensor,
+    proj: torch.Tensor,
+    norm_update: torch.Tensor,
+    side: str,
+    beta: float,
+    alpha: float,
+    dot_precision: Optional[str] = None,
+) -> torch.Tensor:
+    """Update ``param`` in place and return it. ``dot_precision=None`` decides per call."""
+    launches = back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_precision)
     with device_ctx(param):
-        _back_project_update_kernel[grid](
-            as_kernel_arg(param), a, b,
-            m, n, rank,
-            param.stride(0), param.stride(1), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-            beta, alpha,
-            W_KIND=dtype_kind(param), DOT_PRECISION=precision,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )
+        for launch in launches:
+            launch.run()
     return param

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind
+from ._common import Launch, as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind
 
 BLOCK_ROWS = 16
 BLOCK_COLS = 512
@@ -106,16 +106,14 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def outlier_count_launch(
+def outlier_count_plan(
     tensors: Sequence[torch.Tensor],
     threshold: float,
     col_scales: Sequence[Optional[torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch both passes; return ``(mean, count)`` as 0-dim device tensors (fp32, int64).
+) -> tuple[list, torch.Tensor, torch.Tensor, int]:
+    """Check the arguments and decide the launches: ``(launches, sum_buf, count_buf, numel)``.
 
-    No host synchronisation happens here; reading the results (``.item()``) is the
-    caller's one sync.
-    """
+    Works on ``meta`` tensors (the static GPU check compiles what this returns)."""
     if len(tensors) == 0 or len(tensors) != len(col_scales):
         raise ValueError("need one col_scales entry (or None) per tensor and at least one tensor")
     device = tensors[0].device
@@ -126,26 +124,44 @@ def outlier_count_launch(
             raise ValueError(f"tensors[{k}] / col_scales[{k}] are not on {device}")
         if s is not None and (s.dim() != 1 or s.numel() != t.shape[-1]):
             raise ValueError(f"col_scales[{k}] must be 1-D over the last dim of tensors[{k}] ({t.shape[-1]})")
+        dtype_kind(t)
         views.append((_as_2d(t), s))
         numel += t.numel()
     sum_buf = torch.zeros(1, dtype=torch.float32, device=device)
     count_buf = torch.zeros(1, dtype=torch.int64, device=device)
+    launches = []
+    for pass_kernel in (_abs_sum_kernel, _count_kernel):
+        for x, s in views:
+            rows, cols = x.shape
+            grid = (triton.cdiv(rows, BLOCK_ROWS) * triton.cdiv(cols, BLOCK_COLS),)
+            if grid[0] == 0:
+                continue
+            constexprs = dict(X_KIND=dtype_kind(x), HAS_SCALE=s is not None, BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS)
+            args = dict(x_ptr=as_kernel_arg(x), scale_ptr=s if s is not None else sum_buf,  # dummy, never read
+                        sum_ptr=sum_buf)
+            if pass_kernel is _count_kernel:
+                args["count_ptr"] = count_buf
+            args.update(rows=rows, cols=cols, stride_r=x.stride(0), stride_c=x.stride(1),
+                        stride_s=s.stride(0) if s is not None else 0)
+            if pass_kernel is _count_kernel:
+                args.update(numel=float(numel), threshold=float(threshold))
+            launches.append(Launch(pass_kernel, grid, args, constexprs, NUM_WARPS, 1))
+    return launches, sum_buf, count_buf, numel
+
+
+def outlier_count_launch(
+    tensors: Sequence[torch.Tensor],
+    threshold: float,
+    col_scales: Sequence[Optional[torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch both passes; return ``(mean, count)`` as 0-dim device tensors (fp32, int64).
+
+    No host synchronisation happens here; reading the results (``.item()``) is the
+    caller's one sync.
+    """
+    launches, sum_buf, count_buf, numel = outlier_count_plan(tensors, threshold, col_scales)
     with device_ctx(tensors[0]):
-        for pass_kernel in (_abs_sum_kernel, _count_kernel):
-            for x, s in views:
-                rows, cols = x.shape
-                grid = (triton.cdiv(rows, BLOCK_ROWS) * triton.cdiv(cols, BLOCK_COLS),)
-                common = dict(
-                    X_KIND=dtype_kind(x), HAS_SCALE=s is not None,
-                    BLOCK_R=BLOCK_ROWS, BLOCK_C=BLOCK_COLS, num_warps=NUM_WARPS,
-                )
-                scale = s if s is not None else sum_buf  # dummy pointer, never read
-                stride_s = s.stride(0) if s is not None else 0
-                if pass_kernel is _abs_sum_kernel:
-                    _abs_sum_kernel[grid](as_kernel_arg(x), scale, sum_buf, rows, cols,
-                                          x.stride(0), x.stride(1), stride_s, **common)
-                else:
-                    _count_kernel[grid](as_kernel_arg(x), scale, sum_buf, count_buf, rows, cols,
-                                        x.stride(0), x.stride(1), stride_s, float(numel), float(threshold), **common)
+        for launch in launches:
+            launch.run()
     mean = sum_buf[0] / numel  # fp32, the same division as the reference's ``total / numel``
     return mean, count_buf[0]

@@ -5,10 +5,9 @@ Formula and reference: ``owlore_kernels.ops.project_adam.project_adam_reference`
     R = P^T G (side="left", P m x r, R r x n)   or   R = G Q^T (side="right", Q r x n, R m x r)
     m <- b1 m + (1 - b1) R;   v <- b2 v + (1 - b2) R^2;   N = (m / bc1) / (sqrt(v / bc2) + eps)
 
-R lives only in registers: each program owns one tile of R, accumulates it over the
-contracted dimension with ``tl.dot``, then reads that tile of m and v, writes them back
-updated and writes N. G is read once (for r <= 128), m and v are read and written once,
-N written once.
+R lives only in registers (or, with split-K, as fp32 partial tiles in a workspace that the
+last split of each tile sums in a fixed order, so results are deterministic). G is read
+from DRAM once, m and v read and written once, N written once.
 
 One kernel serves both sides. Both are written as ``R'[a, l] = sum_k A[k, a] B[k, l]``
 over strided views:
@@ -16,98 +15,167 @@ over strided views:
 * left:  A = P (k = row of G),      B = G,        R' = R;
 * right: A = Q^T (stride-swapped),  B = G^T,      R' = R^T (stride-swapped moments).
 
-Triton specialises unit strides, so the G tile loads stay coalesced along whichever
-axis of G is contiguous.
+Dot precision (``resolve_dot_precision`` in ``_common``, decided at every call): bf16 / fp16
+G -> that type's tensor-core dot, P rounded to G's type in registers (as galore-torch's
+cuBLAS path does with its bf16 P), fp32 accumulation; fp32 G -> follows
+``torch.get_float32_matmul_precision()`` ("highest" = "ieee" FFMA, "high" = "tf32x3",
+"medium" = "tf32"). Measured error against an fp64 R (``benchmarks/gpu_static_check.py
+--precision-table``; K = 4096, Gaussian G, orthonormal P), max |R - R64| / max |R64|:
+see PRECISION_ERRORS below (filled from that table).
 
-Fixed config (one, explained; no autotune):
-* ``BLOCK_A = clamp(next_pow2(r), 16, 128)``: all of r in one tile up to r = 128, so G is
-  read from DRAM once; r = 256 / 512 take 2 / 4 tiles whose programs are adjacent in the
-  launch order (the r-tile index varies fastest), so the second read of a G panel is an
-  L2 hit. 16 is tl.dot's minimum.
-* ``BLOCK_L = 32``: the long dimension of R (n for left, m for right). With r <= 128
-  that gives 4096 / 32 = 128 programs at 4096 x 4096 (97 % of 132 SMs, one wave) and
-  344 at 4096 x 11008; a 64-wide tile would leave half the SMs idle at 4096
-  (the 64-block problem REFERENCE.md notes), and split-K would force R through memory.
-* ``BLOCK_K = 64``: 64 steps of K at K = 4096; per stage 128x64 + 64x32 fp32 = 40 KB
-  of shared memory, 3 stages = 120 KB (< 227 KB on H100/H200).
-* 4 warps: the 128 x 32 fp32 accumulator is 32 registers per thread.
+Under the interpreter a 16-bit dot is emulated: the operands are rounded to bf16 / fp16
+values (round to nearest even) and multiplied in fp32, which is exact for such products, so
+the result equals the tensor-core result up to summation order. "tf32"/"tf32x3" run as
+exact fp32 there (the interpreter ignores ``input_precision``).
 
-``dot_precision`` (a constexpr: it selects different instructions): "ieee" by default,
-exact fp32 products so the GPU matches the fp32 reference to ~1e-6. It costs speed:
-the GEMM runs on fp32 FMA units (~67 TFLOP/s on H200) instead of TF32 tensor cores
-(~495 TFLOP/s dense), so at r = 128 the two kernels' 4 m n r FLOPs (23 GFLOP at
-4096 x 11008) take ~0.35 ms against a ~0.07 ms memory floor. "tf32x3" keeps ~fp32
-accuracy at about 3 TF32 passes; "tf32" is fastest (10-bit mantissa products, ~1e-3
-relative error in R). Pick with ``OWLORE_TRITON_DOT_PRECISION`` or the launcher arg.
+Tiles (``config``; fixed per case, explained, figures from ``gpu_static_check``):
+* ``BLOCK_A = min(next_pow2(r), 128)``: all of r in one tile up to r = 128, so each G
+  element is read once; r = 256 / 512 take 2 / 4 r-tiles that run side by side (the r-tile
+  index varies fastest), so the re-read of a G panel hits L2.
+* ``BLOCK_L = 128`` for tensor-core dots: each program reads its K-range of P once per 128
+  columns of R, so the P traffic from L2 is r * 4 / (128 * bytes(G)) times the G bytes:
+  2x for bf16 G at r = 128 (32-wide tiles made it 8x).
+* split-K: the grid is tiles x splits with splits = ceil(#SMs / tiles) (K chunks >= 512),
+  so a 4096 x 4096 weight (32 tiles at r = 128) still fills 132 SMs.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind
+from ._common import (DOT_PRECISIONS, Launch, as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind,
+                      interpreting, resolve_dot_precision, round_fp32_to_bf16_values, sm_count, target_arch)
 
-DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
-DOT_PRECISION = os.environ.get("OWLORE_TRITON_DOT_PRECISION", "ieee")
+__all__ = ["project_adam_launch", "project_adam_plan", "config", "DOT_PRECISIONS"]
 
-BLOCK_L = 32
-BLOCK_K = 64
-NUM_WARPS = 4
-NUM_STAGES = 3
+MIN_SPLIT_DEPTH = 512  # a split below 512 rows of K spends more on its prologue/epilogue than it saves
 
 
-def block_a_for_rank(rank: int) -> int:
-    return min(128, max(16, triton.next_power_of_2(rank)))
+def config(precision: str, rank: int, arch: int) -> dict:
+    """(BLOCK_A, BLOCK_L, BLOCK_K, num_warps, num_stages) for one call, as a dict."""
+    block_a = min(128, max(16, triton.next_power_of_2(rank)))
+    if precision in ("bf16", "fp16"):
+        return dict(BLOCK_A=block_a, BLOCK_L=64, BLOCK_K=64, num_warps=8, num_stages=3)
+    if precision in ("tf32", "tf32x3"):
+        return dict(BLOCK_A=block_a, BLOCK_L=64, BLOCK_K=32, num_warps=8, num_stages=3)
+    return dict(BLOCK_A=block_a, BLOCK_L=64, BLOCK_K=16, num_warps=8, num_stages=2)  # ieee: FFMA
 
 
 @triton.jit
 def _project_adam_kernel(
-    a_ptr, g_ptr, m_ptr, v_ptr, n_ptr,
+    a_ptr, g_ptr, m_ptr, v_ptr, n_ptr, ws_ptr, sem_ptr,
     RANK, L, K,  # R' is RANK x L; K is the contracted dimension
+    k_per_split,  # rows of K per split (a multiple of BLOCK_K)
     stride_ak, stride_aa,  # A[k, a]
     stride_gk, stride_gl,  # B = G or G^T, [k, l]
     stride_ma, stride_ml, stride_va, stride_vl, stride_na, stride_nl,  # moments and N, [a, l]
     beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias1, bias2,  # runtime fp32: no recompiles per step
     G_KIND: tl.constexpr,  # fp32 / bf16 bits / fp16: changes the G load
-    DOT_PRECISION: tl.constexpr,  # "ieee" | "tf32x3" | "tf32": different MMA instructions
+    DOT: tl.constexpr,  # "ieee" | "tf32x3" | "tf32" | "bf16" | "fp16"
+    EMULATE_16BIT: tl.constexpr,  # interpreter: 16-bit dot as fp32 dot of rounded values
+    SPLIT_K: tl.constexpr,  # more than one split: partial tiles through ws, last split does Adam
     BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,  # tile shape
 ):
     pid = tl.program_id(0)
     num_a = tl.cdiv(RANK, BLOCK_A)
-    pid_a = pid % num_a  # fastest: programs that share a G panel run side by side (L2 reuse)
-    pid_l = pid // num_a
+    num_l = tl.cdiv(L, BLOCK_L)
+    pid_a = pid % num_a  # fastest: r-tiles sharing a G panel run side by side (L2 reuse)
+    tile = pid % (num_a * num_l)
+    split = pid // (num_a * num_l)
+    pid_l = tile // num_a
     offs_a = pid_a.to(tl.int64) * BLOCK_A + tl.arange(0, BLOCK_A)
     offs_l = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
     mask_a = offs_a < RANK
     mask_l = offs_l < L
+    k_begin = split * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
 
     acc = tl.zeros((BLOCK_A, BLOCK_L), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        mask_k = offs_k < K
+        mask_k = offs_k < k_end
         # A^T tile (BLOCK_A x BLOCK_K); zeros past the edges add nothing to the sum
         a = tl.load(a_ptr + offs_a[:, None] * stride_aa + offs_k[None, :] * stride_ak,
                     mask=mask_a[:, None] & mask_k[None, :], other=0.0)
         g_ptrs = g_ptr + offs_k[:, None] * stride_gk + offs_l[None, :] * stride_gl
         g_mask = mask_k[:, None] & mask_l[None, :]
-        if G_KIND == 1:  # bf16 bits -> fp32 right after the load
-            g = bf16_bits_to_fp32(tl.load(g_ptrs, mask=g_mask, other=0))
+        if DOT == "bf16":
+            if G_KIND == 1:
+                g_bits = tl.load(g_ptrs, mask=g_mask, other=0)
+                if EMULATE_16BIT:
+                    g = bf16_bits_to_fp32(g_bits)
+                else:
+                    g = g_bits.to(tl.bfloat16, bitcast=True)  # no conversion: straight to the MMA
+            else:
+                g = tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+                if EMULATE_16BIT:
+                    g = round_fp32_to_bf16_values(g)
+                else:
+                    g = g.to(tl.bfloat16)  # cvt.rn: round to nearest even
+            if EMULATE_16BIT:
+                acc = tl.dot(round_fp32_to_bf16_values(a), g, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(tl.bfloat16), g, acc)
+        elif DOT == "fp16":
+            if G_KIND == 1:
+                g = bf16_bits_to_fp32(tl.load(g_ptrs, mask=g_mask, other=0)).to(tl.float16)
+            else:
+                g = tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float16)
+            acc = tl.dot(a.to(tl.float16), g, acc)  # the interpreter multiplies fp16 exactly in fp32 too
         else:
-            g = tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
-        acc = tl.dot(a, g, acc, input_precision=DOT_PRECISION)
+            if G_KIND == 1:  # bf16 bits -> fp32 right after the load (exact)
+                g = bf16_bits_to_fp32(tl.load(g_ptrs, mask=g_mask, other=0))
+            else:
+                g = tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
+            acc = tl.dot(a, g, acc, input_precision=DOT)
 
-    # epilogue: Adam on the R tile, in the reference's order of operations
     mask = mask_a[:, None] & mask_l[None, :]
+    # int32 offsets from here on (the launcher checks RANK * L * splits < 2^31): 64-bit
+    # address tensors for a 128 x 128 tile were what made the epilogue spill
+    offs_a = offs_a.to(tl.int32)
+    offs_l = offs_l.to(tl.int32)
+    if SPLIT_K:
+        # Partial tile to the workspace [split, a, l]; the last split to arrive sums all of
+        # them in split order (its own from registers), so the result does not depend on
+        # which split finishes last. The barriers order every thread's stores before the
+        # counter's release, and the acquire before every thread's loads (the semaphore
+        # pattern CUTLASS uses); .cg loads read L2, never a stale L1 line.
+        n_split = tl.num_programs(0) // (num_a * num_l)
+        ws_tile = ws_ptr + offs_a[:, None] * L + offs_l[None, :]
+        tl.store(ws_tile + split.to(tl.int64) * RANK * L, acc, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel")
+        tl.debug_barrier()
+        if arrived == n_split - 1:
+            total = tl.zeros((BLOCK_A, BLOCK_L), dtype=tl.float32)
+            part_ptrs = ws_tile
+            for s in range(0, n_split):
+                part = tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                total += tl.where(s == split, acc, part)  # its own partial from registers (same bits)
+                part_ptrs += RANK * L
+            tl.atomic_xchg(sem_ptr + tile, 0)  # ready for the next call on this stream
+            _adam_epilogue(total, mask, offs_a, offs_l, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
+                           stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                           eps, bias1, bias2)
+    else:
+        _adam_epilogue(acc, mask, offs_a, offs_l, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
+                       stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                       eps, bias1, bias2)
+
+
+@triton.jit
+def _adam_epilogue(r, mask, offs_a, offs_l, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va, stride_vl,
+                   stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias1, bias2):
+    """Adam on one R tile, in the reference's order of operations."""
     m_ptrs = m_ptr + offs_a[:, None] * stride_ma + offs_l[None, :] * stride_ml
     v_ptrs = v_ptr + offs_a[:, None] * stride_va + offs_l[None, :] * stride_vl
     m = tl.load(m_ptrs, mask=mask, other=0.0)
     v = tl.load(v_ptrs, mask=mask, other=0.0)
-    m = m * beta1 + one_minus_beta1 * acc
-    v = v * beta2 + one_minus_beta2 * acc * acc
+    m = m * beta1 + one_minus_beta1 * r
+    v = v * beta2 + one_minus_beta2 * r * r
     tl.store(m_ptrs, m, mask=mask)
     tl.store(v_ptrs, v, mask=mask)
     # div_rn / sqrt_rn: IEEE-rounded, like torch; the plain GPU versions are approximate
@@ -116,26 +184,31 @@ def _project_adam_kernel(
     tl.store(n_ptr + offs_a[:, None] * stride_na + offs_l[None, :] * stride_nl, update, mask=mask)
 
 
-def project_adam_launch(
-    grad: torch.Tensor,
-    proj: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    out: torch.Tensor,
-    side: str,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    bias_correction1: float,
-    bias_correction2: float,
-    dot_precision: Optional[str] = None,
-) -> torch.Tensor:
-    """Update ``exp_avg``/``exp_avg_sq`` in place and write N into ``out``; returns ``out``."""
-    precision = dot_precision or DOT_PRECISION
-    if precision not in DOT_PRECISIONS:
-        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS}, got {precision!r}")
+_SEMAPHORES: dict = {}
+
+
+def _semaphores(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per output tile, cached per device and stream: the
+    last split of a tile resets its counter, so no memset launch is needed per call."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    buf = _SEMAPHORES.get(key)
+    if buf is None or buf.numel() < count or buf.device != device:
+        buf = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _SEMAPHORES[key] = buf
+    return buf
+
+
+def project_adam_plan(
+    grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias_correction1, bias_correction2,
+    dot_precision: Optional[str] = None, *, arch: Optional[int] = None, num_sms: Optional[int] = None,
+    interpret: Optional[bool] = None,
+) -> list:
+    """Check the arguments and decide the launch(es) without running them (works on ``meta``
+    tensors: the static GPU check compiles exactly what this returns)."""
+    precision = resolve_dot_precision(grad.dtype, dot_precision)
     if grad.dim() != 2 or proj.dim() != 2:
         raise ValueError(f"grad and proj must be 2-D, got {tuple(grad.shape)} and {tuple(proj.shape)}")
+    dtype_kind(grad)
     for name, t in (("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
         if t.dtype != torch.float32:
             raise ValueError(f"{name} must be float32, got {t.dtype}")
@@ -167,18 +240,61 @@ def project_adam_launch(
     def strides(t):  # [a, l] strides of a subspace tensor
         return (t.stride(1), t.stride(0)) if swap else (t.stride(0), t.stride(1))
 
-    block_a = block_a_for_rank(rank)
-    grid = (triton.cdiv(rank, block_a) * triton.cdiv(length, BLOCK_L),)
-    if grid[0] == 0:  # an empty subspace: nothing to update (a 0-program launch is an error)
-        return out
+    arch = target_arch(grad) if arch is None else arch
+    num_sms = sm_count(grad) if num_sms is None else num_sms
+    interpret = interpreting() if interpret is None else interpret
+    cfg = config(precision, rank, arch)
+    block_a, block_l, block_k = cfg["BLOCK_A"], cfg["BLOCK_L"], cfg["BLOCK_K"]
+    tiles = triton.cdiv(rank, block_a) * triton.cdiv(length, block_l)
+    if tiles == 0:  # an empty subspace: nothing to update (a 0-program launch is an error)
+        return []
+    max_splits = max(1, depth // MIN_SPLIT_DEPTH)
+    splits = min(max_splits, triton.cdiv(num_sms, tiles))
+    k_per_split = triton.cdiv(triton.cdiv(max(depth, 1), splits), block_k) * block_k
+    splits = triton.cdiv(max(depth, 1), k_per_split)  # no empty split
+    if splits > 1:
+        workspace = torch.empty((splits, rank, length), dtype=torch.float32, device=grad.device)
+        sem = (_semaphores(grad.device, tiles) if grad.device.type != "meta"
+               else torch.empty(tiles, dtype=torch.int32, device="meta"))
+    else:
+        workspace, sem = out, out  # never touched: SPLIT_K=False removes that code
+    args = dict(
+        a_ptr=proj, g_ptr=as_kernel_arg(grad), m_ptr=exp_avg, v_ptr=exp_avg_sq, n_ptr=out, ws_ptr=workspace,
+        sem_ptr=sem, RANK=rank, L=length, K=depth, k_per_split=k_per_split,
+        stride_ak=a_strides[0], stride_aa=a_strides[1], stride_gk=g_strides[0], stride_gl=g_strides[1],
+        stride_ma=strides(exp_avg)[0], stride_ml=strides(exp_avg)[1],
+        stride_va=strides(exp_avg_sq)[0], stride_vl=strides(exp_avg_sq)[1],
+        stride_na=strides(out)[0], stride_nl=strides(out)[1],
+        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps,
+        bias1=bias_correction1, bias2=bias_correction2,
+    )
+    constexprs = dict(G_KIND=dtype_kind(grad), DOT=precision, EMULATE_16BIT=bool(interpret), SPLIT_K=splits > 1,
+                      BLOCK_A=block_a, BLOCK_L=block_l, BLOCK_K=block_k)
+    return [Launch(_project_adam_kernel, (tiles * splits,), args, constexprs, cfg["num_warps"], cfg["num_stages"])]
+
+
+def project_adam_launch(
+    grad: torch.Tensor,
+    proj: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    out: torch.Tensor,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias_correction1: float,
+    bias_correction2: float,
+    dot_precision: Optional[str] = None,
+) -> torch.Tensor:
+    """Update ``exp_avg``/``exp_avg_sq`` in place and write N into ``out``; returns ``out``.
+
+    ``dot_precision=None`` decides per call (see the module docstring); one of
+    ``DOT_PRECISIONS`` forces it.
+    """
+    launches = project_adam_plan(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps,
+                                 bias_correction1, bias_correction2, dot_precision)
     with device_ctx(grad):
-        _project_adam_kernel[grid](
-            proj, as_kernel_arg(grad), exp_avg, exp_avg_sq, out,
-            rank, length, depth,
-            *a_strides, *g_strides, *strides(exp_avg), *strides(exp_avg_sq), *strides(out),
-            beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps, bias_correction1, bias_correction2,
-            G_KIND=dtype_kind(grad), DOT_PRECISION=precision,
-            BLOCK_A=block_a, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )
+        for launch in launches:
+            launch.run()
     return out
