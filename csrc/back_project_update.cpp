@@ -38,9 +38,10 @@ void back_project_update_(
     const at::Tensor& proj_in,
     const at::Tensor& norm_update_in,
     c10::string_view side,
-    double beta,
-    double alpha) {
+    const at::Scalar& beta_in,
+    const at::Scalar& alpha_in) {
   const bool left = is_left_side(side);
+  const double beta = beta_in.to<double>(), alpha = alpha_in.to<double>();
   check_cpu_float(param_in, "param", false);
   check_cpu_float(proj_in, "proj", true);
   check_cpu_float(norm_update_in, "norm_update", true);
@@ -55,6 +56,8 @@ void back_project_update_(
   const int64_t m = param.size(0), n = param.size(1);
   TORCH_CHECK(A.size(0) == m && B.size(1) == n && A.size(1) == B.size(0), "back_project_update_: side=",
               std::string(side), " needs (m, r) @ (r, n) = ", param.sizes(), ", got ", A.sizes(), " @ ", B.sizes());
+
+  if (m == 0 || n == 0) return;  // nothing to update; the tile arithmetic below divides by m and n
 
   const bool fp32 = param.scalar_type() == at::kFloat;
   const int64_t tile_rows = fp32 ? m : kTileRowsHalf;

@@ -108,7 +108,7 @@ acc_t reduce_segments(const Rows2D& v, const Fn& fn) {
 
 }  // namespace
 
-std::tuple<double, int64_t> outlier_count(
+std::tuple<at::Tensor, at::Tensor> outlier_count(
     at::TensorList tensors,
     double threshold,
     const c10::List<std::optional<at::Tensor>>& col_scales) {
@@ -161,7 +161,8 @@ std::tuple<double, int64_t> outlier_count(
       });
     });
   }
-  return {static_cast<double>(mean), count};
+  const auto opts = tensors[0].options();
+  return {at::scalar_tensor(mean, opts.dtype(at::kFloat)), at::scalar_tensor(count, opts.dtype(at::kLong))};
 }
 
 }  // namespace owlore

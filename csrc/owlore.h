@@ -1,9 +1,10 @@
 // Shared declarations for the C++ CPU backend of owlore-kernels.
 //
-// Each op is defined once, in registration.cpp (TORCH_LIBRARY(owlore, m)), and
-// implemented here for CPU tensors. The Python side (owlore_kernels/ops/_cpp.py)
-// registers these implementations as the "cpp" backend of the ops in
-// owlore_kernels/ops/*.py, whose pure-torch references define the math.
+// Each op is defined once, in Python (owlore_kernels/ops/*.py: schema, argument
+// checks, pure-torch reference); registration.cpp registers these functions as
+// its CPU kernels. The TORCH_CHECKs here only guard memory safety (dtype, device,
+// shapes) for direct callers of torch.ops.owlore.*; the argument checks with the
+// user-facing messages run once, in Python.
 //
 // Threading: the outer tile loops use at::parallel_for (torch's own OpenMP
 // runtime; setup.py links the same libgomp that torch ships). BLAS calls made
@@ -23,7 +24,7 @@
 
 namespace owlore {
 
-std::tuple<double, int64_t> outlier_count(
+std::tuple<at::Tensor, at::Tensor> outlier_count(
     at::TensorList tensors,
     double threshold,
     const c10::List<std::optional<at::Tensor>>& col_scales);
@@ -35,19 +36,19 @@ void project_adam_(
     const at::Tensor& exp_avg_sq,
     const at::Tensor& out,
     c10::string_view side,
-    double beta1,
-    double beta2,
-    double eps,
-    double bias_correction1,
-    double bias_correction2);
+    const at::Scalar& beta1,
+    const at::Scalar& beta2,
+    const at::Scalar& eps,
+    const at::Scalar& bias_correction1,
+    const at::Scalar& bias_correction2);
 
 void back_project_update_(
     const at::Tensor& param,
     const at::Tensor& proj,
     const at::Tensor& norm_update,
     c10::string_view side,
-    double beta,
-    double alpha);
+    const at::Scalar& beta,
+    const at::Scalar& alpha);
 
 // ---------------------------------------------------------------------------
 // helpers shared by the kernels

@@ -128,19 +128,17 @@ void project_adam_(
     const at::Tensor& exp_avg_sq,
     const at::Tensor& out,
     c10::string_view side,
-    double beta1,
-    double beta2,
-    double eps,
-    double bias_correction1,
-    double bias_correction2) {
+    const at::Scalar& beta1,
+    const at::Scalar& beta2,
+    const at::Scalar& eps,
+    const at::Scalar& bias_correction1,
+    const at::Scalar& bias_correction2) {
   const bool left = is_left_side(side);
   check_cpu_float(grad_in, "grad", false);
   check_cpu_float(proj_in, "proj", true);
   check_cpu_float(exp_avg, "exp_avg", true);
   check_cpu_float(exp_avg_sq, "exp_avg_sq", true);
   check_cpu_float(out, "out", true);
-  TORCH_CHECK(bias_correction1 > 0 && bias_correction1 <= 1 && bias_correction2 > 0 && bias_correction2 <= 1,
-              "project_adam_: bias corrections must be in (0, 1], got ", bias_correction1, " and ", bias_correction2);
   TORCH_CHECK(grad_in.dim() == 2 && proj_in.dim() == 2, "project_adam_: grad and proj must be 2-D");
   // detach: nothing here is differentiable, so the ATen calls below never record
   // autograd history, whatever the caller's grad mode
@@ -154,20 +152,22 @@ void project_adam_(
     TORCH_CHECK(t->sizes() == at::IntArrayRef(low_shape), "project_adam_: moments and out must be ", low_shape,
                 ", got ", t->sizes());
 
+  const double b1 = beta1.to<double>(), b2 = beta2.to<double>();
   const AdamScalars a{
-      static_cast<float>(beta1),
-      static_cast<float>(beta2),
-      static_cast<float>(1.0 - beta1),
-      static_cast<float>(1.0 - beta2),
-      static_cast<float>(bias_correction1),
-      static_cast<float>(bias_correction2),
-      static_cast<float>(eps),
+      static_cast<float>(b1),
+      static_cast<float>(b2),
+      static_cast<float>(1.0 - b1),
+      static_cast<float>(1.0 - b2),
+      static_cast<float>(bias_correction1.to<double>()),
+      static_cast<float>(bias_correction2.to<double>()),
+      static_cast<float>(eps.to<double>()),
   };
   const Strided m_s{exp_avg.data_ptr<float>(), exp_avg.stride(0), exp_avg.stride(1)};
   const Strided v_s{exp_avg_sq.data_ptr<float>(), exp_avg_sq.stride(0), exp_avg_sq.stride(1)};
   const Strided o_s{out.data_ptr<float>(), out.stride(0), out.stride(1)};
 
   const int64_t extent = left ? n : m;  // left tiles split the columns of G, right tiles its rows
+  if (extent == 0 || r == 0) return;  // an empty subspace: nothing to update (and no tiles to size)
   const int64_t max_width = std::clamp<int64_t>(kMaxTileElems / std::max<int64_t>(r, 1), 16, kMaxTileWidth);
   const int64_t width = balanced_tile_width(extent, max_width, at::get_num_threads());
   const int64_t tiles = ceil_div(extent, width);

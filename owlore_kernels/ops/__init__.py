@@ -1,15 +1,26 @@
-"""One definition per fused op, several backends behind it.
+"""The fused ops, each defined once with ``torch.library`` as ``torch.ops.owlore.<name>``.
 
-Each op lives in its own module (``outlier_count``, ``project_adam``,
-``back_project_update``). That module holds the op's public function, which
-checks its arguments once, and the pure-PyTorch reference, which is both the
-test oracle and the fallback. Backends register against the op by name:
+Each op module (``outlier_count``, ``project_adam``, ``back_project_update``) holds:
 
-* ``"torch"``  -- the reference, always present;
-* ``"cpp"``    -- the OpenMP extension built from ``csrc/`` (CPU tensors);
-* ``"triton"`` -- the kernels in ``owlore_kernels/kernels`` (CUDA tensors).
+* the schema (``torch.library.define``), so the op exists with or without the C++ extension;
+* the fake implementation (``register_fake``), which runs the op's argument checks, so
+  ``torch.compile`` and ``torch.library.opcheck`` see shapes, dtypes and errors;
+* the pure-PyTorch reference, registered as the default kernel (CompositeExplicitAutograd)
+  and used as the test oracle;
+* the public function, which checks its arguments once and calls the op.
 
-An import that fails only removes its backend (see ``_load_backends``).
+Device kernels register against the same op, each from its own backend:
+
+* ``"cpp"``    -- ``csrc/registration.cpp``: ``TORCH_LIBRARY_IMPL(owlore, CPU, m)``, loaded by
+  importing ``owlore_kernels._C``;
+* ``"triton"`` -- ``_triton.py``: the launchers in ``owlore_kernels/kernels``, registered for CUDA.
+
+``backend=None`` calls ``torch.ops.owlore.<name>`` and torch's dispatcher picks the kernel for
+the tensors' device: C++ on CPU, Triton on CUDA, the reference where neither is loaded.
+``backend="torch" | "cpp" | "triton"`` calls that implementation directly (tests, benchmarks;
+Triton then also runs CPU tensors under ``TRITON_INTERPRET=1``). A forced backend that is
+missing or cannot run on the tensors' device raises, naming it and why; an import that fails
+only removes its backend.
 """
 from __future__ import annotations
 
@@ -19,35 +30,42 @@ from typing import Callable, Optional
 import torch
 
 BACKENDS = ("triton", "cpp", "torch")
-OPS = ("outlier_count", "project_adam", "back_project_update")
+# op -> the name of its definition in torch.ops.owlore (a trailing underscore: it writes into its arguments)
+OP_NAMES = {"outlier_count": "outlier_count", "project_adam": "project_adam_",
+            "back_project_update": "back_project_update_"}
+OPS = tuple(OP_NAMES)
+# the dispatch key of each device backend's kernel
+_DISPATCH_KEYS = {"cpp": "CPU", "triton": "CUDA"}
 
-# op name -> backend name -> implementation
+# op -> backend -> implementation, called with the op's schema (positional tensors, keyword options)
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
-# backend name -> why it could not be loaded (only for backends that failed)
+# backend -> why it could not be loaded (only for backends that failed)
 _UNAVAILABLE: dict[str, str] = {}
-# the order in which backend=None tries backends, per device type; the
-# interpreter can run Triton on CPU tensors, but at ~1 ms per program it is a
-# test vehicle, never an automatic choice
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")}
 
 
-def _runs_on(backend: str, device_type: str) -> bool:
-    if backend == "torch":
-        return True
-    if backend == "cpp":
-        return device_type == "cpu"
-    # triton: CUDA, or any device under TRITON_INTERPRET=1 (tests on CPU)
-    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+def qualname(op: str) -> str:
+    """``"project_adam"`` -> ``"owlore::project_adam_"``."""
+    return f"owlore::{OP_NAMES[op]}"
+
+
+def op_overload(op: str) -> torch._ops.OpOverload:
+    """The dispatcher entry point, e.g. ``torch.ops.owlore.project_adam_.default``."""
+    return getattr(torch.ops.owlore, OP_NAMES[op]).default
 
 
 def register(op: str, backend: str) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as ``backend``'s implementation of ``op``."""
+    """Decorator: ``fn`` implements ``op`` for ``backend``; also registers it with torch's dispatcher,
+    as the default kernel ("torch") or the CUDA kernel ("triton")."""
     if op not in _REGISTRY:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
     def wrap(fn: Callable) -> Callable:
+        if backend == "torch":
+            torch.library.register_kernel(qualname(op), None, fn)  # CompositeExplicitAutograd
+        elif backend == "triton":
+            torch.library.register_kernel(qualname(op), "cuda", fn)
         _REGISTRY[op][backend] = fn
         return fn
 
@@ -60,27 +78,47 @@ def check_backend(backend: Optional[str]) -> None:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, Callable]:
-    """Pick the implementation of ``op`` for tensors on ``device``.
+def _runs_on(backend: str, device_type: str) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "cpp":
+        return device_type == "cpu"
+    # triton: CUDA, or any device under TRITON_INTERPRET=1 (tests on CPU)
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
-    ``backend=None`` picks the fastest available one: Triton on CUDA, the C++
-    extension on CPU, else the reference. A forced backend that is missing or
-    cannot run on ``device`` raises ``RuntimeError`` rather than falling back.
+
+def _dispatched_backend(op: str, device_type: str) -> str:
+    """The backend whose kernel torch's dispatcher runs for ``op`` on ``device_type`` tensors."""
+    for backend, key in _DISPATCH_KEYS.items():
+        if key.lower() == device_type and torch._C._dispatch_has_kernel_for_dispatch_key(qualname(op), key):
+            return backend
+    return "torch"
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> tuple[str, Callable]:
+    """``(backend name, implementation)`` that a call of ``op`` on ``device`` tensors runs.
+
+    ``backend=None``: the dispatcher's choice, and the dispatcher entry point itself.
+    A forced backend that is missing or cannot run on ``device`` raises ``RuntimeError``
+    rather than falling back.
     """
-    _load_backends()
     check_backend(backend)
+    if backend is None:
+        return _dispatched_backend(op, device.type), op_overload(op)
     impls = _REGISTRY[op]
-    if backend is not None:
-        if backend not in impls:
-            why = _UNAVAILABLE.get(backend, "it registers no implementation of this op")
-            raise RuntimeError(f"backend={backend!r} was forced for op {op!r} but is not available: {why}")
-        if not _runs_on(backend, device.type):
-            raise RuntimeError(f"backend={backend!r} was forced for op {op!r} but cannot run on {device.type} tensors")
-        return backend, impls[backend]
-    for name in _AUTO_ORDER.get(device.type, ("torch",)):
-        if name in impls:
-            return name, impls[name]
-    raise RuntimeError(f"no backend for op {op!r} on {device}")  # unreachable: torch is always there
+    if backend not in impls:
+        why = _UNAVAILABLE.get(backend, "it registers no implementation of this op")
+        raise RuntimeError(f"backend={backend!r} was forced for op {op!r} but is not available: {why}")
+    if not _runs_on(backend, device.type):
+        raise RuntimeError(f"backend={backend!r} was forced for op {op!r} but cannot run on {device.type} tensors")
+    return backend, impls[backend]
+
+
+def call(op: str, device: torch.device, backend: Optional[str] = None) -> Callable:
+    """The implementation to call: the dispatcher for ``backend=None``, else the forced backend's."""
+    if backend is None:
+        return op_overload(op)
+    return resolve(op, device, backend)[1]
 
 
 def backend_report() -> dict[str, dict[str, str]]:
@@ -88,24 +126,14 @@ def backend_report() -> dict[str, dict[str, str]]:
 
     Returns ``{"cpu": {op: backend}, "cuda": {op: backend}, "unavailable": {backend: reason}}``.
     """
-    _load_backends()
-    report: dict[str, dict[str, str]] = {}
-    for dev in ("cpu", "cuda"):
-        report[dev] = {op: resolve(op, torch.device(dev))[0] for op in OPS}
+    report: dict[str, dict[str, str]] = {dev: {op: _dispatched_backend(op, dev) for op in OPS} for dev in ("cpu", "cuda")}
     report["unavailable"] = dict(_UNAVAILABLE)
     return report
 
 
-_LOADED = False
-
-
 def _load_backends() -> None:
-    """Import each optional backend once; a failed import only removes that backend."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-    from . import back_project_update, outlier_count, project_adam  # noqa: F401  (reference, registers "torch")
+    """Define the ops, then import each optional backend; a failed import only removes that backend."""
+    from . import back_project_update, outlier_count, project_adam  # noqa: F401  (schemas, fakes, "torch")
 
     try:
         from . import _cpp  # noqa: F401  (registers "cpp")
@@ -115,3 +143,6 @@ def _load_backends() -> None:
         from . import _triton  # noqa: F401  (registers "triton")
     except Exception as exc:  # triton not installed, or no usable driver
         _UNAVAILABLE["triton"] = f"Triton kernels not loaded ({type(exc).__name__}: {exc})"
+
+
+_load_backends()

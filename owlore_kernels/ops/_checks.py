@@ -1,4 +1,11 @@
-"""Argument checks shared by the op entry points (they run once per call, before dispatch)."""
+"""Argument checks of the fused ops, in one place.
+
+Each op's checks run in its public function (eager, before any tensor is modified) and in
+its fake implementation (``torch.compile`` tracing, ``opcheck``), so a bad argument is
+reported the same way on every path. ``torch._check_value`` / ``torch._check_type`` raise
+``ValueError`` / ``TypeError`` in eager mode and become guards or runtime asserts on
+symbolic shapes while tracing.
+"""
 from __future__ import annotations
 
 import torch
@@ -18,40 +25,54 @@ def row_chunks(rows: int, cols: int):
 
 
 def check_side(side: str) -> None:
-    if side not in SIDES:
-        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    torch._check_value(side in SIDES, lambda: f"side must be one of {SIDES}, got {side!r}")
 
 
 def check_float(name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {dtypes}, got {t.dtype}")
+    torch._check_type(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    torch._check_value(t.dtype in dtypes, lambda: f"{name} must have dtype in {dtypes}, got {t.dtype}")
 
 
 def check_projection_shapes(side: str, full: torch.Tensor, proj: torch.Tensor, low: torch.Tensor, what: str) -> None:
     """``full`` is m x n; ``proj`` is P (m x r, side='left') or Q (r x n, side='right');
     ``low`` is the subspace tensor: r x n (left) or m x r (right)."""
-    if full.dim() != 2 or proj.dim() != 2 or low.dim() != 2:
-        raise ValueError(f"{what}: expected 2-D tensors, got {tuple(full.shape)}, {tuple(proj.shape)}, {tuple(low.shape)}")
+    torch._check_value(
+        full.dim() == 2 and proj.dim() == 2 and low.dim() == 2,
+        lambda: f"{what}: expected 2-D tensors, got {tuple(full.shape)}, {tuple(proj.shape)}, {tuple(low.shape)}",
+    )
     m, n = full.shape
     if side == "left":
         r = proj.shape[1]
-        ok = proj.shape[0] == m and tuple(low.shape) == (r, n)
+        ok = proj.shape[0] == m and low.shape[0] == r and low.shape[1] == n
         want = f"proj (m, r)=({m}, r) and subspace (r, n)=(r, {n})"
     else:
         r = proj.shape[0]
-        ok = proj.shape[1] == n and tuple(low.shape) == (m, r)
+        ok = proj.shape[1] == n and low.shape[0] == m and low.shape[1] == r
         want = f"proj (r, n)=(r, {n}) and subspace (m, r)=({m}, r)"
-    if not ok:
-        raise ValueError(
-            f"{what} side={side!r}: weight {tuple(full.shape)} needs {want}, "
-            f"got proj {tuple(proj.shape)} and subspace {tuple(low.shape)}"
-        )
+    torch._check_value(
+        ok,
+        lambda: f"{what} side={side!r}: weight {tuple(full.shape)} needs {want}, "
+        f"got proj {tuple(proj.shape)} and subspace {tuple(low.shape)}",
+    )
+
+
+def check_same_shape(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -> None:
+    torch._check_value(
+        t.shape == like.shape,
+        lambda: f"{name} shape {tuple(t.shape)} != {like_name} shape {tuple(like.shape)}",
+    )
 
 
 def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
     devices = {t.device for _, t in named}
-    if len(devices) > 1:
-        listing = ", ".join(f"{n} on {t.device}" for n, t in named)
-        raise ValueError(f"all tensors must be on one device, got {listing}")
+    torch._check_value(
+        len(devices) == 1,
+        lambda: "all tensors must be on one device, got " + ", ".join(f"{n} on {t.device}" for n, t in named),
+    )
+
+
+def check_unit_interval(name: str, value: float, meaning: str) -> None:
+    """``value`` in (0, 1]. Two checks, not a chained comparison: a symbolic value (a traced
+    ``tensor.item()``) becomes two runtime asserts instead of a data-dependent guard."""
+    torch._check_value(value > 0.0, lambda: f"{name} must be in (0, 1] ({meaning}), got {value}")
+    torch._check_value(value <= 1.0, lambda: f"{name} must be in (0, 1] ({meaning}), got {value}")

@@ -1,35 +1,20 @@
 """The "cpp" backend: the OpenMP kernels in ``csrc/``, built as ``owlore_kernels._C``.
 
-Importing ``_C`` registers ``torch.ops.owlore.*`` (the schemas live in
-``csrc/registration.cpp``); this module adapts them to the positional
-signatures of the torch references. If the extension was not built, the
-import below raises and ``ops._load_backends`` records why "cpp" is missing.
+Importing ``_C`` registers their CPU kernels with the ops defined in this package
+(``csrc/registration.cpp``, ``TORCH_LIBRARY_IMPL(owlore, CPU, m)``), so the
+dispatcher runs them for CPU tensors. A forced ``backend="cpp"`` calls the op
+through the dispatcher too, which for CPU tensors is that kernel. If the
+extension was not built, the import below raises and ``ops._load_backends``
+records why "cpp" is missing.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _C  # noqa: F401  (loading the library registers torch.ops.owlore.*)
-from . import register
+from .. import _C  # noqa: F401  (loading the library registers the CPU kernels)
+from . import OPS, op_overload, qualname, register
 
-_owlore = torch.ops.owlore
-
-
-@register("outlier_count", "cpp")
-def outlier_count_cpp(tensors, threshold, col_scales):
-    """Two OpenMP passes (mean, then count), fp32 block partials folded in double."""
-    mean, count = _owlore.outlier_count(list(tensors), float(threshold), list(col_scales))
-    return mean, count
-
-
-@register("project_adam", "cpp")
-def project_adam_cpp(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2):
-    """R a tile at a time (per-thread L2-sized buffer), Adam in the tile's epilogue."""
-    _owlore.project_adam_(grad, proj, exp_avg, exp_avg_sq, out, side, float(beta1), float(beta2), float(eps), float(bias1),
-                          float(bias2))
-
-
-@register("back_project_update", "cpp")
-def back_project_update_cpp(param, proj, norm_update, side, beta, alpha):
-    """W updated one tile at a time by a GEMM with that beta and alpha."""
-    _owlore.back_project_update_(param, proj, norm_update, side, float(beta), float(alpha))
+for _op in OPS:
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname(_op), "CPU"):
+        raise ImportError(f"owlore_kernels._C registers no CPU kernel for {qualname(_op)} (a stale build?)")
+    register(_op, "cpp")(op_overload(_op))

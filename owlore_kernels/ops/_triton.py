@@ -1,9 +1,9 @@
-"""The "triton" backend: registers the launchers in ``owlore_kernels/kernels`` against the
-op definitions (same positional signatures as the torch references).
+"""The "triton" backend: the launchers in ``owlore_kernels/kernels``, registered as the ops'
+CUDA kernels (``torch.library.register_kernel(..., "cuda")``).
 
 Importing this module imports Triton; ``ops._load_backends`` catches a failure and only
-drops this backend. On CPU tensors it runs only under ``TRITON_INTERPRET=1`` (see
-``ops._runs_on``); set that before anything imports ``owlore_kernels.kernels``.
+drops this backend. On CPU tensors it runs only when forced (``backend="triton"``) under
+``TRITON_INTERPRET=1``, which must be set before anything imports ``owlore_kernels.kernels``.
 """
 from __future__ import annotations
 
@@ -12,16 +12,19 @@ from . import register
 
 
 @register("outlier_count", "triton")
-def outlier_count_triton(tensors, threshold, col_scales):
+def _outlier_count_triton(tensors, *, threshold, col_scales):
     mean, count = outlier_count_launch(tensors, threshold, col_scales)
-    return mean.item(), count.item()  # the op's one host sync, after both passes
+    return mean, count.clone()  # a fresh tensor, not a view of the launcher's accumulator
 
 
 @register("project_adam", "triton")
-def project_adam_triton(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2):
-    project_adam_launch(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2)
+def _project_adam_triton(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, beta2, eps, bias_correction1,
+                         bias_correction2):
+    # float(): Triton would specialise an int argument (1 becomes a constant)
+    project_adam_launch(grad, proj, exp_avg, exp_avg_sq, out, side, float(beta1), float(beta2), float(eps),
+                        float(bias_correction1), float(bias_correction2))
 
 
 @register("back_project_update", "triton")
-def back_project_update_triton(param, proj, norm_update, side, beta, alpha):
-    back_project_update_launch(param, proj, norm_update, side, beta, alpha)
+def _back_project_update_triton(param, proj, norm_update, *, side, beta, alpha):
+    back_project_update_launch(param, proj, norm_update, side, float(beta), float(alpha))

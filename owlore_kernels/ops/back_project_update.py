@@ -2,10 +2,12 @@
 
 ``side="left"``: P is m x r and N is r x n. ``side="right"``: N is m x r and
 Q is r x n, and the product is N Q. The m x n product is never stored: fp32
-weights take one ``addmm_`` (beta and alpha fold decay and step size into
-the GEMM; the optimizer folds weight decay into beta and step size and
-GaLore's scale into alpha), and bf16/fp16 weights are upcast, updated and rounded back (round
-to nearest even) one row chunk at a time.
+weights take one ``addmm_`` (the optimizer folds weight decay into beta, and
+step size and GaLore's scale into alpha), and bf16/fp16 weights are upcast,
+updated and rounded back (round to nearest even) one row chunk at a time.
+
+The op is ``torch.ops.owlore.back_project_update_``; it returns nothing and
+writes ``param``.
 """
 from __future__ import annotations
 
@@ -13,8 +15,27 @@ from typing import Optional
 
 import torch
 
-from . import register, resolve
+from . import call, register
 from ._checks import check_float, check_projection_shapes, check_same_device, check_side, row_chunks
+
+torch.library.define(
+    "owlore::back_project_update_",
+    "(Tensor(a!) param, Tensor proj, Tensor norm_update, *, str side, Scalar beta, Scalar alpha) -> ()",
+)
+
+
+def check_back_project_update_args(param, proj, norm_update, side) -> None:
+    check_side(side)
+    check_float("param", param)
+    check_float("proj", proj, (torch.float32,))
+    check_float("norm_update", norm_update, (torch.float32,))
+    check_projection_shapes(side, param, proj, norm_update, "back_project_update_")
+    check_same_device(("param", param), ("proj", proj), ("norm_update", norm_update))
+
+
+@torch.library.register_fake("owlore::back_project_update_")
+def _back_project_update_fake(param, proj, norm_update, *, side, beta, alpha):
+    check_back_project_update_args(param, proj, norm_update, side)
 
 
 def back_project_update_(
@@ -27,20 +48,21 @@ def back_project_update_(
     alpha: float,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Apply the GaLore update to ``param`` in place and return it."""
-    check_side(side)
-    check_float("param", param)
-    check_float("proj", proj, (torch.float32,))
-    check_float("norm_update", norm_update, (torch.float32,))
-    check_projection_shapes(side, param, proj, norm_update, "back_project_update_")
-    check_same_device(("param", param), ("proj", proj), ("norm_update", norm_update))
-    _, impl = resolve("back_project_update", param.device, backend)
-    impl(param, proj, norm_update, side, float(beta), float(alpha))
+    """Apply the GaLore update to ``param`` in place and return it.
+
+    ``backend=None`` lets torch's dispatcher pick the kernel for the tensors' device;
+    ``"torch"``, ``"cpp"`` or ``"triton"`` forces one (see ``owlore_kernels.ops``).
+    """
+    if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
+        check_back_project_update_args(param, proj, norm_update, side)
+    call("back_project_update", param.device, backend)(
+        param, proj, norm_update, side=side, beta=beta, alpha=alpha
+    )
     return param
 
 
-@register("back_project_update", "torch")
 def back_project_update_reference(param, proj, norm_update, side, beta, alpha):
+    """The pure-PyTorch kernel, positional (the test oracle and the default kernel)."""
     if param.dtype == torch.float32:
         if side == "left":
             param.addmm_(proj, norm_update, beta=beta, alpha=alpha)
@@ -55,3 +77,8 @@ def back_project_update_reference(param, proj, norm_update, side, beta, alpha):
         else:
             w.addmm_(norm_update[rows], proj, beta=beta, alpha=alpha)
         param[rows].copy_(w)  # fp32 -> bf16/fp16 copy rounds to nearest even
+
+
+@register("back_project_update", "torch")
+def _back_project_update_torch(param, proj, norm_update, *, side, beta, alpha):
+    back_project_update_reference(param, proj, norm_update, side, beta, alpha)

@@ -13,6 +13,9 @@ The math, per element of the r-dimensional subspace, with the bias corrections
 ``m``, ``v``, ``P`` and ``N`` are fp32; ``G`` may be fp32, bf16 or fp16 and is
 upcast as it is read. Fast backends keep R in registers (Adam runs in the
 matmul's epilogue); the reference materialises R, which is small (r x n).
+
+The op is ``torch.ops.owlore.project_adam_``; it returns nothing and writes
+``exp_avg``, ``exp_avg_sq`` and ``out``.
 """
 from __future__ import annotations
 
@@ -20,8 +23,41 @@ from typing import Optional
 
 import torch
 
-from . import register, resolve
-from ._checks import check_float, check_projection_shapes, check_same_device, check_side, row_chunks
+from . import call, register
+from ._checks import (
+    check_float,
+    check_projection_shapes,
+    check_same_device,
+    check_same_shape,
+    check_side,
+    check_unit_interval,
+    row_chunks,
+)
+
+torch.library.define(
+    "owlore::project_adam_",
+    "(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, *, str side, "
+    "Scalar beta1, Scalar beta2, Scalar eps, Scalar bias_correction1, Scalar bias_correction2) -> ()",
+)
+
+
+def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2) -> None:
+    check_side(side)
+    check_float("grad", grad)
+    for name, t in (("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
+        check_float(name, t, (torch.float32,))
+    check_projection_shapes(side, grad, proj, exp_avg, "project_adam_")
+    check_same_shape("exp_avg_sq", exp_avg_sq, "exp_avg", exp_avg)
+    check_same_shape("out", out, "exp_avg", exp_avg)
+    check_unit_interval("bias_correction1", bias_correction1, "1 - beta1**t, or 1 for none")
+    check_unit_interval("bias_correction2", bias_correction2, "1 - beta2**t, or 1 for none")
+    check_same_device(("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out))
+
+
+@torch.library.register_fake("owlore::project_adam_")
+def _project_adam_fake(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, beta2, eps, bias_correction1,
+                       bias_correction2):
+    check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
 
 
 def project_adam_(
@@ -42,27 +78,17 @@ def project_adam_(
     """Update ``exp_avg`` and ``exp_avg_sq`` in place and return N (fp32, the subspace shape).
 
     ``out``, if given, receives N (fp32, same shape as the moments) and is returned.
+    ``backend=None`` lets torch's dispatcher pick the kernel for the tensors' device;
+    ``"torch"``, ``"cpp"`` or ``"triton"`` forces one (see ``owlore_kernels.ops``).
     """
-    check_side(side)
-    check_float("grad", grad)
-    for name, t in (("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-        check_float(name, t, (torch.float32,))
-    check_projection_shapes(side, grad, proj, exp_avg, "project_adam")
-    if exp_avg_sq.shape != exp_avg.shape:
-        raise ValueError(f"exp_avg_sq shape {tuple(exp_avg_sq.shape)} != exp_avg shape {tuple(exp_avg.shape)}")
-    for name, bc in (("bias_correction1", bias_correction1), ("bias_correction2", bias_correction2)):
-        if not 0.0 < float(bc) <= 1.0:
-            raise ValueError(f"{name} must be in (0, 1] (1 - beta**t, or 1 for none), got {bc}")
     if out is None:
         out = torch.empty_like(exp_avg)
-    else:
-        check_float("out", out, (torch.float32,))
-        if out.shape != exp_avg.shape:
-            raise ValueError(f"out shape {tuple(out.shape)} != exp_avg shape {tuple(exp_avg.shape)}")
-    check_same_device(("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out))
-    _, impl = resolve("project_adam", grad.device, backend)
-    impl(grad, proj, exp_avg, exp_avg_sq, out, side, float(beta1), float(beta2), float(eps),
-         float(bias_correction1), float(bias_correction2))
+    if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
+        check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
+    call("project_adam", grad.device, backend)(
+        grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1, beta2=beta2, eps=eps,
+        bias_correction1=bias_correction1, bias_correction2=bias_correction2,
+    )
     return out
 
 
@@ -92,7 +118,14 @@ def adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, bias1, bi
     return out
 
 
-@register("project_adam", "torch")
 def project_adam_reference(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias1, bias2):
+    """The pure-PyTorch kernel, positional (the test oracle and the default kernel)."""
     low = project_reference(grad, proj, side)
     adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, bias1, bias2)
+
+
+@register("project_adam", "torch")
+def _project_adam_torch(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, beta2, eps, bias_correction1,
+                        bias_correction2):
+    project_adam_reference(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias_correction1,
+                           bias_correction2)

@@ -1,0 +1,203 @@
+"""torch.ops.owlore.back_project_update_ on every backend, against an fp64 evaluation of
+W <- beta W + alpha (A B), with (A, B) = (P, N) for side="left" and (N, Q) for "right".
+
+Tolerance: each entry of A B is a dot product of length r of fp32 values, within
+gamma_r * (|A| |B|) of the exact value in any summation order (``op_samples.gamma``);
+scaling by alpha and beta, the fp32 rounding of alpha and beta, and the addition add at
+most 5 more roundings, so the fp32 result x obeys
+|x - W'| <= gamma_{r+5} (|beta W| + |alpha| (|A| |B|)). Triton's tensor-core dot for a
+bf16/fp16 W rounds A and B to W's type first: 2 u16 more per product. A bf16/fp16 W then
+stores round-to-nearest-even(x), which is bracketed exactly by rounding the two ends of
+that interval (``op_samples.rounded_bracket``): no "1 ulp" allowance is needed.
+
+Shapes cross the C++ tiles (fp32: full-height panels at most 2048 wide, a thread-count
+multiple of them; bf16/fp16: 512 x 512 tiles) and end mid-tile.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from op_samples import (DTYPES, SIDES, UNIT_ROUNDOFF, LargestNewTensor, assert_within, backend_device_params,
+                        dispatching_to, gamma, interpreted, low_shape, projection, rounded_bracket)
+from owlore_kernels.ops.back_project_update import back_project_update_
+
+BACKENDS = backend_device_params("back_project_update")
+CASES = [(67, 131, 5), (1, 5, 1), (131, 67, 16), (67, 131, 64), (130, 4097, 17), (600, 1100, 128), (2100, 520, 3)]
+INTERPRETER_CASES = [(67, 131, 5), (1, 5, 1), (131, 67, 16), (67, 131, 64)]
+# torch.optim.AdamW-style decay (beta = 1 - lr wd) and a step (alpha = -lr scale) large
+# enough that most results are inexact in bf16, so the rounding is exercised
+BETA, ALPHA = 1 - 0.05 * 0.1, -0.05 * 4.0
+
+
+def dot_rounding(backend: str, dtype: torch.dtype) -> float:
+    return 2 * UNIT_ROUNDOFF[dtype] if backend == "triton" and dtype != torch.float32 else 0.0
+
+
+def check_against_oracle(backend, before, after, proj, norm, side, beta, alpha):
+    w64, p64, n64 = before.double(), proj.double(), norm.double()
+    a, b = (p64, n64) if side == "left" else (n64, p64)
+    exact = beta * w64 + alpha * a.mm(b)
+    r = a.shape[1]
+    bound = gamma(r + 5) * (abs(beta) * w64.abs() + abs(alpha) * a.abs().mm(b.abs()))
+    bound += dot_rounding(backend, before.dtype) * abs(alpha) * a.abs().mm(b.abs())
+    if after.dtype == torch.float32:
+        assert_within(after, exact, bound, "W")
+        return
+    lo, hi = rounded_bracket(exact, bound, after.dtype)
+    outside = (after < lo) | (after > hi)
+    assert not bool(outside.any()), (
+        f"{int(outside.sum())} of {after.numel()} entries are not a rounding of a value within the bound; "
+        f"first: {after[outside][0].item()} not in [{lo[outside][0].item()}, {hi[outside][0].item()}]")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("m,n,r", CASES)
+def test_matches_fp64_oracle(backend, device, dtype, side, m, n, r):
+    if interpreted(backend, device) and (m, n, r) not in INTERPRETER_CASES:
+        pytest.skip("large for the Triton interpreter")
+    proj = projection(side, m, n, r, device)
+    norm = torch.randn(low_shape(side, m, n, r), device=device)
+    weight = torch.nn.Parameter(torch.randn(m, n, device=device).to(dtype))  # a leaf that requires grad
+    before = weight.detach().clone()
+    with torch.no_grad():  # as in optimizer.step()
+        returned = back_project_update_(weight, proj, norm, side=side, beta=BETA, alpha=ALPHA, backend=backend)
+    assert returned is weight
+    check_against_oracle(backend, before, weight.detach(), proj, norm, side, BETA, ALPHA)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_weight_is_updated_through_its_strides(backend, device, dtype):
+    m, n, r = (67, 131, 5) if interpreted(backend, device) else (300, 520, 7)
+    storage = torch.randn(n, m, device=device).to(dtype)
+    weight = storage.t()  # column-major W: the C++ tiles are column-major views
+    before = weight.clone()
+    proj, norm = projection("left", m, n, r, device), torch.randn(r, n, device=device)
+    back_project_update_(weight, proj, norm, side="left", beta=1.0, alpha=-1e-2, backend=backend)
+    check_against_oracle(backend, before, storage.t(), proj, norm, "left", 1.0, -1e-2)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype,half_ulp", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+def test_store_rounds_ties_to_even(backend, device, dtype, half_ulp):
+    """1 + half an ulp lies exactly between 1 and the next value up: nearest-even gives 1
+    (even mantissa), truncation and round-half-up disagree with each other. From 1 + 1 ulp
+    (odd mantissa) the same step is a tie that goes up to 1 + 2 ulps."""
+    proj = torch.ones(3, 1, device=device)
+    norm = torch.full((1, 4), half_ulp, device=device)  # exact in fp32, bf16 and fp16
+    w = torch.ones(3, 4, dtype=dtype, device=device)
+    back_project_update_(w, proj, norm, side="left", beta=1.0, alpha=1.0, backend=backend)
+    assert torch.equal(w, torch.ones(3, 4, dtype=dtype, device=device))
+    w = torch.full((3, 4), 1.0 + 2 * half_ulp, dtype=dtype, device=device)
+    back_project_update_(w, proj, norm, side="left", beta=1.0, alpha=1.0, backend=backend)
+    assert torch.equal(w, torch.full((3, 4), 1.0 + 4 * half_ulp, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_rank_zero_only_decays_and_empty_weight_is_a_no_op(backend, device):
+    weight = torch.randn(6, 9, device=device)
+    want = weight * 0.95
+    back_project_update_(weight, torch.zeros(6, 0, device=device), torch.zeros(0, 9, device=device), side="left",
+                         beta=0.95, alpha=-0.1, backend=backend)
+    torch.testing.assert_close(weight, want, rtol=2**-23, atol=0)  # one fp32 rounding of beta W
+    empty = torch.zeros(0, 9, device=device)
+    back_project_update_(empty, torch.zeros(0, 3, device=device), torch.zeros(3, 9, device=device), side="left",
+                         beta=0.95, alpha=-0.1, backend=backend)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_runs_under_inference_mode(backend, device):
+    """The C++ tiles run on worker threads, which must see the caller's inference mode."""
+    m, n, r = (67, 131, 5) if interpreted(backend, device) else (300, 1100, 7)
+    with torch.inference_mode():
+        weight, norm = torch.randn(m, n, device=device), torch.randn(r, n, device=device)
+        before = weight.clone()
+        back_project_update_(weight, projection("left", m, n, r, device), norm, side="left", beta=1.0, alpha=-0.1,
+                             backend=backend)
+    assert not torch.equal(weight, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_makes_no_full_size_temporary(dtype):
+    """The reference upcasts a 16-bit W a row chunk (~1M entries) at a time, never whole."""
+    m, n, r = 1536, 1024, 8
+    weight, proj, norm = torch.randn(m, n).to(dtype), projection("left", m, n, r), torch.randn(r, n)
+    with LargestNewTensor() as mode:
+        back_project_update_(weight, proj, norm, side="left", beta=0.99, alpha=-0.1, backend="torch")
+    assert 0 < mode.largest < weight.numel(), mode.largest
+
+
+# --------------------------------------------------------------------------- argument checks
+
+BAD_ARGUMENTS = [
+    ("side", dict(side="up"), ValueError, r"side must be one of \('left', 'right'\), got 'up'"),
+    ("right shapes", dict(side="right"), ValueError, r"side='right': weight \(30, 50\) needs proj \(r, n\)"),
+    ("proj dtype", dict(proj=torch.randn(30, 4, dtype=torch.float64)), ValueError, r"proj must have dtype.*float64"),
+    ("param dtype", dict(param=torch.randn(30, 50, dtype=torch.float64)), ValueError, r"param must have dtype"),
+    ("1-D param", dict(param=torch.randn(1500)), ValueError, r"expected 2-D tensors, got \(1500,\)"),
+]
+
+
+@pytest.mark.parametrize("what,change,error,pattern", BAD_ARGUMENTS, ids=[b[0] for b in BAD_ARGUMENTS])
+def test_bad_arguments_raise_before_anything_changes(what, change, error, pattern):
+    kwargs = dict(param=torch.randn(30, 50), proj=torch.randn(30, 4), norm_update=torch.randn(4, 50), side="left",
+                  beta=0.9, alpha=-0.1)
+    kwargs.update(change)
+    before = kwargs["param"].clone()
+    with pytest.raises(error, match=pattern):
+        back_project_update_(**kwargs)
+    assert torch.equal(kwargs["param"], before)
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=pattern):  # the fake implementation, as torch.compile runs it
+        torch.ops.owlore.back_project_update_(meta.pop("param"), meta.pop("proj"), meta.pop("norm_update"), **meta)
+
+
+# --------------------------------------------------------------------------- torch.library / torch.compile
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("side,dtype", [("left", torch.float32), ("right", torch.bfloat16)])
+def test_opcheck(backend, device, side, dtype):
+    """Schema (only param is written), fake implementation, autograd registration and AOT
+    dispatch (static and dynamic shapes), with the dispatcher running this backend's kernel."""
+    m, n, r = 19, 37, 5
+    args = (torch.randn(m, n, device=device).to(dtype), projection(side, m, n, r, device),
+            torch.randn(low_shape(side, m, n, r), device=device))
+    with dispatching_to("back_project_update", backend, device):
+        torch.library.opcheck(torch.ops.owlore.back_project_update_.default, args,
+                              dict(side=side, beta=0.99, alpha=-0.1),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                          "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
+
+
+def test_compiles_fullgraph_in_place_without_recompiling_per_step(monkeypatch):
+    """beta and alpha change every step with the learning rate; passed as tensors and read
+    with ``.item()`` they reach the op's Scalar arguments unspecialised: one compile for all
+    steps. Inductor calls the op on the weight itself (no copy of W, no copy back)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+
+    def update(weight, proj, norm, beta, alpha):
+        back_project_update_(weight, proj, norm, side="left", beta=beta.item(), alpha=alpha.item())
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(update, fullgraph=True, backend=counter)
+    m, n, r = 24, 40, 4
+    weight, proj = torch.randn(m, n), projection("left", m, n, r)
+    eager = weight.clone()
+    for t, lr in enumerate((1e-2, 5e-3, 2.5e-3)):
+        norm, beta, alpha = torch.randn(r, n), torch.tensor(1 - lr * 0.1), torch.tensor(-lr)
+        if t == 0:
+            _, (code,) = run_and_get_code(compiled, weight, proj, norm, beta, alpha)
+            assert "owlore.back_project_update_" in code and "copy_" not in code and "clone" not in code, code
+        else:
+            compiled(weight, proj, norm, beta, alpha)
+        update(eager, proj, norm, beta, alpha)
+        torch.testing.assert_close(weight, eager, rtol=0, atol=0)  # the same kernel on the same inputs
+    assert counter.frame_count == 1
