@@ -7,6 +7,7 @@ argparse errors that name the flag and the value.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from typing import Optional, Sequence
@@ -92,16 +93,18 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-ESTIMATE_DEFAULTS = dict(methods="owlore", gamma=5, rank=128, lora_rank=8, batch=1, seq_len=512)
-
-
 def _estimate_parser(sub) -> argparse.ArgumentParser:
+    from owlore_kernels.estimate import estimate_memory
+
+    # the command line's defaults are estimate_memory's own
+    D = {name: p.default for name, p in inspect.signature(estimate_memory).parameters.items()}
+    D["methods"] = D["method"]
     p = sub.add_parser("estimate", help="print a training-memory breakdown", formatter_class=FORMATTER,
                        description="Estimate weights, gradients, optimizer state, projections and activations.")
-    p.add_argument("--model", default="llama2-7b",
+    p.add_argument("--model", default=D["model"],
                    help="llama2-7b, llama3-8b, mistral-7b, smollm2-135m or a path to an HF config.json (or folder)")
-    _add_shared(p, ESTIMATE_DEFAULTS)
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype")
+    _add_shared(p, D)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=D["dtype"], help="weight dtype")
     p.add_argument("--state-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="optimizer-moment dtype; None: what each method's implementation uses")
     p.add_argument("--grad-checkpointing", action="store_true", help="keep only each block's input for backward")

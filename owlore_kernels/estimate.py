@@ -24,10 +24,10 @@ Assumptions (each is a choice; change them with the keyword arguments):
   and OwLore) keeps them in fp32. The scalar step counters are left out (a few bytes a tensor).
 * **Projection matrices** (GaLore, OwLore): one ``min(m, n) x r`` matrix per projected weight,
   with ``r = min(rank, m, n)``; galore-torch stores it in the parameter's dtype, OwLoreAdamW in
-  fp32, and OwLoreAdamW trains a weight with ``rank >= min(m, n)`` with plain Adam, no P (both
-  cases are listed in ``MemoryEstimate.notes``). GaLore projects every 2-D linear weight of every
-  block; OwLore those of the ``gamma`` sampled blocks. Embeddings, LM head and all norms use
-  plain Adam.
+  fp32. Both project a weight with ``rank >= min(m, n)`` onto a full basis of ``min(m, n)``
+  directions (saving no memory; listed in ``MemoryEstimate.notes``). GaLore projects every 2-D
+  linear weight of every block; OwLore those of the ``gamma`` sampled blocks. Embeddings, LM head
+  and all norms use plain Adam.
 * **LISA / OwLore** train ``gamma`` decoder blocks plus the embeddings, the LM head and the
   final norm, which always train (as in the LISA paper); every other block is frozen, with no
   gradient and no optimizer state. The figures are for one sample of ``gamma`` blocks.
@@ -303,9 +303,9 @@ def estimate_memory(
     logits.
 
     ``rank``: a weight with ``rank >= min(m, n)`` is noted in ``MemoryEstimate.notes`` (galore-torch
-    projects it onto all ``min(m, n)`` directions; OwLoreAdamW trains it full-rank, see the module
-    docstring); a rank above every block weight's ``min(m, n)`` (the hidden size, for LLaMA shapes)
-    is a ``ValueError`` for ``galore`` and ``owlore``, since no weight could use it.
+    and OwLoreAdamW project it onto all ``min(m, n)`` directions and still apply ``scale``); a rank
+    above every block weight's ``min(m, n)`` (the hidden size, for LLaMA shapes) is a
+    ``ValueError`` for ``galore`` and ``owlore``, since no weight could use it.
 
     ``in_backward``: the optimizer steps each parameter inside backward, as soon as its gradient
     is accumulated (``OwLoreAdamW.register_step_hooks``, or any step run from
@@ -349,10 +349,10 @@ def estimate_memory(
         capped = [(name, min(m, n)) for name, (m, n) in linears.items() if rank >= min(m, n)]  # block order
         if capped:
             which = ", ".join(f"{name} ({k})" for name, k in capped)
-            notes.append(f"rank {rank} >= min(m, n) for {which}: " + (
-                "galore-torch projects these onto all min(m, n) directions (a full orthonormal basis, the update "
-                "still multiplied by scale); counted at that size" if method == "galore" else
-                "OwLoreAdamW trains these with full-rank Adam and no projection; counted so"))
+            library = "galore-torch" if method == "galore" else "OwLoreAdamW"
+            notes.append(f"rank {rank} >= min(m, n) for {which}: {library} projects these onto all min(m, n) "
+                         "directions (a full orthonormal basis, the update still multiplied by scale); counted at "
+                         "that size")
     if _is_module(model):
         counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         if counted != shape.total_params:
@@ -363,17 +363,11 @@ def estimate_memory(
     weights = total * e
     projection = 0
 
-    def galore_block(proj_bytes: int, full_rank_when_small: bool) -> tuple[int, int]:
-        """(moment elements, projection bytes) of one block whose linears are projected.
-
-        galore-torch projects onto ``min(rank, m, n)`` directions; OwLoreAdamW trains a weight
-        with ``rank >= min(m, n)`` with plain full-rank Adam instead (no projection).
-        """
+    def galore_block(proj_bytes: int) -> tuple[int, int]:
+        """(moment elements, projection bytes) of one block whose linears are projected onto
+        ``min(rank, m, n)`` directions (galore-torch and OwLoreAdamW alike)."""
         moments = proj = 0
         for m, n in linears.values():
-            if full_rank_when_small and rank >= min(m, n):
-                moments += 2 * m * n
-                continue
             r = min(rank, m, n)
             moments += 2 * max(m, n) * r
             proj += min(m, n) * r * proj_bytes
@@ -399,7 +393,7 @@ def estimate_memory(
     elif method == "galore":
         trainable = total
         gradients = trainable * e
-        moments, proj = galore_block(e, False)  # galore-torch keeps P in the param dtype
+        moments, proj = galore_block(e)  # galore-torch keeps P in the param dtype
         state = (shape.num_layers * moments + 2 * shape.always_trained_params) * s
         projection = shape.num_layers * proj
         largest = max(largest_block, largest_always)
@@ -409,7 +403,7 @@ def estimate_memory(
         if method == "lisa":
             state = 2 * trainable * s
         else:
-            moments, proj = galore_block(4, True)  # OwLoreAdamW keeps P in fp32
+            moments, proj = galore_block(4)  # OwLoreAdamW keeps P in fp32
             state = (gamma * moments + 2 * shape.always_trained_params) * s
             projection = gamma * proj
         largest = max(largest_block, largest_always)
