@@ -377,9 +377,14 @@ class InBackwardSteps:
 
     Gradient accumulation: run the backward of every micro-batch but the last
     inside ``with hooks.no_step():``; gradients accumulate in ``.grad`` as
-    usual and the last backward steps. Clipping by the global gradient norm is
-    impossible (no step can wait for every gradient); clip the loss scale or
-    use per-param clipping in a hook of your own registered before these.
+    usual and the last backward steps.
+
+    Clipping by the global gradient norm cannot be done in-backward (no param
+    can wait for every gradient): use ``step()`` after backward when you need
+    it, or clip each gradient in a post-accumulate-grad hook of your own
+    registered before these (hooks run in registration order). With DDP, or
+    plain params in a multi-process job, the constructor raises: a hook sees
+    the local gradient before DDP averages it.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Union[nn.Module, Iterable[torch.Tensor]]):

@@ -138,11 +138,20 @@ class CollectiveRecorder(TorchDispatchMode):
 
 
 # -------------------------------------------------------------- scenarios
+def state_layout(model, opt):
+    """name -> {state key: (placements, local shape)} for the params holding optimizer state."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: {k: (str(v.placements), tuple(v.to_local().shape)) for k, v in st.items()
+                           if hasattr(v, "placements")}
+            for p, st in opt.state.items()}
+
+
 def scenario_parity(rank, world):
     """Shard(0) (uneven everywhere), sampler on, step() after backward."""
     rec = CollectiveRecorder()
-    params, history = train(rank, world, recorder=rec)
-    return {"params": params, "history": history, "collectives": rec.calls}
+    built = build(world)
+    params, history = train(rank, world, built=built, recorder=rec)
+    return {"params": params, "history": history, "collectives": rec.calls, "state": state_layout(*built[:2])}
 
 
 def scenario_in_backward(rank, world):
@@ -162,7 +171,8 @@ def scenario_placement(rank, world):
     built = build(world, h=40, placement=True)
     placements = {n: str(p.placements) for n, p in built[0].named_parameters() if n.startswith("blocks.0.")}
     params, history = train(rank, world, h=40, built=built, recorder=rec)
-    return {"params": params, "history": history, "collectives": rec.calls, "placements": placements}
+    return {"params": params, "history": history, "collectives": rec.calls, "placements": placements,
+            "state": state_layout(*built[:2])}
 
 
 def scenario_resume(rank, world, ckpt_dir):

@@ -83,6 +83,30 @@ def test_each_side_and_placement_matches_one_process(ranks):
         torch.testing.assert_close(got0, expected, atol=1e-6, rtol=0, msg=lambda m: f"{case}: {m}")
 
 
+def test_layouts_on_four_ranks_with_empty_shards(tmp_path):
+    """4 ranks: 13 rows split 4/4/4/1 and 9 columns 3/3/3/0, so one rank holds an empty shard."""
+    mp.spawn(fw.run, args=(4, _free_port(), str(tmp_path), ["layouts"]), nprocs=4, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(4)]
+    for case in fw.LAYOUT_CASES:
+        expected = fw.train_layout(*case)
+        for r in results:
+            assert torch.equal(r["layouts"][case], results[0]["layouts"][case])
+        torch.testing.assert_close(results[0]["layouts"][case], expected, atol=1e-6, rtol=0,
+                                   msg=lambda m: f"{case}: {m}")
+
+
+def test_state_is_sharded_like_the_subspace(ranks):
+    """Rank 0's local state: right-side moments m x r by rows, left-side r x n by columns."""
+    default = ranks[0]["parity"]["state"]["blocks.2.fc1.weight"]  # 39 x 21, right, Shard(0): rows 20/19
+    assert default["exp_avg"] == ("(Shard(dim=0),)", (20, 4)) and default["proj_right"] == ("(Replicate(),)", (4, 21))
+    default = ranks[0]["parity"]["state"]["blocks.2.fc2.weight"]  # 21 x 39, left, Shard(0): rows 11/10
+    assert default["exp_avg"] == ("(Shard(dim=1),)", (4, 20)) and default["proj_left"] == ("(Shard(dim=0),)", (11, 4))
+    by_columns = ranks[0]["placement"]["state"]["blocks.2.fc2.weight"]  # 21 x 40, left, Shard(1)
+    assert by_columns["exp_avg"] == ("(Shard(dim=1),)", (4, 20))
+    assert by_columns["proj_left"] == ("(Replicate(),)", (21, 4))
+    assert ranks[0]["parity"]["state"]["embed.weight"]["exp_avg"] == ("(Shard(dim=0),)", (17, 21))  # 33 rows
+
+
 def test_fsdp_with_sampler_matches_one_process(ranks, single):
     params, history = single["parity"]
     assert_ranks_agree_and_match(ranks, "parity", params, history)
