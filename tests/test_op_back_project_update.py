@@ -201,3 +201,66 @@ def test_compiles_fullgraph_in_place_without_recompiling_per_step(monkeypatch):
         update(eager, proj, norm, beta, alpha)
         torch.testing.assert_close(weight, eager, rtol=0, atol=0)  # the same kernel on the same inputs
     assert counter.frame_count == 1
+
+
+# --------------------------------------------------------------------------- the Triton kernel's store and guards
+
+
+def _triton_devices():
+    return [p for p in BACKENDS if p.id.startswith("triton")]
+
+
+if _triton_devices():
+    import triton
+    import triton.language as tl
+
+    from owlore_kernels.kernels._common import fp32_to_bf16_bits_rne
+
+    @triton.jit
+    def round_bf16_kernel(x_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        tl.store(out_ptr + offs, fp32_to_bf16_bits_rne(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+@pytest.mark.parametrize("backend,device", _triton_devices())
+def test_triton_bf16_rounding_is_torchs_bit_for_bit(backend, device):
+    """The kernels' fp32 -> bf16 store (integer rounding on the fp32 bits, because the
+    interpreter's ``.to(tl.bfloat16)`` truncates) gives torch's bits on every kind of input."""
+    def as_int32(*patterns):  # fp32 bit patterns written unsigned, stored as int32
+        return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in patterns], dtype=torch.int32)
+
+    special = as_int32(
+        0x3F808000, 0x3F818000,  # exact ties: round down to even, round up to even
+        0x3F807FFF, 0x3F808001,  # just below / above a tie
+        0x7F7FFFFF, 0x7F7F8000, 0x7F7F7FFF,  # largest fp32 (-> inf), tie at the top, just below
+        0x7F800000, 0xFF800000,  # +inf, -inf
+        0x00000001, 0x00008000, 0x00018000, 0x807FFFFF,  # denormals, incl. ties, and a negative one
+        0x00000000, 0x80000000,  # +0, -0
+    )
+    x = torch.cat([special, torch.randint(-(2**31), 2**31 - 1, (8000,), dtype=torch.int32)]).view(torch.float32)
+    x = x[~torch.isnan(x)].to(device)  # NaNs below: their payload is a convention, not rounding
+    out = torch.empty(x.numel(), dtype=torch.int16, device=device)
+    round_bf16_kernel[(triton.cdiv(x.numel(), 4096),)](x, out, x.numel(), BLOCK=4096)
+    want = x.to(torch.bfloat16).view(torch.int16)
+    assert torch.equal(out, want), [hex(int(b) & 0xFFFFFFFF) for b in x[out != want][:5].view(torch.int32)]
+    nans = as_int32(0x7FC00000, 0x7F800001, 0x7FFFFFFF, 0xFFFFFFFF, 0xFFC00000).view(torch.float32).to(device)
+    out = torch.empty(nans.numel(), dtype=torch.int16, device=device)
+    round_bf16_kernel[(1,)](nans, out, nans.numel(), BLOCK=16)
+    assert torch.isnan(out.view(torch.bfloat16).float()).all()
+    # one canonical NaN, c10::BFloat16's (CPU) choice; CUDA's cvt.rn.bf16.f32 writes 0x7FFF,
+    # equally a quiet NaN, so on GPU only the NaN-ness is torch's, not the payload
+    assert (out == 0x7FC0).all()
+
+
+@pytest.mark.parametrize("backend,device", _triton_devices())
+def test_triton_launcher_guards_memory_on_direct_calls(backend, device):
+    from owlore_kernels.kernels import back_project_update_launch
+
+    weight = torch.randn(67, 131, device=device)
+    with pytest.raises(ValueError):
+        back_project_update_launch(weight, torch.randn(67, 5, device=device), torch.randn(5, 130, device=device),
+                                   "left", 0.9, -0.1)
+    with pytest.raises(ValueError):
+        back_project_update_launch(weight, torch.randn(67, 5, device=device, dtype=torch.float64),
+                                   torch.randn(5, 131, device=device), "left", 0.9, -0.1)

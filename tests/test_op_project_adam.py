@@ -217,3 +217,15 @@ def test_compiles_fullgraph_without_recompiling_per_step(monkeypatch):
         torch.testing.assert_close(out, want, rtol=0, atol=0)
         torch.testing.assert_close(state, eager_state, rtol=0, atol=0)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id.startswith("triton")])
+def test_triton_launcher_guards_memory_on_direct_calls(backend, device):
+    from owlore_kernels.kernels import project_adam_launch
+
+    grad, proj = torch.randn(67, 131, device=device), torch.randn(67, 5, device=device)
+    bad, good = torch.zeros(5, 130, device=device), torch.zeros(5, 131, device=device)
+    with pytest.raises(ValueError):
+        project_adam_launch(grad, proj, bad, bad.clone(), bad.clone(), "left", 0.9, 0.999, 1e-6, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        project_adam_launch(grad, proj, good, good.clone(), good.clone(), "up", 0.9, 0.999, 1e-6, 1.0, 1.0)
