@@ -242,9 +242,11 @@ def scenario_errors(rank, world):
     return out
 
 
-LAYOUT_CASES = [  # (shape, proj_type, shard dim): every side on both placements, uneven splits on 2 ranks
-    ((13, 9), "left", 0), ((13, 9), "left", 1), ((13, 9), "right", 0), ((13, 9), "right", 1),
-    ((13, 9), "full", 0), ((13, 9), "full", 1), ((9, 14), "std", 0), ((14, 9), "std", 1),
+LAYOUT_CASES = [  # (shape, proj_type, shard dim, dtype): every side on both placements, uneven splits on 2 ranks
+    ((13, 9), "left", 0, "float32"), ((13, 9), "left", 1, "float32"), ((13, 9), "right", 0, "float32"),
+    ((13, 9), "right", 1, "float32"), ((13, 9), "full", 0, "float32"), ((13, 9), "full", 1, "float32"),
+    ((9, 14), "std", 0, "float32"), ((14, 9), "std", 1, "float32"),
+    ((13, 9), "left", 0, "bfloat16"), ((13, 9), "right", 1, "bfloat16"),
 ]
 LAYOUT_STEPS = 5  # refreshes at updates 1, 3, 5
 
@@ -262,12 +264,13 @@ def layout_gradients(shape, steps=LAYOUT_STEPS, seed=3):
     return out
 
 
-def train_layout(shape, proj_type, shard_dim=None, mesh=None):
-    """OwLoreAdamW on one weight fed fixed gradients; sharded by ``shard_dim`` over ``mesh`` if given."""
+def train_layout(case, mesh=None):
+    """OwLoreAdamW on one weight fed fixed gradients; sharded over ``mesh`` if given."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    shape, proj_type, shard_dim, dtype = case
     torch.manual_seed(0)
-    weight = torch.randn(shape)
+    weight = torch.randn(shape).to(getattr(torch, dtype))
     if mesh is not None:
         weight = distribute_tensor(weight, mesh, [Shard(shard_dim)])
     p = nn.Parameter(weight)
@@ -279,6 +282,7 @@ def train_layout(shape, proj_type, shard_dim=None, mesh=None):
     opt = owlore_kernels.OwLoreAdamW([{"params": [p], "rank": 3, "update_proj_gap": 2, "proj_type": proj_type}],
                                      lr=1e-2, eps=eps, weight_decay=0.1, proj_method="randomized", seed=5)
     for grad in layout_gradients(shape):
+        grad = grad.to(weight.dtype)
         p.grad = grad if mesh is None else distribute_tensor(grad, mesh, [Shard(shard_dim)])
         opt.step()
     out = p.detach()
@@ -289,7 +293,7 @@ def scenario_layouts(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
-    return {case: train_layout(*case, mesh=mesh) for case in LAYOUT_CASES}
+    return {case: train_layout(case, mesh=mesh) for case in LAYOUT_CASES}
 
 
 SCENARIOS = {
