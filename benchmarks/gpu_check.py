@@ -1,41 +1,36 @@
-"""GPU check of the Triton kernels at real shapes: correct against the torch reference, and how fast.
+"""GPU check of the Triton kernels at real shapes: correct against the torch reference and an
+fp64 oracle, and how fast against the HBM floor, galore-torch and fused torch.optim.AdamW.
 
-One command, about 2-4 minutes on one H200 (most of it galore-torch's first-step SVDs and
-Triton compiles)::
+One command, a few minutes on one H200 (torch 2.11 / triton 3.6, no network)::
 
-    PYTHONPATH=. python benchmarks/gpu_check.py                 # real shapes, CUDA
-    PYTHONPATH=. python benchmarks/gpu_check.py --small         # tiny shapes; on a CPU-only
-                                                                # machine under TRITON_INTERPRET=1
+    PYTHONPATH=. python benchmarks/gpu_check.py             # real shapes, CUDA
+    PYTHONPATH=. python benchmarks/gpu_check.py --small     # tiny shapes; without a GPU it runs
+                                                            # the same code in Triton's interpreter
 
-Per case (weight shape m x n, rank r, weight dtype) it runs one GaLore step's two fused
-kernels (``project_adam`` then ``back_project_update``), checks moments, N and W against
-the torch reference ops, and prints:
+Per case (weight m x n, rank r, dtype, dot precision; "default" = what the launcher picks per
+call: bf16/fp16 tensor-core dots, fp32 following torch.get_float32_matmul_precision()):
 
-* the median time of the fused step, with min and max over the timed runs (L2 flushed
-  before each run, CUDA-event timing after warm-up);
-* achieved GB/s on the minimum bytes a step must move (REFERENCE.md)::
+* correctness: R (through m = (1 - b1) R from zero moments), v, N and W against an fp64
+  oracle, within the worst-case bound of the precision's rounding,
+  ``|dR| <= 2 (u_dot + K 2^-24) (|P|^T |G|)`` (u_dot: 2^-9 bf16 P, 2^-11 fp16, 2^-10 x 2 tf32
+  truncation, 0 ieee); N against the fp64 formula on the kernel's own m, v; a bf16/fp16 W
+  within one unit in the last place of the fp64 update plus the dot's rounding bound on
+  |alpha| |A| |B| (which only matters where |W| is as small as the update). The torch reference's own error
+  against the oracle is printed beside it.
+* timings (CUDA events, L2 flushed before each run, candidates interleaved): the fused step
+  (project_adam + back_project_update), the same math as torch ops, galore-torch's
+  ``GaLoreAdamW.step()`` (projection refresh frozen) and full-rank fused ``torch.optim.AdamW``;
+  the step's ratio to the HBM floor (read W and G, write W, read+write the fp32 moments,
+  read P, at ``--peak-gbps``) and the extra peak memory of the fused step.
+* ``outlier_count``: mean and count against the reference, time vs one read of W.
 
-      bytes = m n (b_G + 2 b_W) + 4 max(m, n) r 4 + min(m, n) r 4
-
-* the ratio of the time to that floor at ``--peak-gbps`` (4300: the device-to-device
-  bandwidth measured on an H200);
-* the speedup over the unfused torch path (the torch reference ops, same math) and over
-  galore-torch's ``GaLoreAdamW.step()`` at the same rank without a refresh (skipped with a
-  note when ``galore_torch`` is not importable).
-
-It also checks and times ``outlier_count`` (two passes) per shape and dtype. The tensor
-core trade-off is measured by timing each ``--precision`` (ieee, tf32x3, tf32). Results
-are printed and appended to ``benchmarks/results/gpu_check_<date>.txt`` with the machine,
-the versions and the date. Nothing is asserted: failed checks are printed as FAIL and
-counted in the exit status (1 if any failed).
+Results are printed and appended to ``benchmarks/results/gpu_check[_small].{md,jsonl}`` with
+the machine stamp. Exit status 1 if any check failed.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -43,16 +38,16 @@ import time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--small", action="store_true",
-                   help="tiny ragged shapes (same code path); runs on CPU under TRITON_INTERPRET=1 when there is no GPU")
-    p.add_argument("--precision", default="ieee,tf32x3,tf32",
-                   help="comma list of tl.dot input precisions to time (default: all three)")
-    p.add_argument("--peak-gbps", type=float, default=4300.0,
-                   help="bandwidth for the floor, GB/s (default 4300: H200 D2D measured)")
-    p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 50; 3 with --small)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up runs (default 10; 1 with --small)")
-    p.add_argument("--no-galore", action="store_true", help="skip the galore-torch baseline (saves its SVDs)")
-    p.add_argument("--no-flush", action="store_true", help="do not flush L2 before each timed run")
-    p.add_argument("--out", default=None, help="results file (default benchmarks/results/gpu_check_<date>[_small].txt)")
+                   help="tiny ragged shapes (same code path); runs on CPU under TRITON_INTERPRET=1 without a GPU")
+    p.add_argument("--precision", default="default,ieee",
+                   help="comma list: 'default' (the per-call choice) and/or explicit dot precisions; "
+                        "those a dtype does not allow are skipped for it (default: default,ieee)")
+    p.add_argument("--peak-gbps", type=float, default=4800.0,
+                   help="HBM bandwidth for the floor, GB/s (default 4800: H200 datasheet)")
+    p.add_argument("--iters", type=int, default=None, help="timed runs per candidate (default 30; 1 with --small)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5; 1 with --small)")
+    p.add_argument("--no-galore", action="store_true", help="skip the galore-torch baseline")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
 
 
@@ -66,9 +61,11 @@ if not torch.cuda.is_available():
                  "in Triton's interpreter (CPU).")
     os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
 
-import triton  # noqa: E402
-
-from owlore_kernels.kernels import DOT_PRECISIONS, back_project_update_launch, outlier_count_launch, project_adam_launch  # noqa: E402
+from owlore_kernels.bench.harness import (append_results, frozen_galore_refresh, machine_stamp,  # noqa: E402
+                                          markdown_table, stamp_line, time_interleaved)
+from owlore_kernels.kernels import (back_project_update_launch, outlier_count_launch,  # noqa: E402
+                                    project_adam_launch, resolve_dot_precision)
+from owlore_kernels.kernels._common import ALLOWED_DOT_PRECISIONS  # noqa: E402
 from owlore_kernels.ops.back_project_update import back_project_update_reference  # noqa: E402
 from owlore_kernels.ops.outlier_count import outlier_count_reference  # noqa: E402
 from owlore_kernels.ops.project_adam import project_adam_reference  # noqa: E402
@@ -81,87 +78,25 @@ except Exception as exc:  # not installed on every GPU machine
     GALORE_NOTE = f"galore_torch not importable ({type(exc).__name__}: {exc}); galore column skipped"
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CUDA = DEVICE.type == "cuda"
 if ARGS.small:
-    SHAPES = [(67, 131), (131, 67)]
-    RANKS = [5, 16]
+    SHAPES, RANKS = [(67, 131), (131, 67)], [16]
 else:
-    SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
-    RANKS = [128, 256, 512]
-DTYPES = [torch.float32, torch.bfloat16]
-ITERS = ARGS.iters or (3 if ARGS.small else 50)
-WARMUP = ARGS.warmup or (1 if ARGS.small else 10)
+    SHAPES, RANKS = [(4096, 4096), (4096, 11008), (11008, 4096)], [128, 256, 512]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+ITERS = ARGS.iters or (1 if ARGS.small else 30)
+WARMUP = ARGS.warmup if ARGS.warmup is not None else (1 if ARGS.small else 5)
 PRECISIONS = [p.strip() for p in ARGS.precision.split(",") if p.strip()]
-for prec in PRECISIONS:
-    if prec not in DOT_PRECISIONS:
-        sys.exit(f"--precision: {prec!r} is not one of {DOT_PRECISIONS}")
-BETA1, BETA2, EPS, LR, WD, SCALE = 0.9, 0.999, 1e-6, 1e-3, 0.01, 0.25
-
-# Accuracy bounds, as max |got - want| / (atol + rtol |want|) <= 1. "ieee" is exact fp32
-# products; only the summation order differs, over K = 4096-11008 terms, hence 1e-4 rather
-# than the 1e-5 of the small-shape tests. TF32 rounds products' inputs to 10 mantissa bits
-# (~5e-4 relative each), so R and everything after it carries ~1e-3 relative error.
-TOL = {"ieee": (1e-4, 1e-5), "tf32x3": (1e-4, 1e-5), "tf32": (2e-2, 2e-3)}
-
-_FLUSH = None
-LINES: list[str] = []
+BETA1, BETA2, EPS, LR, WD, SCALE = 0.9, 0.999, 1e-8, 1e-3, 0.01, 0.25
+EPS32 = 2.0 ** -24
+UNIT = {"ieee": 0.0, "tf32": 2 * 2.0 ** -10, "tf32x3": 2 * 2.0 ** -22, "bf16": 2.0 ** -9, "fp16": 2.0 ** -11}
+ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}
+ROWS: list = []
 FAILURES = 0
 
 
 def emit(line: str = "") -> None:
     print(line, flush=True)
-    LINES.append(line)
-
-
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def flush_l2() -> None:
-    """Overwrite a 256 MB buffer so the next run starts with a cold 50 MB L2 (H200)."""
-    global _FLUSH
-    if DEVICE.type != "cuda" or ARGS.no_flush:
-        return
-    if _FLUSH is None:
-        _FLUSH = torch.empty(64 * 2**20, dtype=torch.float32, device=DEVICE)
-    _FLUSH.zero_()
-
-
-def time_ms(fn) -> tuple[float, float, float]:
-    """(median, min, max) milliseconds of ``fn()`` over ITERS runs after WARMUP runs."""
-    for _ in range(WARMUP):
-        fn()
-    sync()
-    times = []
-    for _ in range(ITERS):
-        flush_l2()
-        if DEVICE.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), min(times), max(times)
-
-
-def floor_bytes(m: int, n: int, r: int, dtype: torch.dtype) -> int:
-    b = torch.empty((), dtype=dtype).element_size()
-    return m * n * (b + 2 * b) + 4 * max(m, n) * r * 4 + min(m, n) * r * 4
-
-
-def closeness(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> float:
-    """max |got - want| / (atol + rtol |want|): <= 1 passes, like torch.testing.assert_close."""
-    return ((got.float() - want.float()).abs() / (atol + rtol * want.float().abs())).max().item()
-
-
-def bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> int:
-    """Largest distance in bf16 units in the last place (same-sign values)."""
-    return (got.view(torch.int16).int() - want.view(torch.int16).int()).abs().max().item()
 
 
 def verdict(ok: bool) -> str:
@@ -170,131 +105,165 @@ def verdict(ok: bool) -> str:
     return "ok" if ok else "FAIL"
 
 
+def dname(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def time_all(candidates: dict) -> dict:
+    """Median ms per candidate (interleaved; L2 flushed before each run on CUDA)."""
+    t = time_interleaved(candidates, repeats=ITERS, warmup=WARMUP, device=DEVICE, flush_l2=CUDA)
+    return {k: v.summary()["median"] for k, v in t.items()}
+
+
+def floor_bytes(m: int, n: int, r: int, dtype) -> int:
+    b = torch.empty((), dtype=dtype).element_size()
+    return 3 * m * n * b + 4 * max(m, n) * r * 4 + min(m, n) * r * 4
+
+
 def orthonormal(rows: int, cols: int) -> torch.Tensor:
     q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), device=DEVICE))
     return (q if rows >= cols else q.t()).contiguous()
 
 
-def galore_step_ms(w0: torch.Tensor, grad: torch.Tensor, r: int):
-    """galore-torch GaLoreAdamW.step() on one weight, rank r, no projection refresh."""
+def galore_step(weight0: torch.Tensor, grad: torch.Tensor, r: int):
     if GaLoreAdamW is None or ARGS.no_galore:
         return None
-    w = torch.nn.Parameter(w0.clone())
+    w = torch.nn.Parameter(weight0.clone())
     w.grad = grad
-    opt = GaLoreAdamW([{"params": [w], "rank": r, "update_proj_gap": 10**9, "scale": SCALE, "proj_type": "std"}],
-                      lr=LR, weight_decay=WD)
-    opt.step()  # the first step computes the SVD; the timed ones reuse it
-    result = time_ms(opt.step)
-    del opt, w
-    return result
+    with frozen_galore_refresh():
+        opt = GaLoreAdamW([{"params": [w], "rank": r, "update_proj_gap": 10 ** 9, "scale": SCALE,
+                            "proj_type": "std"}], lr=LR, weight_decay=WD)
+        opt.step()  # the first step builds the projector; the timed ones reuse it
+    return opt.step
 
 
-def check_step(m: int, n: int, r: int, dtype: torch.dtype) -> None:
-    side = "right" if m >= n else "left"  # galore-torch "std": project the shorter side
+def adamw_step(weight0: torch.Tensor, grad: torch.Tensor):
+    w = torch.nn.Parameter(weight0.clone())
+    w.grad = grad
+    opt = torch.optim.AdamW([w], lr=LR, weight_decay=WD, fused=True)
+    opt.step()
+    return opt.step
+
+
+def check_step(m: int, n: int, r: int, dtype, precisions) -> None:
+    side = "right" if m >= n else "left"  # galore-torch "std": project onto the shorter side
+    k = m if side == "left" else n
     grad = torch.randn(m, n, device=DEVICE).to(dtype)
-    grad_prev = torch.randn(m, n, device=DEVICE).to(dtype)
     weight0 = torch.randn(m, n, device=DEVICE).to(dtype)
     proj = orthonormal(m, r) if side == "left" else orthonormal(r, n)
     low = (r, n) if side == "left" else (m, r)
-    # warm moments (one reference step): N then divides by a realistic sqrt(v), not ~|R|
-    avg0, avg_sq0 = torch.zeros(low, device=DEVICE), torch.zeros(low, device=DEVICE)
-    project_adam_reference(grad_prev, proj, avg0, avg_sq0, torch.empty(low, device=DEVICE), side, BETA1, BETA2, EPS, 1)
-
-    ref_avg, ref_avg_sq, ref_n, ref_w = avg0.clone(), avg_sq0.clone(), torch.empty(low, device=DEVICE), weight0.clone()
-    project_adam_reference(grad, proj, ref_avg, ref_avg_sq, ref_n, side, BETA1, BETA2, EPS, 2)
-    back_project_update_reference(ref_w, proj, ref_n, side, LR, WD, SCALE)
-    # snapshot: timing the unfused path below keeps updating ref_* in place
-    want = {"avg": ref_avg.clone(), "avg_sq": ref_avg_sq.clone(), "n": ref_n.clone(), "w": ref_w.clone()}
-    n_in = ref_n.clone()  # the N both back-projections consume in the check
-
-    def unfused():
-        project_adam_reference(grad, proj, ref_avg, ref_avg_sq, ref_n, side, BETA1, BETA2, EPS, 2)
-        back_project_update_reference(ref_w, proj, ref_n, side, LR, WD, SCALE)
-
-    t_unfused = time_ms(unfused)
-    t_galore = galore_step_ms(weight0, grad, r)
+    bias1, bias2 = 1 - BETA1, 1 - BETA2  # step 1
+    beta, alpha = 1 - LR * WD, -LR * SCALE
+    # fp64 oracle, and |P|^T |G| for the rounding bound
+    g64, p64 = grad.double(), proj.double()
+    r64 = p64.t() @ g64 if side == "left" else g64 @ p64.t()
+    absprod = (p64.abs().t() @ g64.abs()) if side == "left" else (g64.abs() @ p64.abs().t())
+    del g64
+    # torch reference (fp32 math), and its error against the oracle
+    ref_m, ref_v, ref_n = (torch.zeros(low, device=DEVICE) for _ in range(3))
+    project_adam_reference(grad, proj, ref_m, ref_v, ref_n, side, BETA1, BETA2, EPS, bias1, bias2)
+    ref_err = ((ref_m.double() / (1 - BETA1) - r64).abs().max() / r64.abs().max()).item()
+    n_in = ref_n.clone()  # the N both back-projections consume
+    a64, b64 = (p64, n_in.double()) if side == "left" else (n_in.double(), p64)
+    w64 = beta * weight0.double() + alpha * (a64 @ b64)
+    wabs = abs(alpha) * (a64.abs() @ b64.abs())
+    del a64, b64
     nbytes = floor_bytes(m, n, r, dtype)
     floor_ms = nbytes / (ARGS.peak_gbps * 1e9) * 1e3
-    dname = str(dtype).replace("torch.", "")
-    for prec in PRECISIONS:
-        avg, avg_sq, out, w = avg0.clone(), avg_sq0.clone(), torch.empty(low, device=DEVICE), weight0.clone()
-        project_adam_launch(grad, proj, avg, avg_sq, out, side, BETA1, BETA2, EPS, 2, dot_precision=prec)
-        # the reference's N, so the W check sees only back_project_update's own error
-        back_project_update_launch(w, proj, n_in, side, LR, WD, SCALE, dot_precision=prec)
-        rtol, atol = TOL[prec]
-        c_avg = closeness(avg, want["avg"], rtol, atol)
-        c_sq = closeness(avg_sq, want["avg_sq"], rtol, atol)
-        c_n = closeness(out, want["n"], rtol, atol)
+    ref_w = weight0.clone()
+
+    def unfused():
+        project_adam_reference(grad, proj, ref_m, ref_v, ref_n, side, BETA1, BETA2, EPS, bias1, bias2)
+        back_project_update_reference(ref_w, proj, ref_n, side, beta, alpha)
+
+    baselines = {"torch ops": unfused}
+    step = galore_step(weight0, grad, r)
+    if step is not None:
+        baselines["galore-torch"] = step
+    if CUDA:
+        baselines["AdamW fused"] = adamw_step(weight0, grad)
+    for choice in precisions:
+        prec = resolve_dot_precision(dtype, None if choice == "default" else choice)
+        mom, sq, out, w = (torch.zeros(low, device=DEVICE), torch.zeros(low, device=DEVICE),
+                           torch.empty(low, device=DEVICE), weight0.clone())
+        project_adam_launch(grad, proj, mom, sq, out, side, BETA1, BETA2, EPS, bias1, bias2, dot_precision=prec)
+        back_project_update_launch(w, proj, n_in, side, beta, alpha, dot_precision=prec)
+        # R through m = (1 - b1) R (zero moments): error / bound, <= 1 passes
+        bound_r = 2 * (UNIT[prec] + k * EPS32) * absprod + 1e-30
+        err_r = (mom.double() / (1 - BETA1) - r64).abs()
+        c_r = ((err_r - 2 * EPS32 * r64.abs()).clamp_min(0) / bound_r).max().item()  # the 0.1 scaling's rounding
+        kern_err = (err_r.max() / r64.abs().max()).item()
+        c_v = ((sq.double() - (1 - BETA2) * r64 ** 2).abs()
+               / ((1 - BETA2) * (2 * r64.abs() * bound_r + bound_r ** 2) + 4 * EPS32 * (1 - BETA2) * r64 ** 2
+                  + 1e-30)).max().item()
+        want_n = (mom.double() / bias1) / ((sq.double() / bias2).sqrt() + EPS)
+        c_n = ((out.double() - want_n).abs() / (8 * EPS32 * want_n.abs() + 1e-30)).max().item()
         if dtype == torch.float32:
-            c_w = closeness(w, want["w"], rtol, atol)
-            w_ok, w_note = c_w <= 1, f"W {c_w:.2f}"
-        else:
-            ulps = bf16_ulps(w, want["w"])  # fp32 math identical up to order: at most 1 ulp apart
-            w_ok, w_note = ulps <= (1 if prec != "tf32" else 2), f"W {ulps} ulp"
-        ok = max(c_avg, c_sq, c_n) <= 1 and w_ok
-        check = f"m {c_avg:.2f} v {c_sq:.2f} N {c_n:.2f} {w_note} {verdict(ok)}"
+            bound_w = 2 * ((UNIT[prec] + r * EPS32) * wabs + 2 * EPS32 * w64.abs()) + 1e-30
+            c_w = ((w.double() - w64).abs() / bound_w).max().item()
+            w_note = f"W {c_w:.2f}"
+        else:  # one ulp of W's dtype (the rounding of the fp32 result) + the dot's own rounding bound
+            u_ops = 2 * UNIT[prec] if prec in ("bf16", "fp16") else UNIT[prec]
+            bound_w = ULP[dtype] * w64.abs() + 2 * ((u_ops + r * EPS32) * wabs + 2 * EPS32 * w64.abs()) + 1e-30
+            c_w = ((w.double() - w64).abs() / bound_w).max().item()
+            w_note = f"W {c_w:.2f}"
+        ok = max(c_r, c_v, c_n, c_w) <= 1
+        check = f"R {c_r:.2f} v {c_v:.2f} N {c_n:.2f} {w_note} (err/bound) {verdict(ok)}"
 
         def fused():
-            project_adam_launch(grad, proj, avg, avg_sq, out, side, BETA1, BETA2, EPS, 2, dot_precision=prec)
-            back_project_update_launch(w, proj, out, side, LR, WD, SCALE, dot_precision=prec)
+            project_adam_launch(grad, proj, mom, sq, out, side, BETA1, BETA2, EPS, bias1, bias2, dot_precision=prec)
+            back_project_update_launch(w, proj, out, side, beta, alpha, dot_precision=prec)
 
-        med, lo, hi = time_ms(fused)
-        gbps = nbytes / (med * 1e-3) / 1e9
-        galore = f"{t_galore[0] / med:6.2f}x" if t_galore else "   n/a"
-        emit(f"{m:>5}x{n:<5} r={r:<3} {dname:<8} {side:<5} {prec:<6} | {med:8.3f} ms [{lo:.3f}-{hi:.3f}] "
-             f"{gbps:7.0f} GB/s  {med / floor_ms:5.2f}x floor | vs unfused {t_unfused[0] / med:6.2f}x "
-             f"({t_unfused[0]:.3f} ms) vs galore {galore}"
-             + (f" ({t_galore[0]:.3f} ms)" if t_galore else "") + f" | {check}")
+        peak_note = ""
+        if CUDA:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fused()
+            torch.cuda.synchronize()
+            peak_note = f" +{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f} MiB peak"
+        times = time_all({"fused": fused, **baselines})
+        med = times["fused"]
+        vs = "  ".join(f"{name} {t:.3f} ms ({t / med:.2f}x)" for name, t in times.items() if name != "fused")
+        emit(f"{m:>5}x{n:<5} r={r:<3} {dname(dtype):<8} {side:<5} {choice}={prec:<6} | fused {med:8.3f} ms "
+             f"{med / floor_ms:5.2f}x floor{peak_note} | {vs} | R err {kern_err:.1e} (torch {ref_err:.1e}) | {check}")
+        ROWS.append(dict(m=m, n=n, r=r, dtype=dname(dtype), side=side, precision=prec, choice=choice,
+                         fused_ms=med, floor_ms=floor_ms, **{f"{k}_ms": v for k, v in times.items() if k != "fused"},
+                         r_rel_err=kern_err, torch_r_rel_err=ref_err, ok=ok))
 
 
-def check_outliers(m: int, n: int, dtype: torch.dtype) -> None:
+def check_outliers(m: int, n: int, dtype) -> None:
     w = torch.randn(m, n, device=DEVICE).to(dtype)
     scale = torch.rand(n, device=DEVICE) + 0.5
     threshold = 5.0
     mean_t, count_t = outlier_count_launch([w], threshold, [scale])
     mean, count = mean_t.item(), count_t.item()
-    ref_mean, ref_count = outlier_count_reference([w.clone()], threshold, [scale])  # the reference scores in place
-    rel = abs(mean - ref_mean) / abs(ref_mean)
+    ref_mean, ref_count = (x.item() for x in outlier_count_reference([w], threshold, [scale]))
+    mean64 = (w.double().abs() * scale.double()).mean().item()
+    rel = abs(mean - mean64) / mean64
     # count may differ only by entries within 1e-5 of the cut (the means' last bits)
-    score = w.float().abs_().mul_(scale)
-    cut = threshold * ref_mean
+    score = w.float().abs() * scale
+    cut = threshold * mean64
     lo, hi = int((score > cut * (1 + 1e-5)).sum()), int((score > cut * (1 - 1e-5)).sum())
     del score
     ok = rel <= 1e-5 and lo <= count <= hi
-    med, mn, mx = time_ms(lambda: outlier_count_launch([w], threshold, [scale]))
-    ref_med = time_ms(lambda: outlier_count_reference([w.clone()], threshold, [scale]))[0]
-    nbytes = 2 * m * n * w.element_size()  # two passes over w; the scale vector is noise
-    floor_ms = nbytes / (ARGS.peak_gbps * 1e9) * 1e3
-    dname = str(dtype).replace("torch.", "")
-    emit(f"{m:>5}x{n:<5} {dname:<8} outlier_count | {med:8.3f} ms [{mn:.3f}-{mx:.3f}] "
-         f"{nbytes / (med * 1e-3) / 1e9:7.0f} GB/s {med / floor_ms:5.2f}x floor(2 passes) | vs torch ref "
-         f"{ref_med / med:6.2f}x ({ref_med:.3f} ms; includes a clone) | mean rel {rel:.1e} count {count} "
-         f"(ref {ref_count}, allowed {lo}-{hi}) {verdict(ok)}")
-
-
-def header() -> None:
-    now = datetime.datetime.now().astimezone()
-    gpu = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
-    try:
-        import galore_torch
-        gver = getattr(galore_torch, "__version__", "installed")
-    except Exception:
-        gver = "not installed"
-    emit(f"# gpu_check {now.isoformat(timespec='seconds')}  {'--small' if ARGS.small else 'real shapes'}")
-    emit(f"# device: {gpu}; {platform.platform()}; python {platform.python_version()}")
-    emit(f"# torch {torch.__version__}, triton {triton.__version__}, galore_torch {gver}; "
-         f"peak {ARGS.peak_gbps:.0f} GB/s; {ITERS} runs after {WARMUP} warm-up, median [min-max]; "
-         f"L2 flush {'off' if ARGS.no_flush or DEVICE.type != 'cuda' else 'on'}")
-    emit("# step = project_adam + back_project_update (2 kernels); floor bytes = m n (b_G + 2 b_W) + 16 max(m,n) r "
-         "+ 4 min(m,n) r; 'x floor' = time / floor time; 'vs X' = X's time / this time; checks: max err / (atol + rtol |ref|)")
-    if GALORE_NOTE:
-        emit(f"# note: {GALORE_NOTE}")
-    elif ARGS.no_galore:
-        emit("# note: galore baseline skipped (--no-galore)")
+    times = time_all({"triton": lambda: outlier_count_launch([w], threshold, [scale]),
+                      "torch ref": lambda: outlier_count_reference([w], threshold, [scale])})
+    one_read_ms = m * n * w.element_size() / (ARGS.peak_gbps * 1e9) * 1e3
+    emit(f"{m:>5}x{n:<5} {dname(dtype):<8} outlier_count | {times['triton']:8.3f} ms "
+         f"{times['triton'] / one_read_ms:5.2f}x one read of W | torch ref {times['torch ref']:.3f} ms | mean rel err "
+         f"{rel:.1e} count {count} (ref {ref_count}, allowed {lo}-{hi}) {verdict(ok)}")
+    ROWS.append(dict(m=m, n=n, dtype=dname(dtype), op="outlier_count", triton_ms=times["triton"],
+                     torch_ms=times["torch ref"], one_read_ms=one_read_ms, ok=ok))
 
 
 def main() -> int:
-    header()
+    stamp = machine_stamp()
+    emit(f"# gpu_check {'--small' if ARGS.small else 'real shapes'}: {stamp_line(stamp)}")
+    emit(f"# device {DEVICE}{' (Triton interpreter)' if not CUDA else ''}; floor at {ARGS.peak_gbps:.0f} GB/s; "
+         f"{ITERS} runs after {WARMUP} warm-up, median; L2 flush {'on' if CUDA else 'off'}")
+    if GALORE_NOTE:
+        emit(f"# note: {GALORE_NOTE}")
     t0 = time.time()
     for dtype in DTYPES:
         for m, n in SHAPES:
@@ -302,17 +271,23 @@ def main() -> int:
     for m, n in SHAPES:
         for r in RANKS:
             for dtype in DTYPES:
-                check_step(m, n, r, dtype)
-                if DEVICE.type == "cuda":
+                allowed = ALLOWED_DOT_PRECISIONS[dtype]
+                precisions = [p for p in PRECISIONS if p == "default" or p in allowed]
+                check_step(m, n, r, dtype, precisions)
+                if CUDA:
                     torch.cuda.empty_cache()
     emit(f"# {FAILURES} check(s) failed; wall {time.time() - t0:.0f} s")
-    date = datetime.date.today().isoformat()
-    path = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"gpu_check_{date}{'_small' if ARGS.small else ''}.txt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        f.write("\n".join(LINES) + "\n\n")
-    print(f"appended to {path}")
+    folder = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    steps = [r for r in ROWS if "fused_ms" in r]
+    table = markdown_table(
+        ["shape", "r", "dtype", "dot", "fused ms", "x floor", "galore-torch ms", "AdamW fused ms", "R rel err", "ok"],
+        [[f"{r['m']}x{r['n']}", r["r"], r["dtype"], r["precision"], f"{r['fused_ms']:.3f}",
+          f"{r['fused_ms'] / r['floor_ms']:.2f}", f"{r.get('galore-torch_ms', float('nan')):.3f}",
+          f"{r.get('AdamW fused_ms', float('nan')):.3f}", f"{r['r_rel_err']:.1e}", r["ok"]] for r in steps])
+    paths = append_results(folder, "gpu_check" + ("_small" if ARGS.small else ""), rows=ROWS, stamp=stamp,
+                           table=table, command="PYTHONPATH=. python benchmarks/gpu_check.py"
+                           + (" --small" if ARGS.small else ""), notes=f"{FAILURES} failed check(s).")
+    print(f"appended to {paths[1]}")
     return 1 if FAILURES else 0
 
 

@@ -58,7 +58,7 @@ def spec_table(cases, results) -> tuple[list, list]:
     return rows, fails
 
 
-def roofline_table(cases, results, shapes, ranks) -> list:
+def roofline_table(cases, results, shapes, ranks, records=None) -> list:
     lines = ["| GPU | shape | r | dtype | side | project_adam us (limit) | back_project us (limit) | fused step us "
              "| HBM floor us | fused / floor | galore-torch us | galore / fused | outlier count us / one read of W |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -79,6 +79,11 @@ def roofline_table(cases, results, shapes, ranks) -> list:
                     floor = gs.hbm_floor_bytes(m, n, r, dtype) / gpu["hbm"]
                     galore = gs.galore_torch_bound(m, n, r, dtype, arch)["bound_s"]
                     one_read = m * n * gs._bytes(dtype) / gpu["hbm"]
+                    if records is not None:
+                        records.append(dict(gpu=gpu["name"], arch=arch, shape=[m, n], rank=r, dtype=dtype, side=side,
+                                            project_adam_us=pa["bound_s"] * 1e6, back_project_us=bp["bound_s"] * 1e6,
+                                            fused_us=fused * 1e6, floor_us=floor * 1e6, galore_us=galore * 1e6,
+                                            outlier_us=oc["bound_s"] * 1e6, one_read_us=one_read * 1e6))
                     lines.append(
                         f"| {gpu['name']} | {m}x{n} | {r} | {dtype}{' (tf32)' if dtype == 'fp32' else ''} | {side} | "
                         f"{pa['bound_s'] * 1e6:.1f} ({pa['limit']}) | {bp['bound_s'] * 1e6:.1f} ({bp['limit']}) | "
@@ -137,6 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ranks", default=",".join(map(str, gs.RANKS)))
     ap.add_argument("--no-cache", action="store_true", help="recompile everything")
     ap.add_argument("--out", default=os.path.join(RESULTS, "gpu_static_check.md"))
+    ap.add_argument("--json", default=None, help="also write failures, specializations and the roofline as JSON")
     ap.add_argument("--precision-table", action="store_true", help="only the dot-precision error table (CPU, torch)")
     args = ap.parse_args(argv)
     if args.precision_table:
@@ -176,12 +182,19 @@ def main(argv=None) -> int:
                   f"{g['name']}: {g['hbm'] / 1e12:.2f} TB/s, {g['bf16'] / 1e12:.0f} TFLOP/s bf16, {g['tf32'] / 1e12:.0f} "
                   f"tf32, {g['fp32'] / 1e12:.1f} fp32, {g['sms']} SMs at {g['clock'] / 1e9:.2f} GHz"
                   for g in gs.ARCHS.values()), ""]
-    lines += roofline_table(cases, results, shapes, ranks)
+    records: list = []
+    lines += roofline_table(cases, results, shapes, ranks, records)
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(text + "\n")
+    if args.json:
+        mma = sorted({(c.op, c.precision, c.arch, gs.mma_kind(results[key])) for c in cases
+                      for key, _, _ in c.launches if "error" not in results[key]})
+        with open(args.json, "w") as f:
+            json.dump(dict(failures=fails, specializations=len(rows), cases=len(cases), mma=mma, roofline=records,
+                           loops={key: res.get("loop") for key, res in results.items()}), f, indent=1)
     print(f"\nwritten to {args.out}; {len(fails)} failure(s)")
     return 1 if fails else 0
 

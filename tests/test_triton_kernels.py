@@ -182,3 +182,18 @@ def test_plans_fill_the_gpu_and_read_g_once(shape, side):
                                   num_sms=132, interpret=False)
     assert launch.constexprs["BLOCK_A"] >= r and launch.constexprs["DOT"] == "bf16"
     assert launch.grid[0] >= 132
+
+
+def test_gpu_check_small_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_check.py --small: every op against the reference and the fp64 oracle, the
+    timing and results-writing path, in the interpreter when there is no GPU (~30 s)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_check.py"), "--small",
+                           "--out", str(tmp_path)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 check(s) failed" in proc.stdout
+    assert (tmp_path / "gpu_check_small.md").exists() and (tmp_path / "gpu_check_small.jsonl").exists()
