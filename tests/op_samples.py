@@ -10,8 +10,6 @@ the tests pass whatever summation order a BLAS or a kernel uses, on any CPU.
 from __future__ import annotations
 
 import contextlib
-import math
-import os
 import warnings
 
 import pytest
@@ -25,7 +23,6 @@ SIDES = ["left", "right"]
 U32 = 2.0**-24  # fp32 unit roundoff (round to nearest)
 # unit roundoff of the 16-bit storage types: 8 and 11 significant bits
 UNIT_ROUNDOFF = {torch.float32: U32, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------- backends
@@ -92,17 +89,6 @@ def projection(side: str, m: int, n: int, r: int, device="cpu") -> torch.Tensor:
 def low_shape(side: str, m: int, n: int, r: int) -> tuple[int, int]:
     """Shape of R, the moments and N: r x n (left) or m x r (right)."""
     return (r, n) if side == "left" else (m, r)
-
-
-def as_ordered_int(t: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 bit patterns mapped onto an integer line that orders like the values,
-    so that a difference of two is a distance in units in the last place."""
-    bits = t.view(torch.int16).to(torch.int32)
-    return torch.where(bits < 0, -(bits & 0x7FFF), bits)
-
-
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (as_ordered_int(a) - as_ordered_int(b)).abs()
 
 
 class LargestNewTensor(TorchDispatchMode):
@@ -208,17 +194,8 @@ def rounded_bracket(exact64: torch.Tensor, bound: torch.Tensor, dtype: torch.dty
     return lo, hi
 
 
-def sum_bound(count: int) -> float:
-    """Relative bound on an fp32 sum of ``count`` non-negative terms, in any order:
-    gamma_{count-1} (Higham eq. 4.4). Non-negative terms make it relative to the sum itself."""
-    return gamma(max(count - 1, 1))
-
-
 def exact_product_grid(shape, device="cpu", dtype=torch.float32, high=8) -> torch.Tensor:
     """Small integers (and zeros): every sum of their products is an integer below 2^24,
     exact in fp32 in any order, so results can be compared for equality."""
     return torch.randint(-high, high + 1, shape).to(dtype).to(device)
 
-
-def math_isclose_rel(a: float, b: float, rel: float) -> bool:
-    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)

@@ -174,13 +174,13 @@ def test_opcheck(backend, device, side, dtype):
                                           "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
 
 
-def test_compiles_fullgraph_in_place_without_recompiling_per_step(monkeypatch):
+@torch._dynamo.config.patch(capture_scalar_outputs=True)
+def test_compiles_fullgraph_in_place_without_recompiling_per_step():
     """beta and alpha change every step with the learning rate; passed as tensors and read
     with ``.item()`` they reach the op's Scalar arguments unspecialised: one compile for all
     steps. Inductor calls the op on the weight itself (no copy of W, no copy back)."""
     from torch._inductor.utils import run_and_get_code
 
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
 
     def update(weight, proj, norm, beta, alpha):
         back_project_update_(weight, proj, norm, side="left", beta=beta.item(), alpha=alpha.item())

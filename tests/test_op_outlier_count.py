@@ -8,7 +8,7 @@ What is exact and what is bounded:
   (C++: 16 lanes over 1024-element blocks folded in double; torch: its cascade sum;
   Triton: tile sums added atomically), then one division. In any order it is within
   gamma_{N+1} = (N + 1) 2^-24 / (1 - (N + 1) 2^-24) relative of the exact mean
-  (``op_samples.sum_bound``; non-negative terms make the bound relative to the sum).
+  (Higham eq. 4.4; non-negative terms make the bound relative to the sum itself).
 * Given the mean a backend returns, the count is exact: #{score > fp32(threshold * mean)},
   with threshold exactly representable in fp32 here, so no tolerance band is needed.
 * With small-integer weights and scales every partial sum is an integer below 2^24, so

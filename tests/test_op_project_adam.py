@@ -191,11 +191,11 @@ def test_opcheck(backend, device, side, dtype):
                                           "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
 
 
-def test_compiles_fullgraph_without_recompiling_per_step(monkeypatch):
+@torch._dynamo.config.patch(capture_scalar_outputs=True)
+def test_compiles_fullgraph_without_recompiling_per_step():
     """A compiled step whose bias corrections come in as tensors (read with ``.item()``: the
     op's Scalar arguments take the traced value, so nothing is specialised on it) compiles
     once for many steps and matches eager."""
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
     m, n, r = 40, 24, 4
 
     def step(grad, proj, exp_avg, exp_avg_sq, bc1, bc2):

@@ -100,3 +100,25 @@ def test_ops_exist_and_run_without_the_extension():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_forced_cpu_backends_compile_fullgraph(backend):
+    """A forced backend that the dispatcher runs anyway ("cpp" on CPU) is called through
+    the op, and the reference is plain torch code: both trace without a graph break."""
+    if backend not in ops._REGISTRY["project_adam"]:
+        pytest.skip(ops._UNAVAILABLE.get(backend, "not registered"))
+
+    def step(weight, grad, proj, exp_avg, exp_avg_sq):
+        norm = project_adam_(grad, proj, exp_avg, exp_avg_sq, side="left", beta1=0.9, beta2=0.99, eps=1e-8,
+                             bias_correction1=0.5, bias_correction2=0.5, backend=backend)
+        back_project_update_(weight, proj, norm, side="left", beta=0.99, alpha=-0.1, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    args = [torch.randn(30, 50), torch.randn(30, 50), torch.randn(30, 4), torch.zeros(4, 50), torch.zeros(4, 50)]
+    eager = [a.clone() for a in args]
+    compiled(*args)
+    step(*eager)
+    for a, e in zip(args, eager):
+        torch.testing.assert_close(a, e)  # same kernels, same inputs: equal up to aot_eager's own ops

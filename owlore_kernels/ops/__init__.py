@@ -17,10 +17,16 @@ Device kernels register against the same op, each from its own backend:
 
 ``backend=None`` calls ``torch.ops.owlore.<name>`` and torch's dispatcher picks the kernel for
 the tensors' device: C++ on CPU, Triton on CUDA, the reference where neither is loaded.
-``backend="torch" | "cpp" | "triton"`` calls that implementation directly (tests, benchmarks;
-Triton then also runs CPU tensors under ``TRITON_INTERPRET=1``). A forced backend that is
-missing or cannot run on the tensors' device raises, naming it and why; an import that fails
-only removes its backend.
+``backend="torch" | "cpp" | "triton"`` forces one (tests, benchmarks): the op itself where the
+dispatcher runs that backend anyway ("cpp" on CPU, "triton" on CUDA), else the implementation
+directly (the reference on CPU next to the extension; Triton on CPU tensors under
+``TRITON_INTERPRET=1``, eager only). A forced backend that is missing or cannot run on the
+tensors' device raises, naming it and why; an import that fails only removes its backend.
+
+Under ``torch.compile`` the op is one graph node whose fake implementation supplies shapes;
+the optimizer hyperparameters are ``Scalar`` in the schemas, so a traced value (a
+``tensor.item()`` under ``capture_scalar_outputs``) passes through unspecialised and a
+schedule does not recompile the graph at every step.
 """
 from __future__ import annotations
 
@@ -41,6 +47,8 @@ _DISPATCH_KEYS = {"cpp": "CPU", "triton": "CUDA"}
 _REGISTRY: dict[str, dict[str, Callable]] = {op: {} for op in OPS}
 # backend -> why it could not be loaded (only for backends that failed)
 _UNAVAILABLE: dict[str, str] = {}
+# op -> device type -> the backend whose kernel the dispatcher runs there (set once the backends are loaded)
+_NATURAL: dict[str, dict[str, str]] = {op: {} for op in OPS}
 
 
 def qualname(op: str) -> str:
@@ -111,6 +119,9 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> tup
         raise RuntimeError(f"backend={backend!r} was forced for op {op!r} but is not available: {why}")
     if not _runs_on(backend, device.type):
         raise RuntimeError(f"backend={backend!r} was forced for op {op!r} but cannot run on {device.type} tensors")
+    if _NATURAL[op].get(device.type) == backend:
+        # the dispatcher runs this very kernel: call the op, which torch.compile can trace
+        return backend, op_overload(op)
     return backend, impls[backend]
 
 
@@ -143,6 +154,8 @@ def _load_backends() -> None:
         from . import _triton  # noqa: F401  (registers "triton")
     except Exception as exc:  # triton not installed, or no usable driver
         _UNAVAILABLE["triton"] = f"Triton kernels not loaded ({type(exc).__name__}: {exc})"
+    for op in OPS:
+        _NATURAL[op] = {device_type: _dispatched_backend(op, device_type) for device_type in ("cpu", "cuda")}
 
 
 _load_backends()

@@ -42,16 +42,18 @@ torch.library.define(
 
 
 def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2) -> None:
+    """``out`` may be None (the public function allocates it after the checks)."""
     check_side(side)
     check_float("grad", grad)
-    for name, t in (("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
+    written = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] + ([("out", out)] if out is not None else [])
+    for name, t in [("proj", proj)] + written:
         check_float(name, t, (torch.float32,))
     check_projection_shapes(side, grad, proj, exp_avg, "project_adam_")
-    check_same_shape("exp_avg_sq", exp_avg_sq, "exp_avg", exp_avg)
-    check_same_shape("out", out, "exp_avg", exp_avg)
+    for name, t in written[1:]:
+        check_same_shape(name, t, "exp_avg", exp_avg)
     check_unit_interval("bias_correction1", bias_correction1, "1 - beta1**t, or 1 for none")
     check_unit_interval("bias_correction2", bias_correction2, "1 - beta2**t, or 1 for none")
-    check_same_device(("grad", grad), ("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out))
+    check_same_device(("grad", grad), ("proj", proj), *written)
 
 
 @torch.library.register_fake("owlore::project_adam_")
@@ -81,10 +83,10 @@ def project_adam_(
     ``backend=None`` lets torch's dispatcher pick the kernel for the tensors' device;
     ``"torch"``, ``"cpp"`` or ``"triton"`` forces one (see ``owlore_kernels.ops``).
     """
-    if out is None:
-        out = torch.empty_like(exp_avg)
     if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
         check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
+    if out is None:
+        out = torch.empty_like(exp_avg)
     call("project_adam", grad.device, backend)(
         grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1, beta2=beta2, eps=eps,
         bias_correction1=bias_correction1, bias_correction2=bias_correction2,
