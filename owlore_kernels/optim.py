@@ -180,9 +180,9 @@ class OwLoreAdamW(Optimizer):
             self.state.pop(p, None)
 
     def state_bytes(self) -> int:
-        """Bytes held by tensors in the optimizer state."""
+        """Bytes held by tensors in the optimizer state (on this rank: a DTensor counts its local shard)."""
         return sum(
-            v.numel() * v.element_size()
+            local_tensor(v).numel() * v.element_size()
             for st in self.state.values()
             for v in st.values()
             if isinstance(v, torch.Tensor)

@@ -151,7 +151,8 @@ def scenario_parity(rank, world):
     rec = CollectiveRecorder()
     built = build(world)
     params, history = train(rank, world, built=built, recorder=rec)
-    return {"params": params, "history": history, "collectives": rec.calls, "state": state_layout(*built[:2])}
+    return {"params": params, "history": history, "collectives": rec.calls, "state": state_layout(*built[:2]),
+            "state_bytes": built[1].state_bytes()}
 
 
 def scenario_in_backward(rank, world):

@@ -113,6 +113,15 @@ def test_state_is_sharded_like_the_subspace(ranks):
     assert ranks[0]["parity"]["state"]["embed.weight"]["exp_avg"] == ("(Shard(dim=0),)", (17, 21))  # 33 rows
 
 
+def test_state_bytes_counts_local_shards(ranks):
+    model, opt, smp = fw.build(1)
+    fw.train(0, 1, built=(model, opt, smp))
+    # the shards add up to one process's state, plus the right-projected weights' Q (4 x 21 fp32),
+    # which every rank holds whole: one per active block (gamma=2), on WORLD - 1 extra ranks
+    replicated = 2 * 4 * 21 * 4 * (WORLD - 1)
+    assert sum(r["parity"]["state_bytes"] for r in ranks) == opt.state_bytes() + replicated
+
+
 def test_fsdp_with_sampler_matches_one_process(ranks, single):
     params, history = single["parity"]
     assert_ranks_agree_and_match(ranks, "parity", params, history)
