@@ -89,8 +89,11 @@ def loss_of(model, tokens):
 
 
 def train(rank, world, *, h=39, placement=False, in_backward=False, micro_batches=1, steps=STEPS, built=None,
-          batch_list=None, recorder=None):
-    """Train; each rank takes its slice of every global batch. Returns (params, sampler history)."""
+          batch_list=None, recorder=None, fsdp_no_sync=False):
+    """Train; each rank takes its slice of every global batch. Returns (params, sampler history).
+
+    ``fsdp_no_sync``: accumulate with FSDP2's own switch (no reduce-scatter before the last
+    micro-batch, so no hook fires either) instead of ``hooks.no_step()``."""
     model, opt, smp = built if built is not None else build(world, h=h, placement=placement)
     hooks = opt.register_step_hooks(model) if in_backward else None
     history = []
@@ -101,7 +104,9 @@ def train(rank, world, *, h=39, placement=False, in_backward=False, micro_batche
         local = tokens.chunk(world)[rank]
         for i, micro in enumerate(local.chunk(micro_batches)):
             last = i == micro_batches - 1
-            with (contextlib.nullcontext() if last or hooks is None else hooks.no_step()):
+            if fsdp_no_sync:
+                model.set_requires_gradient_sync(last)
+            with (contextlib.nullcontext() if last or hooks is None or fsdp_no_sync else hooks.no_step()):
                 (loss_of(model, micro) / micro_batches).backward()
         with (recorder.recording() if recorder is not None else contextlib.nullcontext()):
             opt.step()
@@ -163,6 +168,12 @@ def scenario_in_backward(rank, world):
 def scenario_accumulate(rank, world):
     """Two micro-batches per step, in-backward steps on the last one only."""
     params, history = train(rank, world, in_backward=True, micro_batches=2)
+    return {"params": params, "history": history}
+
+
+def scenario_accumulate_fsdp_no_sync(rank, world):
+    """Two micro-batches per step with FSDP2's set_requires_gradient_sync(False) before the last."""
+    params, history = train(rank, world, in_backward=True, micro_batches=2, fsdp_no_sync=True)
     return {"params": params, "history": history}
 
 
@@ -302,6 +313,7 @@ SCENARIOS = {
     "parity": scenario_parity,
     "in_backward": scenario_in_backward,
     "accumulate": scenario_accumulate,
+    "accumulate_fsdp_no_sync": scenario_accumulate_fsdp_no_sync,
     "placement": scenario_placement,
     "resume": scenario_resume,
     "errors": scenario_errors,

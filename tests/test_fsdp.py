@@ -134,7 +134,8 @@ def test_in_backward_steps_match_one_process(ranks, single):
 
 def test_in_backward_with_accumulation_matches_one_process(ranks, single):
     params, history = single["accumulate"]
-    assert_ranks_agree_and_match(ranks, "accumulate", params, history)
+    assert_ranks_agree_and_match(ranks, "accumulate", params, history)  # hooks.no_step()
+    assert_ranks_agree_and_match(ranks, "accumulate_fsdp_no_sync", params, history)  # FSDP2's switch
 
 
 def test_shard_placement_makes_steps_communication_free(ranks, single):
