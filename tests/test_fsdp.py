@@ -173,6 +173,7 @@ def test_resume_from_distributed_checkpoint_is_bit_exact(ranks):
         assert torch.equal(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP loading in one process, as meant
 def test_two_rank_checkpoint_resumes_in_one_process(ranks, spawn_dir):
     """The DCP checkpoint saved by 2 ranks after 3 updates, loaded into one process, which trains
     the 3 others: DCP reassembles each sharded state tensor from its DTensor offsets, so a wrong
