@@ -41,7 +41,7 @@ def spec_table(cases, results) -> tuple[list, list]:
             seen[key] = True
             res = results[key]
             c = launch.constexprs
-            tile = "x".join(str(c[k]) for k in ("BLOCK_A", "BLOCK_L", "BLOCK_K", "BLOCK_M", "BLOCK_N", "BLOCK_R",
+            tile = "x".join(str(c[k]) for k in ("BLOCK_A", "BLOCK_L", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R",
                                                   "BLOCK_C") if k in c)
             kernel = launch.kernel.fn.__name__.strip("_").replace("_kernel", "")
             extra = " split-K" if c.get("SPLIT_K") else ""
@@ -77,7 +77,7 @@ def roofline_table(cases, results, shapes, ranks, records=None) -> list:
                     oc = gs.kernel_bound(index[("outlier_count", (m, n), 0, dtype, "-", "-", arch)], results)
                     fused = pa["bound_s"] + bp["bound_s"]
                     floor = gs.hbm_floor_bytes(m, n, r, dtype) / gpu["hbm"]
-                    galore = gs.galore_torch_bound(m, n, r, dtype, arch)["bound_s"]
+                    galore = gs.galore_torch_bound(m, n, r, dtype, arch, tf32=dtype == "fp32")["bound_s"]
                     one_read = m * n * gs._bytes(dtype) / gpu["hbm"]
                     if records is not None:
                         records.append(dict(gpu=gpu["name"], arch=arch, shape=[m, n], rank=r, dtype=dtype, side=side,
@@ -175,8 +175,9 @@ def main(argv=None) -> int:
               "instructions from the SASS x iterations / (SMs x 4 schedulers x clock)); the step is the sum of its two "
               "kernels. Bytes: compulsory traffic of each kernel (G or W once, P once, moments read+write, N, split-K "
               "partials written and read back, all counted as HBM). Floor: read W and G, write W, read+write the fp32 "
-              "moments, read P. galore-torch: its 12 kernels per weight (2 cuBLAS matmuls with bf16 P, 7 small Adam "
-              "kernels, scale, add, weight decay), each at max(bytes/BW, FLOPs/peak). Launch gaps are not counted "
+              "moments, read P. galore-torch: its 12 kernels per weight (2 cuBLAS matmuls with P in G's dtype -- tf32 for "
+              "fp32 under the same 'medium' setting --, 7 small Adam kernels, scale, add, weight decay), each at "
+              "max(bytes/BW, FLOPs/peak). Launch gaps are not counted "
               "(they would add ~2 us per kernel: 2 here, 12 for galore-torch). fp32 rows use tf32 "
               "(float32_matmul_precision 'medium'). GPUs: " + "; ".join(
                   f"{g['name']}: {g['hbm'] / 1e12:.2f} TB/s, {g['bf16'] / 1e12:.0f} TFLOP/s bf16, {g['tf32'] / 1e12:.0f} "

@@ -197,3 +197,23 @@ def test_gpu_check_small_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "0 check(s) failed" in proc.stdout
     assert (tmp_path / "gpu_check_small.md").exists() and (tmp_path / "gpu_check_small.jsonl").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_outlier_count_skips_only_rows_without_outliers(dtype):
+    """Pass two skips tile rows whose largest score (from pass one) is not above the cut; the
+    count must still be exact: rows with and without outliers, two tensors sharing one mean,
+    a column scale on one of them."""
+    from owlore_kernels.kernels import outlier_count_launch
+    from owlore_kernels.ops.outlier_count import outlier_count_reference
+
+    gen = torch.Generator().manual_seed(2)
+    a = (torch.rand(40, 600, generator=gen) * 0.5).to(dtype)  # no outliers in most rows ...
+    a[3, 17], a[21, 599], a[39, 0] = 9.0, -7.0, 8.0  # ... a few rows with one
+    b = torch.randn(19, 33, generator=gen).to(dtype)
+    scale = torch.rand(33, generator=gen) + 0.5
+    tensors, scales = [a.to(DEV), b.to(DEV)], [None, scale.to(DEV)]
+    mean, count = outlier_count_launch(tensors, 4.0, scales)
+    ref_mean, ref_count = outlier_count_reference(tensors, 4.0, scales)
+    assert int(count) == int(ref_count) >= 3
+    torch.testing.assert_close(mean.cpu(), ref_mean.cpu(), rtol=1e-5, atol=0)  # fp32 sums in other orders

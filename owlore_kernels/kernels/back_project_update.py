@@ -11,17 +11,20 @@ fp32 and stores it in W's dtype (bf16 rounded to nearest even with integer ops, 
 ``_common``). The m x n product never reaches memory, so W is read and written once.
 
 Dot precision (``resolve_dot_precision``, per call, on W's dtype): bf16 / fp16 W -> A and
-B rounded to W's type in registers, tensor-core dot, fp32 accumulation. The rounding
-error of the product, ~2^-8 relative per operand for bf16, lands on alpha * (P N),
-which is ~lr times smaller than W itself, and W is then rounded to bf16 anyway (2^-9
-relative): the dot's rounding moves W by less than a thousandth of W's own ulp at
-lr = 1e-3. galore-torch does the same product in bf16 with a bf16 result. fp32 W
-follows ``torch.get_float32_matmul_precision()`` as in ``project_adam``.
+B rounded to W's type in registers, tensor-core dot, fp32 accumulation. That rounding
+(2^-9 relative per operand for bf16) lands on alpha (P N), which is ~lr times smaller than
+a typical |W|; W is then rounded to bf16 (2^-9 relative) anyway. The bound per element is
+``ulp(W)/2 + |alpha| (2 u + r 2^-24) (|A| |B|)_ij``; only entries of W as small as the
+update itself see the dot's rounding. galore-torch does the same product in bf16, with a
+bf16 result. fp32 W follows ``torch.get_float32_matmul_precision()`` as in ``project_adam``.
 
-Tiles (``config``): 128 x 128 for tensor-core dots, so the A and B re-reads from L2
-per tile, (128 + 128) r 4 bytes, are 2x the tile's W read + write at bf16 and r = 128
-(64 x 128 tiles made it 3x); 4096 x 11008 gives 32 x 86 = 2752 programs, ~21 waves of
-132 SMs. The figures (registers, spills, shared memory) are in ``gpu_static_check``'s table.
+Tiles (``config``; compiled figures for sm_90 / sm_80 from
+``benchmarks/results/gpu_static_check.md``):
+* bf16 / fp16 / tf32: 128 x 128 x 32, 8 warps, 3 stages: bf16 126 / 202 registers, no
+  spills, 72 / 64 KB shared memory, 2 / 1 blocks per SM, HGMMA / HMMA. The A and B
+  re-reads from L2 per tile, (128 + 128) r 4 bytes, are 2x the tile's W read + write at
+  bf16 and r = 128 (64 x 128 tiles made it 3x); 4096 x 11008 gives 32 x 86 = 2752 programs.
+* tf32x3: 64 x 128 x 32 (172 / 224 registers); ieee: 64 x 128 x 16, 2 stages, FFMA.
 """
 from __future__ import annotations
 

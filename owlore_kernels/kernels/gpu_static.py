@@ -21,6 +21,7 @@ SASS); shared memory above the per-block limit; a tensor-core precision (everyth
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import re
@@ -45,6 +46,11 @@ ARCHS = {
     90: dict(name="H200-SXM", sms=132, smem_block=232448, smem_sm=233472, hbm=4.8e12, clock=1.98e9,
              bf16=989e12, tf32=494e12, fp32=67e12, l2=50 * 2**20),
 }
+# Pass two of outlier_count reads the row segments (512 entries) whose largest score is above
+# the cut. For Gaussian weights at M = 5 without column scales an entry is an outlier with
+# P(|z| > 5 sqrt(2/pi)) = 6.6e-5, so 3.3 % of segments hold one; real weights with clustered
+# outliers read more (at most all: 2 reads of W). The roofline uses the Gaussian figure.
+OUTLIER_SEGMENT_FRACTION = 1 - (1 - math.erfc(5 * math.sqrt(2 / math.pi) / math.sqrt(2))) ** 512
 NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "owlore_gpu_static")
 
@@ -318,7 +324,11 @@ def kernel_bound(case: Case, results: dict) -> dict:
         res = results[key]
         c = launch.constexprs
         if case.op.startswith("outlier_count"):
-            out["bytes"] += m * n * b + (n * 4 if "scale" in case.op else 0)
+            rowmax = grid[0] * c["BLOCK_R"] * 4
+            if launch.kernel.fn.__name__ == "_abs_sum_kernel":
+                out["bytes"] += m * n * b + rowmax + (n * 4 if "scale" in case.op else 0)
+            else:  # pass two reads only the 512-entry row segments that hold an outlier
+                out["bytes"] += OUTLIER_SEGMENT_FRACTION * m * n * b + rowmax
             continue
         if case.op == "project_adam":
             rank, length, depth = launch.args["RANK"], launch.args["L"], launch.args["K"]
@@ -346,7 +356,7 @@ def kernel_bound(case: Case, results: dict) -> dict:
     return out
 
 
-def galore_torch_bound(m: int, n: int, r: int, dtype: str, arch: int) -> dict:
+def galore_torch_bound(m: int, n: int, r: int, dtype: str, arch: int, tf32: bool = False) -> dict:
     """The same model for galore-torch's GaLoreAdamW.step on one weight (std projection,
     weight decay on): its sequence of cuBLAS matmuls and elementwise kernels, each at
     max(bytes / bandwidth, flops / peak), launch gaps not counted. Its P and its moments
@@ -356,7 +366,7 @@ def galore_torch_bound(m: int, n: int, r: int, dtype: str, arch: int) -> dict:
     low = r * max(m, n) * b
     full = m * n * b
     p_bytes = min(m, n) * r * b
-    peak = gpu["bf16"] if b == 2 else gpu["fp32"]  # fp32 under "highest": no tensor cores
+    peak = gpu["bf16"] if b == 2 else gpu["tf32"] if tf32 else gpu["fp32"]  # fp32 "highest": no tensor cores
     flops = 2 * m * n * r
     kernels = [
         ("project matmul", full + p_bytes + low, flops),

@@ -17,26 +17,38 @@ over strided views:
 
 Dot precision (``resolve_dot_precision`` in ``_common``, decided at every call): bf16 / fp16
 G -> that type's tensor-core dot, P rounded to G's type in registers (as galore-torch's
-cuBLAS path does with its bf16 P), fp32 accumulation; fp32 G -> follows
+cuBLAS path does with its bf16 P), fp32 accumulation, R kept in fp32; fp32 G -> follows
 ``torch.get_float32_matmul_precision()`` ("highest" = "ieee" FFMA, "high" = "tf32x3",
-"medium" = "tf32"). Measured error against an fp64 R (``benchmarks/gpu_static_check.py
---precision-table``; K = 4096, Gaussian G, orthonormal P), max |R - R64| / max |R64|:
-see PRECISION_ERRORS below (filled from that table).
+"medium" = "tf32"). Error of R against fp64, max |dR| / max |R| at K = 4096, r = 128,
+Gaussian G, orthonormal P (emulated in torch: ``benchmarks/gpu_static_check.py
+--precision-table``): ieee 3.3e-7, tf32x3 4.9e-7, tf32 7.5e-4 (operands truncated to 10
+bits, the worst case), bf16 1.7e-3 (galore-torch's bf16 path: 3.6e-3, as it also rounds R
+to bf16), fp16 2.2e-4. Worst case per element: ``(u_P + u_G + K 2^-24) (|P|^T |G|)_ij``.
 
-Under the interpreter a 16-bit dot is emulated: the operands are rounded to bf16 / fp16
-values (round to nearest even) and multiplied in fp32, which is exact for such products, so
-the result equals the tensor-core result up to summation order. "tf32"/"tf32x3" run as
-exact fp32 there (the interpreter ignores ``input_precision``).
+Under the interpreter a bf16 dot is emulated: the operands are rounded to bf16 values (round
+to nearest even; the interpreter's own cast truncates) and multiplied in fp32, exact for such
+products, so the result equals the tensor-core result up to summation order. fp16 runs as
+numpy fp16 operands with fp32 accumulation. "tf32"/"tf32x3" run as exact fp32 there (the
+interpreter ignores ``input_precision``); only the static check sees their instructions.
 
-Tiles (``config``; fixed per case, explained, figures from ``gpu_static_check``):
+Tiles (``config``; one fixed config per case; figures compiled by ptxas for sm_90 / sm_80,
+from ``benchmarks/results/gpu_static_check.md``):
 * ``BLOCK_A = min(next_pow2(r), 128)``: all of r in one tile up to r = 128, so each G
-  element is read once; r = 256 / 512 take 2 / 4 r-tiles that run side by side (the r-tile
-  index varies fastest), so the re-read of a G panel hits L2.
-* ``BLOCK_L = 128`` for tensor-core dots: each program reads its K-range of P once per 128
-  columns of R, so the P traffic from L2 is r * 4 / (128 * bytes(G)) times the G bytes:
-  2x for bf16 G at r = 128 (32-wide tiles made it 8x).
-* split-K: the grid is tiles x splits with splits = ceil(#SMs / tiles) (K chunks >= 512),
-  so a 4096 x 4096 weight (32 tiles at r = 128) still fills 132 SMs.
+  element is read from DRAM once; r = 256 / 512 take 2 / 4 r-tiles that run side by side
+  (the r-tile index varies fastest), so the re-read of a G panel hits L2.
+* bf16 / fp16: 128 x 128 x 64, 8 warps, 3 stages: 180-238 / 212-242 registers, no spills,
+  112 / 96 KB shared memory, 1 block per SM, HGMMA 64x128x16 / HMMA. P is re-read from L2
+  once per 128 columns of R: r * 4 / (128 * 2) = 2x the G bytes at r = 128 (32-wide tiles
+  made it 8x). A whole 128 x 128 Adam epilogue spilled (255 registers + 150-440 bytes of
+  stack), so the epilogue runs on two 128 x 64 halves. r = 64: 64 x 128 x 64, 98-168 regs.
+* tf32 / tf32x3: 128 x 64 x 32 (fp32 G: P traffic 1x the G bytes at r = 128), 132-207 regs;
+  128-wide tf32 tiles spilled. ieee: 128 x 64 x 16, 2 stages, FFMA, 132-254 regs.
+* split-K: when the tiles are fewer than the SMs (4096 x 4096 at r = 128: 32 tiles), K is
+  split into ceil(#SMs / tiles) chunks of at least 512 rows; each split stores an fp32
+  partial tile, and the last to arrive (an int32 counter per tile, cached per stream and
+  reset by that last split) sums them in split order and runs Adam: deterministic. Cost:
+  splits x r x L x 4 bytes written and read back (L2-resident in practice; counted as HBM
+  in the static roofline).
 """
 from __future__ import annotations
 
@@ -58,7 +70,7 @@ def config(precision: str, rank: int, arch: int) -> dict:
     """(BLOCK_A, BLOCK_L, BLOCK_K, num_warps, num_stages) for one call, as a dict."""
     block_a = min(128, max(16, triton.next_power_of_2(rank)))
     if precision in ("bf16", "fp16"):
-        return dict(BLOCK_A=block_a, BLOCK_L=64, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_A=block_a, BLOCK_L=128, BLOCK_K=64, num_warps=8, num_stages=3)
     if precision in ("tf32", "tf32x3"):
         return dict(BLOCK_A=block_a, BLOCK_L=64, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_A=block_a, BLOCK_L=64, BLOCK_K=16, num_warps=8, num_stages=2)  # ieee: FFMA
@@ -77,6 +89,7 @@ def _project_adam_kernel(
     DOT: tl.constexpr,  # "ieee" | "tf32x3" | "tf32" | "bf16" | "fp16"
     EMULATE_16BIT: tl.constexpr,  # interpreter: 16-bit dot as fp32 dot of rounded values
     SPLIT_K: tl.constexpr,  # more than one split: partial tiles through ws, last split does Adam
+    TWO_HALVES: tl.constexpr,  # epilogue over two BLOCK_L / 2 halves (keeps 128 x 128 tiles from spilling)
     BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_K: tl.constexpr,  # tile shape
 ):
     pid = tl.program_id(0)
@@ -133,37 +146,62 @@ def _project_adam_kernel(
             acc = tl.dot(a, g, acc, input_precision=DOT)
 
     mask = mask_a[:, None] & mask_l[None, :]
-    # int32 offsets from here on (the launcher checks RANK * L * splits < 2^31): 64-bit
-    # address tensors for a 128 x 128 tile were what made the epilogue spill
+    # int32 offsets from here on (the launcher checks splits * RANK * L < 2^31)
     offs_a = offs_a.to(tl.int32)
     offs_l = offs_l.to(tl.int32)
+    HALF: tl.constexpr = BLOCK_L // 2
     if SPLIT_K:
         # Partial tile to the workspace [split, a, l]; the last split to arrive sums all of
-        # them in split order (its own from registers), so the result does not depend on
-        # which split finishes last. The barriers order every thread's stores before the
-        # counter's release, and the acquire before every thread's loads (the semaphore
-        # pattern CUTLASS uses); .cg loads read L2, never a stale L1 line.
+        # them in split order, so the result does not depend on which split finishes last.
+        # The barriers order every thread's stores before the counter's release, and the
+        # acquire before every thread's loads (the semaphore pattern CUTLASS uses); .cg
+        # loads read L2, never a stale L1 line.
         n_split = tl.num_programs(0) // (num_a * num_l)
-        ws_tile = ws_ptr + offs_a[:, None] * L + offs_l[None, :]
-        tl.store(ws_tile + split.to(tl.int64) * RANK * L, acc, mask=mask)
+        tl.store(ws_ptr + split.to(tl.int64) * RANK * L + offs_a[:, None] * L + offs_l[None, :], acc, mask=mask)
         tl.debug_barrier()
         arrived = tl.atomic_add(sem_ptr + tile, 1, sem="acq_rel")
         tl.debug_barrier()
         if arrived == n_split - 1:
-            total = tl.zeros((BLOCK_A, BLOCK_L), dtype=tl.float32)
-            part_ptrs = ws_tile
-            for s in range(0, n_split):
-                part = tl.load(part_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                total += tl.where(s == split, acc, part)  # its own partial from registers (same bits)
-                part_ptrs += RANK * L
+            if TWO_HALVES:  # half a tile at a time: a whole 128 x 128 tile's Adam state spills
+                for h in tl.static_range(2):
+                    offs_h = pid_l * BLOCK_L + h * HALF + tl.arange(0, HALF)
+                    mask_h = mask_a[:, None] & (offs_h < L)[None, :]
+                    total = _sum_partials(ws_ptr, offs_a, offs_h, mask_h, n_split, RANK, L, BLOCK_A, HALF)
+                    _adam_epilogue(total, mask_h, offs_a, offs_h, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml,
+                                   stride_va, stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2,
+                                   one_minus_beta2, eps, bias1, bias2)
+            else:
+                total = _sum_partials(ws_ptr, offs_a, offs_l, mask, n_split, RANK, L, BLOCK_A, BLOCK_L)
+                _adam_epilogue(total, mask, offs_a, offs_l, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
+                               stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                               eps, bias1, bias2)
             tl.atomic_xchg(sem_ptr + tile, 0)  # ready for the next call on this stream
-            _adam_epilogue(total, mask, offs_a, offs_l, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
+    else:
+        if TWO_HALVES:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_A, 2, HALF)), (0, 2, 1)))
+            offs_lo = pid_l * BLOCK_L + tl.arange(0, HALF)
+            offs_hi = offs_lo + HALF
+            _adam_epilogue(lo, mask_a[:, None] & (offs_lo < L)[None, :], offs_a, offs_lo, m_ptr, v_ptr, n_ptr,
+                           stride_ma, stride_ml, stride_va, stride_vl, stride_na, stride_nl, beta1, one_minus_beta1,
+                           beta2, one_minus_beta2, eps, bias1, bias2)
+            _adam_epilogue(hi, mask_a[:, None] & (offs_hi < L)[None, :], offs_a, offs_hi, m_ptr, v_ptr, n_ptr,
+                           stride_ma, stride_ml, stride_va, stride_vl, stride_na, stride_nl, beta1, one_minus_beta1,
+                           beta2, one_minus_beta2, eps, bias1, bias2)
+        else:
+            _adam_epilogue(acc, mask, offs_a, offs_l, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
                            stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2,
                            eps, bias1, bias2)
-    else:
-        _adam_epilogue(acc, mask, offs_a, offs_l, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
-                       stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                       eps, bias1, bias2)
+
+
+@triton.jit
+def _sum_partials(ws_ptr, offs_a, offs_l, mask, n_split, RANK, L, BLOCK_A: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Sum of the split-K partial tiles in split order (fixed order: deterministic)."""
+    total = tl.zeros((BLOCK_A, BLOCK_L), dtype=tl.float32)
+    ptrs = ws_ptr + offs_a[:, None] * L + offs_l[None, :]
+    for s in range(0, n_split):
+        total += tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+        ptrs += RANK * L
+    return total
 
 
 @triton.jit
@@ -252,6 +290,10 @@ def project_adam_plan(
     splits = min(max_splits, triton.cdiv(num_sms, tiles))
     k_per_split = triton.cdiv(triton.cdiv(max(depth, 1), splits), block_k) * block_k
     splits = triton.cdiv(max(depth, 1), k_per_split)  # no empty split
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
+        span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        if span >= 2 ** 31:  # the epilogue addresses the moments with int32 offsets (fewer registers)
+            raise ValueError(f"{name} spans {span} elements; the Triton kernel needs < 2^31")
     if splits > 1:
         workspace = torch.empty((splits, rank, length), dtype=torch.float32, device=grad.device)
         sem = (_semaphores(grad.device, tiles) if grad.device.type != "meta"
@@ -269,6 +311,7 @@ def project_adam_plan(
         bias1=bias_correction1, bias2=bias_correction2,
     )
     constexprs = dict(G_KIND=dtype_kind(grad), DOT=precision, EMULATE_16BIT=bool(interpret), SPLIT_K=splits > 1,
+                      TWO_HALVES=block_l >= 128,
                       BLOCK_A=block_a, BLOCK_L=block_l, BLOCK_K=block_k)
     return [Launch(_project_adam_kernel, (tiles * splits,), args, constexprs, cfg["num_warps"], cfg["num_stages"])]
 
