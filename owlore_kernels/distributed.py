@@ -83,11 +83,12 @@ def check_param_layout(p: torch.Tensor, group: dict[str, Any], group_index: int,
     where = f"param {index} (param group {group_index}, shape {tuple(p.shape)})"
     galore = group.get("rank") is not None
     if hasattr(p, "ds_id") or hasattr(p, "ds_numel") or (galore and p.dim() == 1):
+        what = "a flat 1-D tensor in a GaLore group" if p.dim() == 1 else "a tensor with DeepSpeed's ds_* attributes"
         raise ValueError(
-            f"{where} looks like a DeepSpeed ZeRO partition ({'a flat 1-D tensor' if p.dim() == 1 else 'ds_* attributes'}"
-            f" in a GaLore group with rank={group['rank']}). ZeRO stages 1-3 flatten the params into 1-D partitions, "
-            "and GaLore needs each weight's 2-D shape to project its gradient. Use FSDP2 "
-            "(torch.distributed.fsdp.fully_shard), which OwLoreAdamW supports, or DeepSpeed with ZeRO stage 0."
+            f"{where} is {what} (rank={group.get('rank')}): it looks like a DeepSpeed ZeRO partition (or an FSDP1 "
+            "flat parameter). ZeRO stages 1-3 and FSDP1 flatten the params into 1-D partitions, and GaLore needs "
+            "each weight's 2-D shape to project its gradient. Use FSDP2 (torch.distributed.fsdp.fully_shard), "
+            "which OwLoreAdamW supports, or DeepSpeed with ZeRO stage 0."
         )
     if p.grad is None:
         return

@@ -260,7 +260,7 @@ def test_deepspeed_flat_partitions_raise():
     tagged.ds_id = 3
     tagged.grad = torch.randn(8, 6)
     plain = owlore_kernels.OwLoreAdamW([tagged])
-    with pytest.raises(ValueError, match="ds_\\* attributes"):
+    with pytest.raises(ValueError, match="DeepSpeed's ds_\\* attributes"):
         plain.step()
     assert not plain.state
 
