@@ -19,8 +19,10 @@ full             P^T G Q^T partial sums        all-reduce r x r
 The fused ops (``project_adam_``, ``back_project_update_``) run on the local
 shards. Adam moments are DTensors sharded like the subspace allows: a right
 side's m x r moments by rows (``Shard(0)``), a left side's r x n moments by
-columns (``Shard(1)``: the reduce-scatter hands each rank its columns, so
-moments cost r n / W per rank instead of r n: for Llama-2-70B at r=128, whose
+columns (``Shard(1)``: reduce-scattering R, then all-gathering N, moves the
+same bytes as the all-reduce that replicated moments would need, and hands
+each rank only its columns, so moments cost r n / W per rank instead of
+r n: for Llama-2-70B at r=128, whose
 down_proj (8192 x 28672), k_proj and v_proj (1024 x 8192) are left-projected,
 0.46 GB per rank on 8 ranks instead of 3.7 GB replicated), the r x r moments of
 ``full`` replicated. Bases are sharded along the param's sharded dim when they
