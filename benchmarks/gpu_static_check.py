@@ -50,11 +50,13 @@ def spec_table(cases, results) -> tuple[list, list]:
                             f"{tile} | {launch.num_warps}/{launch.num_stages} | ERROR | | | | | |")
                 continue
             loop = res["loop"]
+            dot = f"{case.precision}{' (default)' if case.default else ''}"
             rows.append(
-                f"| {kernel}{extra} | {case.dtype} | {case.side} | {case.precision}{' (default)' if case.default else ''} "
+                f"| {kernel}{extra} | {case.dtype} | {case.side} | {dot} "
                 f"| sm_{case.arch} | {tile} | {launch.num_warps}/{launch.num_stages} | {res['regs']} | "
                 f"{res['stack'] + res['local']}/{res['ldl_stl']} | {res['shared'] // 1024} | {res['blocks_per_sm']} | "
-                f"{gs.mma_kind(res)} | {loop['instructions']} ({loop['hmma'] + loop['hgmma']} MMA, {loop['ffma']} FFMA) |")
+                f"{gs.mma_kind(res)} | {loop['instructions']} ({loop['hmma'] + loop['hgmma']} MMA, "
+                f"{loop['ffma']} FFMA) |")
     return rows, fails
 
 
@@ -165,7 +167,9 @@ def main(argv=None) -> int:
     lines = [f"# Static GPU check ({datetime.date.today().isoformat()}, triton {triton.__version__}, "
              f"torch {torch.__version__}; compiled, not run)", "",
              f"{len(cases)} launcher calls ({len(shapes)} shapes x ranks {ranks} x fp32/bf16/fp16 x both sides x "
-             f"every allowed precision x sm_80/sm_90) -> {len(rows)} distinct specializations.", "",
+             f"every allowed precision x sm_80/sm_90) -> {len(rows)} distinct specializations. \"(default)\": what "
+             f"the launcher picks without dot_precision= (for fp32 G, under the matching "
+             f"torch.get_float32_matmul_precision()); spill column: stack+local bytes / LDL+STL count.", "",
              "| kernel | G/W dtype | side | dot | arch | tile (A x L x K / M x N x K / R x C) | warps/stages | regs "
              "| spill bytes/LDL+STL | smem KB | blocks/SM | MMA | main loop SASS instrs |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"] + rows
@@ -175,13 +179,14 @@ def main(argv=None) -> int:
               "instructions from the SASS x iterations / (SMs x 4 schedulers x clock)); the step is the sum of its two "
               "kernels. Bytes: compulsory traffic of each kernel (G or W once, P once, moments read+write, N, split-K "
               "partials written and read back, all counted as HBM). Floor: read W and G, write W, read+write the fp32 "
-              "moments, read P. galore-torch: its 12 kernels per weight (2 cuBLAS matmuls with P in G's dtype -- tf32 for "
-              "fp32 under the same 'medium' setting --, 7 small Adam kernels, scale, add, weight decay), each at "
+              "moments, read P. galore-torch: its 12 kernels per weight (2 cuBLAS matmuls with P in G's dtype -- tf32 "
+              "for fp32 under the same 'medium' setting --, 7 small Adam kernels, scale, add, weight decay), each at "
               "max(bytes/BW, FLOPs/peak). Launch gaps are not counted "
               "(they would add ~2 us per kernel: 2 here, 12 for galore-torch). fp32 rows use tf32 "
               "(float32_matmul_precision 'medium'). GPUs: " + "; ".join(
-                  f"{g['name']}: {g['hbm'] / 1e12:.2f} TB/s, {g['bf16'] / 1e12:.0f} TFLOP/s bf16, {g['tf32'] / 1e12:.0f} "
-                  f"tf32, {g['fp32'] / 1e12:.1f} fp32, {g['sms']} SMs at {g['clock'] / 1e9:.2f} GHz"
+                  f"{g['name']}: {g['hbm'] / 1e12:.2f} TB/s, {g['bf16'] / 1e12:.0f} TFLOP/s bf16, "
+                  f"{g['tf32'] / 1e12:.0f} tf32, {g['fp32'] / 1e12:.1f} fp32, {g['sms']} SMs at "
+                  f"{g['clock'] / 1e9:.2f} GHz"
                   for g in gs.ARCHS.values()), ""]
     records: list = []
     lines += roofline_table(cases, results, shapes, ranks, records)
