@@ -21,6 +21,7 @@ _EXPORTS = {
     "block_outlier_ratios": "owlore_kernels.outliers",
     "estimate_memory": "owlore_kernels.estimate",
     "backend_report": "owlore_kernels.ops",
+    "owlore_shard_placement": "owlore_kernels.distributed",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

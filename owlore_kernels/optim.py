@@ -90,7 +90,15 @@ class OwLoreAdamW(Optimizer):
             backend that is missing raises at the first step.
 
     Extra methods: ``release(params)`` frees all state of those params;
-    ``state_bytes()`` counts the bytes held in state.
+    ``state_bytes()`` counts the bytes held in state (this rank's shards under
+    FSDP2); ``register_step_hooks(model_or_params)`` steps each param inside
+    backward as soon as its gradient is ready and frees that gradient
+    (``owlore_kernels.distributed.InBackwardSteps``: gradient accumulation via
+    ``no_step()``, ``remove()``; global-norm clipping is not possible there).
+
+    FSDP2 (``fully_shard``) DTensor params are stepped shard by shard without
+    gathering a gradient (``owlore_kernels.distributed``); their refresh must be
+    ``proj_method="randomized"``.
 
     ``torch.compile``: compile the model, not ``step``; ``step`` runs eagerly
     (its refresh schedule and the fused ops' host-side dispatch would recompile

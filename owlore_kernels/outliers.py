@@ -28,6 +28,7 @@ import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch import nn
 
 from .introspection import block_linears, find_decoder_blocks, oriented_weight
@@ -78,6 +79,13 @@ def _check_threshold(threshold: float) -> float:
 
 def _count(tensors: list[torch.Tensor], threshold: float, col_scales, backend: Optional[str]) -> tuple[float, int]:
     """``outlier_count`` on detached tensors (the op never writes into its inputs)."""
+    sharded = [tuple(t.shape) for t in tensors if isinstance(t, DTensor)]
+    if sharded:
+        # the mean and the count need every entry of the block; a rank sees only its shard
+        raise ValueError(
+            f"outlier scores need whole weights, but {len(sharded)} weight(s) (shapes {sharded}) are sharded "
+            f"DTensors (FSDP2): compute the scores before fully_shard and pass them as OwLoreSampler(scores=...)"
+        )
     return outlier_count([t.detach() for t in tensors], threshold=threshold, col_scales=col_scales, backend=backend)
 
 

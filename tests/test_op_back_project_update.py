@@ -23,6 +23,9 @@ from op_samples import (DTYPES, SIDES, UNIT_ROUNDOFF, LargestNewTensor, assert_w
                         dispatching_to, gamma, interpreted, low_shape, projection, rounded_bracket)
 from owlore_kernels.ops.back_project_update import back_project_update_
 
+# rerun by `make test` on torch's generic CPU kernels (other summation orders)
+pytestmark = pytest.mark.numerics
+
 BACKENDS = backend_device_params("back_project_update")
 CASES = [(67, 131, 5), (1, 5, 1), (131, 67, 16), (67, 131, 64), (130, 4097, 17), (600, 1100, 128), (2100, 520, 3)]
 INTERPRETER_CASES = [(67, 131, 5), (1, 5, 1), (131, 67, 16), (67, 131, 64)]

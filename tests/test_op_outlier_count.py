@@ -26,6 +26,9 @@ from op_samples import (DTYPES, LargestNewTensor, backend_device_params, dispatc
                         gamma, interpreted)
 from owlore_kernels.ops.outlier_count import outlier_count
 
+# rerun by `make test` on torch's generic CPU kernels (other summation orders)
+pytestmark = pytest.mark.numerics
+
 BACKENDS = backend_device_params("outlier_count")
 SHAPES = [(67, 131), (1, 5), (130, 4097), (3, 7, 33), (40000,), (3, 4097), (40,)]
 INTERPRETER_SHAPES = [(67, 131), (1, 5), (3, 7, 33), (3, 4097), (40,)]

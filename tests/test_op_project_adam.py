@@ -24,6 +24,9 @@ from op_samples import (DTYPES, SIDES, UNIT_ROUNDOFF, LargestNewTensor, adam_bou
                         backend_device_params, dispatching_to, interpreted, low_shape, projection, projection_bound)
 from owlore_kernels.ops.project_adam import project_adam_
 
+# rerun by `make test` on torch's generic CPU kernels (other summation orders)
+pytestmark = pytest.mark.numerics
+
 BACKENDS = backend_device_params("project_adam")
 # (m, n, r): odd shapes; rank 1, odd ranks, 64, 128 and 130 (two r-tiles in Triton);
 # 4097-wide rows; n = 1024 sends fp32 G through the C++ staged path on the left side

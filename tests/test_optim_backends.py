@@ -21,6 +21,9 @@ import torch
 
 from owlore_kernels import OwLoreAdamW, ops
 
+# rerun by `make test` on torch's generic CPU kernels (other summation orders)
+pytestmark = pytest.mark.numerics
+
 BACKENDS = [b for b in ("cpp", "triton") if b in ops._REGISTRY["project_adam"] and ops._runs_on(b, "cpu")]
 WEIGHT_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2**-7, atol=2**-7)}
 STATE_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2.5e-2, atol=2.5e-2)}

@@ -198,3 +198,24 @@ def test_peft_model_scores_its_base_weights_not_the_adapters():
     want = block_outlier_ratios(gpt2, threshold=3.0)
     wrapped = peft.get_peft_model(gpt2, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
     assert block_outlier_ratios(wrapped, threshold=3.0) == want
+
+
+def test_sharded_weights_are_refused_with_what_to_do(tmp_path):
+    """A rank of an FSDP2 model holds only shards: the block mean and count would be wrong, so
+    scoring a DTensor raises and says to score before fully_shard."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from owlore_kernels import outlier_ratio
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        weight = distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)])
+        with pytest.raises(ValueError, match=r"sharded DTensors.*before fully_shard.*scores="):
+            outlier_ratio(weight)
+    finally:
+        dist.destroy_process_group()
