@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=None, help="timed runs per candidate (default 30; 1 with --small)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 5; 1 with --small)")
     p.add_argument("--no-galore", action="store_true", help="skip the galore-torch baseline")
+    p.add_argument("--seed", type=int, default=0, help="seeds the random inputs (default 0)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     return p.parse_args(argv)
 
@@ -204,7 +205,11 @@ def check_step(m: int, n: int, r: int, dtype, precisions) -> None:
             w_note = f"W {c_w:.2f}"
         else:  # one ulp of W's dtype (the rounding of the fp32 result) + the dot's own rounding bound
             u_ops = 2 * UNIT[prec] if prec in ("bf16", "fp16") else UNIT[prec]
-            bound_w = ULP[dtype] * w64.abs() + 2 * ((u_ops + r * EPS32) * wabs + 2 * EPS32 * w64.abs()) + 1e-30
+            # below the smallest normal (fp16: 6.1e-5, hit by a few of randn's entries) the
+            # spacing is absolute, smallest_normal * eps, not relative to |W|
+            subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+            bound_w = (ULP[dtype] * w64.abs() + subnormal
+                       + 2 * ((u_ops + r * EPS32) * wabs + 2 * EPS32 * w64.abs()) + 1e-30)
             c_w = ((w.double() - w64).abs() / bound_w).max().item()
             w_note = f"W {c_w:.2f}"
         ok = max(c_r, c_v, c_n, c_w) <= 1
@@ -258,6 +263,7 @@ def check_outliers(m: int, n: int, dtype) -> None:
 
 
 def main() -> int:
+    torch.manual_seed(ARGS.seed)
     stamp = machine_stamp()
     emit(f"# gpu_check {'--small' if ARGS.small else 'real shapes'}: {stamp_line(stamp)}")
     emit(f"# device {DEVICE}{' (Triton interpreter)' if not CUDA else ''}; floor at {ARGS.peak_gbps:.0f} GB/s; "
