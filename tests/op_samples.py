@@ -199,3 +199,16 @@ def exact_product_grid(shape, device="cpu", dtype=torch.float32, high=8) -> torc
     exact in fp32 in any order, so results can be compared for equality."""
     return torch.randint(-high, high + 1, shape).to(dtype).to(device)
 
+
+
+def over_projection_cases(backends, cases):
+    """Parametrize a projection-op test over (backend, device), dtype, side and (m, n, r)."""
+    marks = [pytest.mark.parametrize("backend,device", backends), pytest.mark.parametrize("dtype", DTYPES),
+             pytest.mark.parametrize("side", SIDES), pytest.mark.parametrize("m,n,r", cases)]
+
+    def wrap(test):
+        for mark in reversed(marks):  # innermost first, as stacked decorators apply
+            test = mark(test)
+        return test
+
+    return wrap

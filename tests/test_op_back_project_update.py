@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from op_samples import (DTYPES, SIDES, UNIT_ROUNDOFF, LargestNewTensor, assert_within, backend_device_params,
+from op_samples import (over_projection_cases, DTYPES, SIDES, UNIT_ROUNDOFF, LargestNewTensor, assert_within, backend_device_params,
                         dispatching_to, gamma, interpreted, low_shape, projection, rounded_bracket)
 from owlore_kernels.ops.back_project_update import back_project_update_
 
@@ -55,10 +55,7 @@ def check_against_oracle(backend, before, after, proj, norm, side, beta, alpha):
         f"first: {after[outside][0].item()} not in [{lo[outside][0].item()}, {hi[outside][0].item()}]")
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("m,n,r", CASES)
+@over_projection_cases(BACKENDS, CASES)
 def test_matches_fp64_oracle(backend, device, dtype, side, m, n, r):
     if interpreted(backend, device) and (m, n, r) not in INTERPRETER_CASES:
         pytest.skip("large for the Triton interpreter")

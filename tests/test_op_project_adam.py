@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from op_samples import (DTYPES, SIDES, UNIT_ROUNDOFF, LargestNewTensor, adam_bounds, assert_within,
+from op_samples import (over_projection_cases, DTYPES, SIDES, UNIT_ROUNDOFF, LargestNewTensor, adam_bounds, assert_within,
                         backend_device_params, dispatching_to, interpreted, low_shape, projection, projection_bound)
 from owlore_kernels.ops.project_adam import project_adam_
 
@@ -53,10 +53,7 @@ def check_against_oracle(backend, grad, proj, side, before, after, out, bc1, bc2
     assert_within(out, n, dn, "N")
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("side", SIDES)
-@pytest.mark.parametrize("m,n,r", CASES)
+@over_projection_cases(BACKENDS, CASES)
 def test_matches_fp64_oracle(backend, device, dtype, side, m, n, r):
     if interpreted(backend, device) and (m, n, r) not in INTERPRETER_CASES:
         pytest.skip("large for the Triton interpreter")

@@ -64,6 +64,13 @@ def _same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def _assert_continue_alike(run, other, steps=3):
+    """Train two (params, optimizer) pairs on, side by side: their params stay bit-equal."""
+    _train(*run, steps)
+    _train(*other, steps)
+    assert _same(run[0], other[0])
+
+
 @pytest.mark.parametrize("inp", INPUTS, ids=lambda i: i.desc)
 def test_step_with_closure_equals_step_without(inp):
     p1, o1 = _build(inp)
@@ -90,9 +97,7 @@ def test_deepcopy_continues_identically(inp):
     _train(params, opt, 3)
     params2, opt2 = copy.deepcopy((params, opt))  # one memo: opt2's groups and state key params2
     assert opt2.state[params2[0]]["step"] == 3
-    _train(params, opt, 3)
-    _train(params2, opt2, 3)
-    assert _same(params, params2)
+    _assert_continue_alike((params, opt), (params2, opt2))
 
 
 @pytest.mark.parametrize("inp", INPUTS, ids=lambda i: i.desc)
@@ -102,9 +107,7 @@ def test_state_dict_before_first_step_round_trips(inp):
     assert sd["state"] == {}
     params2, opt2 = _build(inp)
     opt2.load_state_dict(sd)
-    _train(params, opt, 3)
-    _train(params2, opt2, 3)
-    assert _same(params, params2)
+    _assert_continue_alike((params, opt), (params2, opt2))
 
 
 @pytest.mark.parametrize("inp", INPUTS, ids=lambda i: i.desc)
@@ -195,9 +198,7 @@ def test_tensor_lr():
     p1, o1 = _build(INPUTS[1])
     p2 = _model()
     o2 = OwLoreAdamW(INPUTS[1].groups(p2), lr=torch.tensor(1e-3), weight_decay=0.1)
-    _train(p1, o1, 3)
-    _train(p2, o2, 3)
-    assert _same(p1, p2)
+    _assert_continue_alike((p1, o1), (p2, o2))
     with pytest.raises(ValueError, match="lr"):
         OwLoreAdamW(_model(), lr=torch.tensor([1e-3, 1e-3]))
 
