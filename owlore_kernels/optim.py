@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from .distributed import InBackwardSteps, check_step_params, galore_update_sharded, is_dtensor, local_tensor
 from .ops import BACKENDS
-from .ops._checks import row_chunks
+from ._checks import row_chunks
 from .ops.back_project_update import back_project_update_
 from .ops.project_adam import adam_normalized_, project_adam_, project_reference
 from .projector import PROJ_METHODS, PROJ_TYPES, compute_projection, projection_side, refresh_seed, subspace_shape

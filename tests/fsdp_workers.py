@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import owlore_kernels
+from tiny_models import PlainLM
 from owlore_kernels.distributed import owlore_shard_placement
 
 VOCAB, STEPS = 33, 6
@@ -21,31 +22,10 @@ VOCAB, STEPS = 33, 6
 GALORE = dict(rank=4, update_proj_gap=2, scale=1.0)
 
 
-class Block(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.fc1 = nn.Linear(d, h)  # weight h x d, h >= d: projected on the right
-        self.fc2 = nn.Linear(h, d)  # weight d x h, d < h: projected on the left
-
-    def forward(self, x):
-        return x + self.fc2(torch.relu(self.fc1(x)))
-
-
-class TinyLM(nn.Module):
-    """Odd sizes on purpose: under Shard(0) on 2 ranks every weight, bias and the embedding split unevenly."""
-
-    def __init__(self, d=21, h=39, n_blocks=4):
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, d)
-        self.blocks = nn.ModuleList(Block(d, h) for _ in range(n_blocks))
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, VOCAB, bias=False)
-
-    def forward(self, tokens):
-        h = self.embed(tokens)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(self.norm(h))
+def TinyLM(d=21, h=39, n_blocks=4):
+    """Odd sizes on purpose: under Shard(0) on 2 ranks every weight, bias and the embedding split unevenly.
+    fc1 (h x d, h >= d) is projected on the right, fc2 (d x h) on the left."""
+    return PlainLM(n_blocks=n_blocks, d=d, vocab=VOCAB, hidden=h)
 
 
 def batches(world_batch=4, steps=STEPS, seed=7):

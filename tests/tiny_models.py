@@ -8,10 +8,11 @@ from torch import nn
 
 
 class Block(nn.Module):
-    def __init__(self, d):
+    def __init__(self, d, hidden=None):
         super().__init__()
-        self.fc1 = nn.Linear(d, 2 * d)
-        self.fc2 = nn.Linear(2 * d, d)
+        hidden = 2 * d if hidden is None else hidden
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, d)
 
     def forward(self, x):
         return x + self.fc2(torch.relu(self.fc1(x)))
@@ -20,10 +21,10 @@ class Block(nn.Module):
 class PlainLM(nn.Module):
     """embed -> blocks -> norm -> head: the layout the sampler's discovery must handle without hints."""
 
-    def __init__(self, n_blocks=6, d=8, vocab=16):
+    def __init__(self, n_blocks=6, d=8, vocab=16, hidden=None):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n_blocks))
+        self.blocks = nn.ModuleList(Block(d, hidden) for _ in range(n_blocks))
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
 

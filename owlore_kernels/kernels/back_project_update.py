@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_back_project_update_args
 from ._common import (Launch, as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind, fp32_to_bf16_bits_rne,
                       interpreting, resolve_dot_precision, round_fp32_to_bf16_values, target_arch)
 
@@ -105,25 +106,13 @@ def _back_project_update_kernel(
 def back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_precision: Optional[str] = None, *,
                              arch: Optional[int] = None, interpret: Optional[bool] = None) -> list:
     """Check the arguments and decide the launch without running it (works on ``meta`` tensors)."""
+    # the op's checks, one definition; run again here because torch.ops.owlore.back_project_update_
+    # and direct launcher calls reach this kernel without the Python entry's checks (memory safety)
+    check_back_project_update_args(param, proj, norm_update, side)
     precision = resolve_dot_precision(param.dtype, dot_precision)
-    if param.dim() != 2 or proj.dim() != 2 or norm_update.dim() != 2:
-        raise ValueError("param, proj and norm_update must be 2-D")
-    dtype_kind(param)
-    for name, t in (("proj", proj), ("norm_update", norm_update)):
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
-        if t.device != param.device:
-            raise ValueError("all tensors must be on one device")
     m, n = param.shape
-    if side == "left":
-        a, b = proj, norm_update
-    elif side == "right":
-        a, b = norm_update, proj
-    else:
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    a, b = (proj, norm_update) if side == "left" else (norm_update, proj)
     rank = a.shape[1]
-    if a.shape[0] != m or tuple(b.shape) != (rank, n):
-        raise ValueError(f"side={side!r}: need ({m}, r) @ (r, {n}), got {tuple(a.shape)} @ {tuple(b.shape)}")
     cfg = config(precision, rank, target_arch(param) if arch is None else arch)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     if grid[0] == 0:  # an empty weight: nothing to update (a 0-program launch is an error)

@@ -58,6 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import check_project_adam_args
 from ._common import (DOT_PRECISIONS, Launch, as_kernel_arg, bf16_bits_to_fp32, device_ctx, dtype_kind,
                       interpreting, resolve_dot_precision, round_fp32_to_bf16_values, sm_count, target_arch)
 
@@ -243,37 +244,21 @@ def project_adam_plan(
 ) -> list:
     """Check the arguments and decide the launch(es) without running them (works on ``meta``
     tensors: the static GPU check compiles exactly what this returns)."""
+    # the op's checks, one definition; run again here because torch.ops.owlore.project_adam_ and
+    # direct launcher calls reach this kernel without the Python entry's checks (memory safety)
+    check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
     precision = resolve_dot_precision(grad.dtype, dot_precision)
-    if grad.dim() != 2 or proj.dim() != 2:
-        raise ValueError(f"grad and proj must be 2-D, got {tuple(grad.shape)} and {tuple(proj.shape)}")
-    dtype_kind(grad)
-    for name, t in (("proj", proj), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32, got {t.dtype}")
     m, n = grad.shape
     if side == "left":  # R = P^T G: A = P [k=m, a=r], B = G [k=m, l=n]; R' = R [r, n]
-        rank = proj.shape[1]
-        if proj.shape[0] != m:
-            raise ValueError(f"left: proj must be ({m}, r), got {tuple(proj.shape)}")
-        low_shape, length, depth = (rank, n), n, m
+        rank, length, depth = proj.shape[1], n, m
         a_strides = (proj.stride(0), proj.stride(1))
         g_strides = (grad.stride(0), grad.stride(1))
         swap = False
-    elif side == "right":  # R = G Q^T, R^T = Q G^T: A = Q^T [k=n, a=r], B = G^T [k=n, l=m]; R' = R^T
-        rank = proj.shape[0]
-        if proj.shape[1] != n:
-            raise ValueError(f"right: proj must be (r, {n}), got {tuple(proj.shape)}")
-        low_shape, length, depth = (m, rank), m, n
+    else:  # R = G Q^T, R^T = Q G^T: A = Q^T [k=n, a=r], B = G^T [k=n, l=m]; R' = R^T
+        rank, length, depth = proj.shape[0], m, n
         a_strides = (proj.stride(1), proj.stride(0))
         g_strides = (grad.stride(1), grad.stride(0))
         swap = True
-    else:
-        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
-        if tuple(t.shape) != low_shape:
-            raise ValueError(f"{name} must have shape {low_shape} for side={side!r}, got {tuple(t.shape)}")
-        if t.device != grad.device or proj.device != grad.device:
-            raise ValueError("all tensors must be on one device")
 
     def strides(t):  # [a, l] strides of a subspace tensor
         return (t.stride(1), t.stride(0)) if swap else (t.stride(0), t.stride(1))

@@ -16,21 +16,12 @@ from typing import Optional
 import torch
 
 from . import call, register
-from ._checks import check_float, check_projection_shapes, check_same_device, check_side, row_chunks
+from .._checks import check_back_project_update_args, row_chunks
 
 torch.library.define(
     "owlore::back_project_update_",
     "(Tensor(a!) param, Tensor proj, Tensor norm_update, *, str side, Scalar beta, Scalar alpha) -> ()",
 )
-
-
-def check_back_project_update_args(param, proj, norm_update, side) -> None:
-    check_side(side)
-    check_float("param", param)
-    check_float("proj", proj, (torch.float32,))
-    check_float("norm_update", norm_update, (torch.float32,))
-    check_projection_shapes(side, param, proj, norm_update, "back_project_update_")
-    check_same_device(("param", param), ("proj", proj), ("norm_update", norm_update))
 
 
 @torch.library.register_fake("owlore::back_project_update_")

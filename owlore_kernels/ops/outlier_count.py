@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import call, register
-from ._checks import FLOAT_DTYPES, check_float, row_chunks
+from .._checks import FLOAT_DTYPES, check_float, row_chunks
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 

@@ -24,36 +24,13 @@ from typing import Optional
 import torch
 
 from . import call, register
-from ._checks import (
-    check_float,
-    check_projection_shapes,
-    check_same_device,
-    check_same_shape,
-    check_side,
-    check_unit_interval,
-    row_chunks,
-)
+from .._checks import check_project_adam_args, row_chunks
 
 torch.library.define(
     "owlore::project_adam_",
     "(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, *, str side, "
     "Scalar beta1, Scalar beta2, Scalar eps, Scalar bias_correction1, Scalar bias_correction2) -> ()",
 )
-
-
-def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2) -> None:
-    """``out`` may be None (the public function allocates it after the checks)."""
-    check_side(side)
-    check_float("grad", grad)
-    written = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] + ([("out", out)] if out is not None else [])
-    for name, t in [("proj", proj)] + written:
-        check_float(name, t, (torch.float32,))
-    check_projection_shapes(side, grad, proj, exp_avg, "project_adam_")
-    for name, t in written[1:]:
-        check_same_shape(name, t, "exp_avg", exp_avg)
-    check_unit_interval("bias_correction1", bias_correction1, "1 - beta1**t, or 1 for none")
-    check_unit_interval("bias_correction2", bias_correction2, "1 - beta2**t, or 1 for none")
-    check_same_device(("grad", grad), ("proj", proj), *written)
 
 
 @torch.library.register_fake("owlore::project_adam_")

@@ -2,7 +2,10 @@
 
 Each op's checks run in its public function (eager, before any tensor is modified) and in
 its fake implementation (``torch.compile`` tracing, ``opcheck``), so a bad argument is
-reported the same way on every path. ``torch._check_value`` / ``torch._check_type`` raise
+reported the same way on every path. The Triton launchers run them too, since
+``torch.ops.owlore.*`` and direct launcher calls reach a kernel without the public function.
+The module sits beside, not inside, ``ops``: importing ``ops`` loads the backends, which
+import the kernels, which import these checks. ``torch._check_value`` / ``torch._check_type`` raise
 ``ValueError`` / ``TypeError`` in eager mode and become guards or runtime asserts on
 symbolic shapes while tracing.
 """
@@ -76,3 +79,27 @@ def check_unit_interval(name: str, value: float, meaning: str) -> None:
     ``tensor.item()``) becomes two runtime asserts instead of a data-dependent guard."""
     torch._check_value(value > 0.0, lambda: f"{name} must be in (0, 1] ({meaning}), got {value}")
     torch._check_value(value <= 1.0, lambda: f"{name} must be in (0, 1] ({meaning}), got {value}")
+
+
+def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2) -> None:
+    """``out`` may be None (the public function allocates it after the checks)."""
+    check_side(side)
+    check_float("grad", grad)
+    written = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] + ([("out", out)] if out is not None else [])
+    for name, t in [("proj", proj)] + written:
+        check_float(name, t, (torch.float32,))
+    check_projection_shapes(side, grad, proj, exp_avg, "project_adam_")
+    for name, t in written[1:]:
+        check_same_shape(name, t, "exp_avg", exp_avg)
+    check_unit_interval("bias_correction1", bias_correction1, "1 - beta1**t, or 1 for none")
+    check_unit_interval("bias_correction2", bias_correction2, "1 - beta2**t, or 1 for none")
+    check_same_device(("grad", grad), ("proj", proj), *written)
+
+
+def check_back_project_update_args(param, proj, norm_update, side) -> None:
+    check_side(side)
+    check_float("param", param)
+    check_float("proj", proj, (torch.float32,))
+    check_float("norm_update", norm_update, (torch.float32,))
+    check_projection_shapes(side, param, proj, norm_update, "back_project_update_")
+    check_same_device(("param", param), ("proj", proj), ("norm_update", norm_update))
