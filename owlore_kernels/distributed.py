@@ -72,15 +72,6 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ checks
-def check_step_params(optimizer: torch.optim.Optimizer) -> None:
-    """Raise before step() modifies anything if a param's layout is one OwLoreAdamW cannot update."""
-    index = -1
-    for group_index, group in enumerate(optimizer.param_groups):
-        for p in group["params"]:
-            index += 1
-            check_param_layout(p, group, group_index, index)
-
-
 def check_param_layout(p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
     where = f"param {index} (param group {group_index}, shape {tuple(p.shape)})"
     galore = group.get("rank") is not None
@@ -425,7 +416,7 @@ class InBackwardSteps:
                     "process; with DDP use optimizer.step() after backward."
                 )
         for p, group, group_index, index in where.values():
-            check_param_layout(p, group, group_index, index)
+            optimizer._check_param(p, group, group_index, index)
         self.optimizer = optimizer
         self.stepping = True
         self._handles = [entry[0].register_post_accumulate_grad_hook(self._hook(*entry)) for entry in where.values()]
@@ -435,8 +426,8 @@ class InBackwardSteps:
             if not self.stepping or param.grad is None:
                 return
             with torch.no_grad():
-                check_param_layout(param, group, group_index, index)
-                self.optimizer._step_param(param, group, group_index, index)
+                self.optimizer._check_param(param, group, group_index, index)
+                self.optimizer._step_param(param, group, index)
             param.grad = None
 
         return step_now

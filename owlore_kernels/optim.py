@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from .distributed import InBackwardSteps, check_step_params, galore_update_sharded, is_dtensor, local_tensor
+from .distributed import InBackwardSteps, check_param_layout, galore_update_sharded, is_dtensor, local_tensor
 from .ops import BACKENDS
 from ._checks import row_chunks
 from .ops.back_project_update import back_project_update_
@@ -232,25 +232,33 @@ class OwLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        check_step_params(self)  # sharded (FSDP2/DeepSpeed) layouts, before anything is modified
-        index = -1  # position of a param across all groups: seeds its refreshes
-        for group_index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                index += 1
-                if p.grad is not None:
-                    self._step_param(p, group, group_index, index)
+        # index: a param's position across all groups (it seeds the param's refreshes)
+        params = [(p, group, group_index) for group_index, group in enumerate(self.param_groups)
+                  for p in group["params"]]
+        for index, (p, group, group_index) in enumerate(params):  # every check before any update
+            self._check_param(p, group, group_index, index)
+        for index, (p, group, group_index) in enumerate(params):
+            if p.grad is not None:
+                self._step_param(p, group, index)
         return loss
 
-    def _step_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
-        """Update one param with a gradient (from step(), or from an in-backward hook)."""
+    def _check_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
+        """Raise if ``p`` (or its gradient) is something this optimizer cannot update; modifies nothing."""
+        check_param_layout(p, group, group_index, index)  # sharded (FSDP2) and flattened (DeepSpeed) layouts
+        if p.grad is None:
+            return
         if p.grad.is_sparse:
             raise RuntimeError("OwLoreAdamW does not support sparse gradients")
+        if group["rank"] is not None and not is_dtensor(p):
+            _check_galore_param(p, group["rank"], f" in param group {group_index}")
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """Update one checked param with a gradient (from step(), or from an in-backward hook)."""
         if group["rank"] is None:
             self._adamw_update(p, group)
         elif is_dtensor(p):
             galore_update_sharded(self, p, group, index)
         else:
-            _check_galore_param(p, group["rank"], f" in param group {group_index}")
             self._galore_update(p, group, index)
 
     def register_step_hooks(self, params: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> InBackwardSteps:

@@ -289,3 +289,16 @@ def test_compiled_step_runs_eagerly_without_recompiles():
     assert _same(p1, p2)
     assert counters["stats"]["unique_graphs"] <= 1, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+def test_a_param_that_cannot_be_updated_stops_the_step_before_any_update():
+    """Every param is checked before the first one is updated: no half-applied step."""
+    params = _model()
+    opt = OwLoreAdamW([{"params": params[:2], "rank": 4}, {"params": params[2:]}])
+    params[1].data = params[1].data.double()  # became fp64 after construction
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"torch.float64 weight of shape \(20, 6\)"):
+        opt.step()
+    assert _same(params, before) and not opt.state
