@@ -33,6 +33,21 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Nothing here imports torch or the kernels: main() decides first whether Triton must run in its
+# interpreter (TRITON_INTERPRET=1 has to be set before any kernel module is imported).
+
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+SMALL_SHAPES, SMALL_RANKS = ((67, 131), (131, 67)), (16,)
+REAL_SHAPES, REAL_RANKS = ((4096, 4096), (4096, 11008), (11008, 4096)), (128, 256, 512)
+BETA1, BETA2, EPS, LR, WD, SCALE = 0.9, 0.999, 1e-8, 1e-3, 0.01, 0.25
+EPS32 = 2.0 ** -24
+UNIT = {"ieee": 0.0, "tf32": 2 * 2.0 ** -10, "tf32x3": 2 * 2.0 ** -22, "bf16": 2.0 ** -9, "fp16": 2.0 ** -11}
+ULP = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -10}  # by dtype name
+NO_CUDA = ("gpu_check: no CUDA device. Use --small to run the same code path on tiny shapes "
+           "in Triton's interpreter (CPU).")
 
 
 def parse_args(argv=None):
@@ -52,93 +67,106 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-ARGS = parse_args()
+@dataclass(frozen=True)
+class Options:
+    """What one run checks and how, from the command line and the machine."""
 
-import torch  # noqa: E402
+    small: bool
+    precisions: tuple  # "default" and/or explicit dot precisions, in the order given
+    peak_gbps: float
+    iters: int
+    warmup: int
+    seed: int
+    out: Optional[str]
+    device: Any  # torch.device
+    cuda: bool
+    shapes: tuple
+    ranks: tuple
+    galore: Any = None  # galore_torch.GaLoreAdamW, or None: that baseline is skipped
 
-if not torch.cuda.is_available():
-    if not ARGS.small:
-        sys.exit("gpu_check: no CUDA device. Use --small to run the same code path on tiny shapes "
-                 "in Triton's interpreter (CPU).")
-    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    @classmethod
+    def from_args(cls, args, device, galore=None) -> "Options":
+        return cls(small=args.small,
+                   precisions=tuple(p.strip() for p in args.precision.split(",") if p.strip()),
+                   peak_gbps=args.peak_gbps,
+                   iters=args.iters or (1 if args.small else 30),
+                   warmup=args.warmup if args.warmup is not None else (1 if args.small else 5),
+                   seed=args.seed, out=args.out, device=device, cuda=device.type == "cuda",
+                   shapes=SMALL_SHAPES if args.small else REAL_SHAPES,
+                   ranks=SMALL_RANKS if args.small else REAL_RANKS,
+                   galore=None if args.no_galore else galore)
 
-from owlore_kernels.bench.harness import (append_results, frozen_galore_refresh, machine_stamp,  # noqa: E402
-                                          markdown_table, stamp_line, time_interleaved)
-from owlore_kernels.kernels import (back_project_update_launch, outlier_count_launch,  # noqa: E402
-                                    project_adam_launch, resolve_dot_precision)
-from owlore_kernels.kernels._common import ALLOWED_DOT_PRECISIONS  # noqa: E402
-from owlore_kernels.ops.back_project_update import back_project_update_reference  # noqa: E402
-from owlore_kernels.ops.outlier_count import outlier_count_reference  # noqa: E402
-from owlore_kernels.ops.project_adam import project_adam_reference  # noqa: E402
 
-try:
-    from galore_torch import GaLoreAdamW
-    GALORE_NOTE = None
-except Exception as exc:  # not installed on every GPU machine
-    GaLoreAdamW = None
-    GALORE_NOTE = f"galore_torch not importable ({type(exc).__name__}: {exc}); galore column skipped"
+@dataclass
+class Tally:
+    """The result rows and the number of failed checks so far."""
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-CUDA = DEVICE.type == "cuda"
-if ARGS.small:
-    SHAPES, RANKS = [(67, 131), (131, 67)], [16]
-else:
-    SHAPES, RANKS = [(4096, 4096), (4096, 11008), (11008, 4096)], [128, 256, 512]
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-ITERS = ARGS.iters or (1 if ARGS.small else 30)
-WARMUP = ARGS.warmup if ARGS.warmup is not None else (1 if ARGS.small else 5)
-PRECISIONS = [p.strip() for p in ARGS.precision.split(",") if p.strip()]
-BETA1, BETA2, EPS, LR, WD, SCALE = 0.9, 0.999, 1e-8, 1e-3, 0.01, 0.25
-EPS32 = 2.0 ** -24
-UNIT = {"ieee": 0.0, "tf32": 2 * 2.0 ** -10, "tf32x3": 2 * 2.0 ** -22, "bf16": 2.0 ** -9, "fp16": 2.0 ** -11}
-ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -10}
-ROWS: list = []
-FAILURES = 0
+    rows: list = field(default_factory=list)
+    failures: int = 0
+
+    def verdict(self, ok: bool) -> str:
+        self.failures += not ok
+        return "ok" if ok else "FAIL"
 
 
 def emit(line: str = "") -> None:
     print(line, flush=True)
 
 
-def verdict(ok: bool) -> str:
-    global FAILURES
-    FAILURES += not ok
-    return "ok" if ok else "FAIL"
-
-
 def dname(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def time_all(candidates: dict) -> dict:
+def import_galore():
+    """(GaLoreAdamW, None), or (None, why it is skipped) where galore_torch does not import."""
+    try:
+        from galore_torch import GaLoreAdamW
+        return GaLoreAdamW, None
+    except Exception as exc:  # not installed on every GPU machine
+        return None, f"galore_torch not importable ({type(exc).__name__}: {exc}); galore column skipped"
+
+
+def time_all(opts: Options, candidates: dict) -> dict:
     """Median ms per candidate (interleaved; L2 flushed before each run on CUDA)."""
-    t = time_interleaved(candidates, repeats=ITERS, warmup=WARMUP, device=DEVICE, flush_l2=CUDA)
+    from owlore_kernels.bench.harness import time_interleaved
+
+    t = time_interleaved(candidates, repeats=opts.iters, warmup=opts.warmup, device=opts.device,
+                         flush_l2=opts.cuda)
     return {k: v.summary()["median"] for k, v in t.items()}
 
 
 def floor_bytes(m: int, n: int, r: int, dtype) -> int:
+    import torch
+
     b = torch.empty((), dtype=dtype).element_size()
     return 3 * m * n * b + 4 * max(m, n) * r * 4 + min(m, n) * r * 4
 
 
-def orthonormal(rows: int, cols: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), device=DEVICE))
+def orthonormal(rows: int, cols: int, device):
+    import torch
+
+    q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), device=device))
     return (q if rows >= cols else q.t()).contiguous()
 
 
-def galore_step(weight0: torch.Tensor, grad: torch.Tensor, r: int):
-    if GaLoreAdamW is None or ARGS.no_galore:
+def galore_step(opts: Options, weight0, grad, r: int):
+    if opts.galore is None:
         return None
+    import torch
+    from owlore_kernels.bench.harness import frozen_galore_refresh
+
     w = torch.nn.Parameter(weight0.clone())
     w.grad = grad
     with frozen_galore_refresh():
-        opt = GaLoreAdamW([{"params": [w], "rank": r, "update_proj_gap": 10 ** 9, "scale": SCALE,
+        opt = opts.galore([{"params": [w], "rank": r, "update_proj_gap": 10 ** 9, "scale": SCALE,
                             "proj_type": "std"}], lr=LR, weight_decay=WD)
         opt.step()  # the first step builds the projector; the timed ones reuse it
     return opt.step
 
 
-def adamw_step(weight0: torch.Tensor, grad: torch.Tensor):
+def adamw_step(weight0, grad):
+    import torch
+
     w = torch.nn.Parameter(weight0.clone())
     w.grad = grad
     opt = torch.optim.AdamW([w], lr=LR, weight_decay=WD, fused=True)
@@ -146,12 +174,18 @@ def adamw_step(weight0: torch.Tensor, grad: torch.Tensor):
     return opt.step
 
 
-def check_step(m: int, n: int, r: int, dtype, precisions) -> None:
+def check_step(opts: Options, tally: Tally, m: int, n: int, r: int, dtype, precisions) -> None:
+    import torch
+    from owlore_kernels.kernels import back_project_update_launch, project_adam_launch, resolve_dot_precision
+    from owlore_kernels.ops.back_project_update import back_project_update_reference
+    from owlore_kernels.ops.project_adam import project_adam_reference
+
+    device = opts.device
     side = "right" if m >= n else "left"  # galore-torch "std": project onto the shorter side
     k = m if side == "left" else n
-    grad = torch.randn(m, n, device=DEVICE).to(dtype)
-    weight0 = torch.randn(m, n, device=DEVICE).to(dtype)
-    proj = orthonormal(m, r) if side == "left" else orthonormal(r, n)
+    grad = torch.randn(m, n, device=device).to(dtype)
+    weight0 = torch.randn(m, n, device=device).to(dtype)
+    proj = orthonormal(m, r, device) if side == "left" else orthonormal(r, n, device)
     low = (r, n) if side == "left" else (m, r)
     bias1, bias2 = 1 - BETA1, 1 - BETA2  # step 1
     beta, alpha = 1 - LR * WD, -LR * SCALE
@@ -161,7 +195,7 @@ def check_step(m: int, n: int, r: int, dtype, precisions) -> None:
     absprod = (p64.abs().t() @ g64.abs()) if side == "left" else (g64.abs() @ p64.abs().t())
     del g64
     # torch reference (fp32 math), and its error against the oracle
-    ref_m, ref_v, ref_n = (torch.zeros(low, device=DEVICE) for _ in range(3))
+    ref_m, ref_v, ref_n = (torch.zeros(low, device=device) for _ in range(3))
     project_adam_reference(grad, proj, ref_m, ref_v, ref_n, side, BETA1, BETA2, EPS, bias1, bias2)
     ref_err = ((ref_m.double() / (1 - BETA1) - r64).abs().max() / r64.abs().max()).item()
     n_in = ref_n.clone()  # the N both back-projections consume
@@ -170,7 +204,7 @@ def check_step(m: int, n: int, r: int, dtype, precisions) -> None:
     wabs = abs(alpha) * (a64.abs() @ b64.abs())
     del a64, b64
     nbytes = floor_bytes(m, n, r, dtype)
-    floor_ms = nbytes / (ARGS.peak_gbps * 1e9) * 1e3
+    floor_ms = nbytes / (opts.peak_gbps * 1e9) * 1e3
     ref_w = weight0.clone()
 
     def unfused():
@@ -178,15 +212,15 @@ def check_step(m: int, n: int, r: int, dtype, precisions) -> None:
         back_project_update_reference(ref_w, proj, ref_n, side, beta, alpha)
 
     baselines = {"torch ops": unfused}
-    step = galore_step(weight0, grad, r)
+    step = galore_step(opts, weight0, grad, r)
     if step is not None:
         baselines["galore-torch"] = step
-    if CUDA:
+    if opts.cuda:
         baselines["AdamW fused"] = adamw_step(weight0, grad)
     for choice in precisions:
         prec = resolve_dot_precision(dtype, None if choice == "default" else choice)
-        mom, sq, out, w = (torch.zeros(low, device=DEVICE), torch.zeros(low, device=DEVICE),
-                           torch.empty(low, device=DEVICE), weight0.clone())
+        mom, sq, out, w = (torch.zeros(low, device=device), torch.zeros(low, device=device),
+                           torch.empty(low, device=device), weight0.clone())
         project_adam_launch(grad, proj, mom, sq, out, side, BETA1, BETA2, EPS, bias1, bias2, dot_precision=prec)
         back_project_update_launch(w, proj, n_in, side, beta, alpha, dot_precision=prec)
         # R through m = (1 - b1) R (zero moments): error / bound, <= 1 passes
@@ -208,38 +242,43 @@ def check_step(m: int, n: int, r: int, dtype, precisions) -> None:
             # below the smallest normal (fp16: 6.1e-5, hit by a few of randn's entries) the
             # spacing is absolute, smallest_normal * eps, not relative to |W|
             subnormal = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
-            bound_w = (ULP[dtype] * w64.abs() + subnormal
+            bound_w = (ULP[dname(dtype)] * w64.abs() + subnormal
                        + 2 * ((u_ops + r * EPS32) * wabs + 2 * EPS32 * w64.abs()) + 1e-30)
             c_w = ((w.double() - w64).abs() / bound_w).max().item()
             w_note = f"W {c_w:.2f}"
         ok = max(c_r, c_v, c_n, c_w) <= 1
-        check = f"R {c_r:.2f} v {c_v:.2f} N {c_n:.2f} {w_note} (err/bound) {verdict(ok)}"
+        check = f"R {c_r:.2f} v {c_v:.2f} N {c_n:.2f} {w_note} (err/bound) {tally.verdict(ok)}"
 
         def fused():
             project_adam_launch(grad, proj, mom, sq, out, side, BETA1, BETA2, EPS, bias1, bias2, dot_precision=prec)
             back_project_update_launch(w, proj, out, side, beta, alpha, dot_precision=prec)
 
         peak_note = ""
-        if CUDA:
+        if opts.cuda:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             fused()
             torch.cuda.synchronize()
             peak_note = f" +{(torch.cuda.max_memory_allocated() - base) / 2**20:.1f} MiB peak"
-        times = time_all({"fused": fused, **baselines})
+        times = time_all(opts, {"fused": fused, **baselines})
         med = times["fused"]
         vs = "  ".join(f"{name} {t:.3f} ms ({t / med:.2f}x)" for name, t in times.items() if name != "fused")
         emit(f"{m:>5}x{n:<5} r={r:<3} {dname(dtype):<8} {side:<5} {choice}={prec:<6} | fused {med:8.3f} ms "
              f"{med / floor_ms:5.2f}x floor{peak_note} | {vs} | R err {kern_err:.1e} (torch {ref_err:.1e}) | {check}")
-        ROWS.append(dict(m=m, n=n, r=r, dtype=dname(dtype), side=side, precision=prec, choice=choice,
-                         fused_ms=med, floor_ms=floor_ms, **{f"{k}_ms": v for k, v in times.items() if k != "fused"},
-                         r_rel_err=kern_err, torch_r_rel_err=ref_err, ok=ok))
+        tally.rows.append(dict(m=m, n=n, r=r, dtype=dname(dtype), side=side, precision=prec, choice=choice,
+                               fused_ms=med, floor_ms=floor_ms,
+                               **{f"{k}_ms": v for k, v in times.items() if k != "fused"},
+                               r_rel_err=kern_err, torch_r_rel_err=ref_err, ok=ok))
 
 
-def check_outliers(m: int, n: int, dtype) -> None:
-    w = torch.randn(m, n, device=DEVICE).to(dtype)
-    scale = torch.rand(n, device=DEVICE) + 0.5
+def check_outliers(opts: Options, tally: Tally, m: int, n: int, dtype) -> None:
+    import torch
+    from owlore_kernels.kernels import outlier_count_launch
+    from owlore_kernels.ops.outlier_count import outlier_count_reference
+
+    w = torch.randn(m, n, device=opts.device).to(dtype)
+    scale = torch.rand(n, device=opts.device) + 0.5
     threshold = 5.0
     mean_t, count_t = outlier_count_launch([w], threshold, [scale])
     mean, count = mean_t.item(), count_t.item()
@@ -252,49 +291,70 @@ def check_outliers(m: int, n: int, dtype) -> None:
     lo, hi = int((score > cut * (1 + 1e-5)).sum()), int((score > cut * (1 - 1e-5)).sum())
     del score
     ok = rel <= 1e-5 and lo <= count <= hi
-    times = time_all({"triton": lambda: outlier_count_launch([w], threshold, [scale]),
-                      "torch ref": lambda: outlier_count_reference([w], threshold, [scale])})
-    one_read_ms = m * n * w.element_size() / (ARGS.peak_gbps * 1e9) * 1e3
+    times = time_all(opts, {"triton": lambda: outlier_count_launch([w], threshold, [scale]),
+                            "torch ref": lambda: outlier_count_reference([w], threshold, [scale])})
+    one_read_ms = m * n * w.element_size() / (opts.peak_gbps * 1e9) * 1e3
     emit(f"{m:>5}x{n:<5} {dname(dtype):<8} outlier_count | {times['triton']:8.3f} ms "
          f"{times['triton'] / one_read_ms:5.2f}x one read of W | torch ref {times['torch ref']:.3f} ms | mean rel err "
-         f"{rel:.1e} count {count} (ref {ref_count}, allowed {lo}-{hi}) {verdict(ok)}")
-    ROWS.append(dict(m=m, n=n, dtype=dname(dtype), op="outlier_count", triton_ms=times["triton"],
-                     torch_ms=times["torch ref"], one_read_ms=one_read_ms, ok=ok))
+         f"{rel:.1e} count {count} (ref {ref_count}, allowed {lo}-{hi}) {tally.verdict(ok)}")
+    tally.rows.append(dict(m=m, n=n, dtype=dname(dtype), op="outlier_count", triton_ms=times["triton"],
+                           torch_ms=times["torch ref"], one_read_ms=one_read_ms, ok=ok))
 
 
-def main() -> int:
-    torch.manual_seed(ARGS.seed)
+def run(opts: Options, galore_note: Optional[str] = None) -> int:
+    """Every check of ``opts``, printed and appended to the results; 1 if any failed, else 0."""
+    import torch
+    from owlore_kernels.bench.harness import append_results, machine_stamp, markdown_table, stamp_line
+    from owlore_kernels.kernels._common import ALLOWED_DOT_PRECISIONS
+
+    tally = Tally()
+    dtypes = [getattr(torch, name) for name in DTYPE_NAMES]
+    torch.manual_seed(opts.seed)
     stamp = machine_stamp()
-    emit(f"# gpu_check {'--small' if ARGS.small else 'real shapes'}: {stamp_line(stamp)}")
-    emit(f"# device {DEVICE}{' (Triton interpreter)' if not CUDA else ''}; floor at {ARGS.peak_gbps:.0f} GB/s; "
-         f"{ITERS} runs after {WARMUP} warm-up, median; L2 flush {'on' if CUDA else 'off'}")
-    if GALORE_NOTE:
-        emit(f"# note: {GALORE_NOTE}")
+    emit(f"# gpu_check {'--small' if opts.small else 'real shapes'}: {stamp_line(stamp)}")
+    emit(f"# device {opts.device}{' (Triton interpreter)' if not opts.cuda else ''}; floor at "
+         f"{opts.peak_gbps:.0f} GB/s; {opts.iters} runs after {opts.warmup} warm-up, median; "
+         f"L2 flush {'on' if opts.cuda else 'off'}")
+    if galore_note:
+        emit(f"# note: {galore_note}")
     t0 = time.time()
-    for dtype in DTYPES:
-        for m, n in SHAPES:
-            check_outliers(m, n, dtype)
-    for m, n in SHAPES:
-        for r in RANKS:
-            for dtype in DTYPES:
+    for dtype in dtypes:
+        for m, n in opts.shapes:
+            check_outliers(opts, tally, m, n, dtype)
+    for m, n in opts.shapes:
+        for r in opts.ranks:
+            for dtype in dtypes:
                 allowed = ALLOWED_DOT_PRECISIONS[dtype]
-                precisions = [p for p in PRECISIONS if p == "default" or p in allowed]
-                check_step(m, n, r, dtype, precisions)
-                if CUDA:
+                precisions = [p for p in opts.precisions if p == "default" or p in allowed]
+                check_step(opts, tally, m, n, r, dtype, precisions)
+                if opts.cuda:
                     torch.cuda.empty_cache()
-    emit(f"# {FAILURES} check(s) failed; wall {time.time() - t0:.0f} s")
-    folder = ARGS.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    steps = [r for r in ROWS if "fused_ms" in r]
+    emit(f"# {tally.failures} check(s) failed; wall {time.time() - t0:.0f} s")
+    folder = opts.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    steps = [r for r in tally.rows if "fused_ms" in r]
     table = markdown_table(
         ["shape", "r", "dtype", "dot", "fused ms", "x floor", "galore-torch ms", "AdamW fused ms", "R rel err", "ok"],
         [[f"{r['m']}x{r['n']}", r["r"], r["dtype"], r["precision"], f"{r['fused_ms']:.3f}",
           f"{r['fused_ms'] / r['floor_ms']:.2f}", f"{r.get('galore-torch_ms', float('nan')):.3f}",
           f"{r.get('AdamW fused_ms', float('nan')):.3f}", f"{r['r_rel_err']:.1e}", r["ok"]] for r in steps])
-    paths = append_results(folder, "gpu_check" + ("_small" if ARGS.small else ""), rows=ROWS, stamp=stamp,
+    paths = append_results(folder, "gpu_check" + ("_small" if opts.small else ""), rows=tally.rows, stamp=stamp,
                            table=table, command="PYTHONPATH=. python benchmarks/gpu_check.py"
-                           + (" --small" if ARGS.small else ""), notes=f"{FAILURES} failed check(s).")
+                           + (" --small" if opts.small else ""), notes=f"{tally.failures} failed check(s).")
     print(f"appended to {paths[1]}")
-    return 1 if FAILURES else 0
+    return 1 if tally.failures else 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        if not args.small:
+            sys.exit(NO_CUDA)
+        os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported
+    galore, galore_note = import_galore()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return run(Options.from_args(args, device, galore), galore_note)
 
 
 if __name__ == "__main__":
