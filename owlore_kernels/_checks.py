@@ -81,8 +81,19 @@ def check_unit_interval(name: str, value: float, meaning: str) -> None:
     torch._check_value(value <= 1.0, lambda: f"{name} must be in (0, 1] ({meaning}), got {value}")
 
 
+def check_tensor_scalar(name: str, t: torch.Tensor) -> None:
+    """A hyperparameter passed as a tensor (the ops' ``.tensor`` overloads): a 0-dim floating
+    CPU tensor, whose value the kernel reads on the host without a device sync."""
+    torch._check_type(isinstance(t, torch.Tensor), lambda: f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    torch._check_value(
+        t.dim() == 0 and t.is_floating_point() and t.device.type == "cpu",
+        lambda: f"{name} must be a 0-dim floating CPU tensor, got shape {tuple(t.shape)}, {t.dtype} on {t.device}",
+    )
+
+
 def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2) -> None:
-    """``out`` may be None (the public function allocates it after the checks)."""
+    """``out`` may be None (the public function allocates it after the checks). The bias
+    corrections are numbers, or 0-dim CPU tensors whose values only the kernel reads."""
     check_side(side)
     check_float("grad", grad)
     written = [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)] + ([("out", out)] if out is not None else [])
@@ -91,13 +102,20 @@ def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_cor
     check_projection_shapes(side, grad, proj, exp_avg, "project_adam_")
     for name, t in written[1:]:
         check_same_shape(name, t, "exp_avg", exp_avg)
-    check_unit_interval("bias_correction1", bias_correction1, "1 - beta1**t, or 1 for none")
-    check_unit_interval("bias_correction2", bias_correction2, "1 - beta2**t, or 1 for none")
+    for name, value in (("bias_correction1", bias_correction1), ("bias_correction2", bias_correction2)):
+        if isinstance(value, torch.Tensor):
+            check_tensor_scalar(name, value)
+        else:
+            check_unit_interval(name, value, f"1 - beta{name[-1]}**t, or 1 for none")
     check_same_device(("grad", grad), ("proj", proj), *written)
 
 
-def check_back_project_update_args(param, proj, norm_update, side) -> None:
+def check_back_project_update_args(param, proj, norm_update, side, beta=None, alpha=None) -> None:
+    """``beta`` and ``alpha`` are checked only when they are tensors (numbers are free)."""
     check_side(side)
+    for name, value in (("beta", beta), ("alpha", alpha)):
+        if isinstance(value, torch.Tensor):
+            check_tensor_scalar(name, value)
     check_float("param", param)
     check_float("proj", proj, (torch.float32,))
     check_float("norm_update", norm_update, (torch.float32,))

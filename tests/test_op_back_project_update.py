@@ -161,15 +161,18 @@ def test_bad_arguments_raise_before_anything_changes(what, change, error, patter
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("side,dtype", [("left", torch.float32), ("right", torch.bfloat16)])
-def test_opcheck(backend, device, side, dtype):
+@pytest.mark.parametrize("overload", ["default", "tensor"])
+def test_opcheck(backend, device, side, dtype, overload):
     """Schema (only param is written), fake implementation, autograd registration and AOT
-    dispatch (static and dynamic shapes), with the dispatcher running this backend's kernel."""
+    dispatch (static and dynamic shapes), with the dispatcher running this backend's kernel;
+    for both overloads (beta and alpha as numbers, or as 0-dim CPU tensors)."""
     m, n, r = 19, 37, 5
     args = (torch.randn(m, n, device=device).to(dtype), projection(side, m, n, r, device),
             torch.randn(low_shape(side, m, n, r), device=device))
+    scalar = (lambda x: torch.tensor(x, dtype=torch.float64)) if overload == "tensor" else float
     with dispatching_to("back_project_update", backend, device):
-        torch.library.opcheck(torch.ops.owlore.back_project_update_.default, args,
-                              dict(side=side, beta=0.99, alpha=-0.1),
+        torch.library.opcheck(getattr(torch.ops.owlore.back_project_update_, overload), args,
+                              dict(side=side, beta=scalar(0.99), alpha=scalar(-0.1)),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
 
@@ -201,6 +204,44 @@ def test_compiles_fullgraph_in_place_without_recompiling_per_step():
         update(eager, proj, norm, beta, alpha)
         torch.testing.assert_close(weight, eager, rtol=0, atol=0)  # the same kernel on the same inputs
     assert counter.frame_count == 1
+
+
+def test_tensor_beta_alpha_compile_fullgraph_once_without_config():
+    """beta and alpha as 0-dim CPU tensors (the ``.tensor`` overload) are graph inputs with
+    torch.compile's defaults: one compile for all steps (dynamo may restart its first analysis once, which is not
+    a recompile), the eager kernel's result bit for bit."""
+    def update(weight, proj, norm, beta, alpha):
+        back_project_update_(weight, proj, norm, side="right", beta=beta, alpha=alpha)
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(update, fullgraph=True, backend=counter)
+    m, n, r = 24, 40, 4
+    weight, proj = torch.randn(m, n).bfloat16(), projection("right", m, n, r)
+    eager = weight.clone()
+    for t, lr in enumerate((1e-2, 5e-3, 2.5e-3)):
+        norm = torch.randn(m, r)
+        beta, alpha = torch.tensor(1 - lr * 0.1, dtype=torch.float64), torch.tensor(-lr, dtype=torch.float64)
+        with torch._dynamo.config.patch(error_on_recompile=t > 0):
+            compiled(weight, proj, norm, beta, alpha)
+        back_project_update_(eager, proj, norm, side="right", beta=1 - lr * 0.1, alpha=-lr)  # numbers
+        assert torch.equal(weight, eager)
+    assert counter.frame_count >= 1 and "owlore.back_project_update_.tensor" in counter.graphs[-1].code
+
+
+@pytest.mark.parametrize("name,value,pattern", [
+    ("beta", torch.tensor([0.99]), r"beta must be a 0-dim floating CPU tensor, got shape \(1,\)"),
+    ("alpha", torch.tensor(1, dtype=torch.int64), r"alpha must be a 0-dim floating CPU tensor, got shape \(\), torch.int64"),
+    ("alpha", torch.tensor(-0.1, device="meta"), r"alpha must be a 0-dim floating CPU tensor.* on meta"),
+])
+def test_bad_tensor_beta_alpha_raise_before_anything_changes(name, value, pattern):
+    weight, proj, norm = torch.randn(30, 50), projection("left", 30, 50, 4), torch.randn(4, 50)
+    before = weight.clone()
+    kwargs = dict(beta=1.0, alpha=-0.1)
+    kwargs[name] = value
+    with pytest.raises(ValueError, match=pattern):
+        back_project_update_(weight, proj, norm, side="left", **kwargs)
+    assert torch.equal(weight, before)
 
 
 # --------------------------------------------------------------------------- the Triton kernel's store and guards

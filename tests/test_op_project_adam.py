@@ -175,20 +175,62 @@ def test_cpp_kernel_guards_memory_on_direct_calls(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("side,dtype", [("left", torch.float32), ("right", torch.bfloat16)])
-def test_opcheck(backend, device, side, dtype):
+@pytest.mark.parametrize("overload", ["default", "tensor"])
+def test_opcheck(backend, device, side, dtype, overload):
     """Schema (only exp_avg, exp_avg_sq and out are written), fake implementation, autograd
     registration and AOT dispatch (functionalized, static and dynamic shapes), with the
-    dispatcher running this backend's kernel."""
+    dispatcher running this backend's kernel; for both overloads (bias corrections as
+    numbers, or as 0-dim CPU tensors)."""
     m, n, r = 19, 37, 5
     grad, proj = torch.randn(m, n, device=device).to(dtype), projection(side, m, n, r, device)
     shape = low_shape(side, m, n, r)
     args = (grad, proj, torch.randn(shape, device=device), torch.rand(shape, device=device),
             torch.empty(shape, device=device))
-    kwargs = dict(side=side, bias_correction1=0.19, bias_correction2=0.002, **BETAS)
+    scalar = (lambda x: torch.tensor(x, dtype=torch.float64)) if overload == "tensor" else float
+    kwargs = dict(side=side, bias_correction1=scalar(0.19), bias_correction2=scalar(0.002), **BETAS)
     with dispatching_to("project_adam", backend, device):
-        torch.library.opcheck(torch.ops.owlore.project_adam_.default, args, kwargs,
+        torch.library.opcheck(getattr(torch.ops.owlore.project_adam_, overload), args, kwargs,
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                           "test_aot_dispatch_static", "test_aot_dispatch_dynamic"))
+
+
+def test_tensor_bias_corrections_compile_fullgraph_once_without_config():
+    """Bias corrections as 0-dim CPU tensors (the ``.tensor`` overload) are graph inputs with
+    torch.compile's defaults: one compile for all steps (dynamo may restart its first analysis once, which is not
+    a recompile), the eager kernel's result bit for bit."""
+    m, n, r = 40, 24, 4
+
+    def step(grad, proj, exp_avg, exp_avg_sq, bc1, bc2):
+        return project_adam_(grad, proj, exp_avg, exp_avg_sq, side="left", bias_correction1=bc1,
+                             bias_correction2=bc2, **BETAS)
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    proj = projection("left", m, n, r)
+    state, eager_state = [torch.zeros(r, n), torch.zeros(r, n)], [torch.zeros(r, n), torch.zeros(r, n)]
+    for t in range(1, 4):
+        grad = torch.randn(m, n)
+        bc1, bc2 = 1 - 0.9**t, 1 - 0.999**t
+        with torch._dynamo.config.patch(error_on_recompile=t > 1):
+            out = compiled(grad, proj, *state, torch.tensor(bc1, dtype=torch.float64), torch.tensor(bc2, dtype=torch.float64))
+        want = step(grad, proj, *eager_state, bc1, bc2)  # numbers: the default overload
+        assert torch.equal(out, want) and all(map(torch.equal, state, eager_state))
+    assert counter.frame_count >= 1 and "owlore.project_adam_.tensor" in counter.graphs[-1].code
+
+
+@pytest.mark.parametrize("value,pattern", [
+    (torch.tensor([0.5]), r"bias_correction1 must be a 0-dim floating CPU tensor, got shape \(1,\)"),
+    (torch.tensor(1.5, dtype=torch.float64), r"bias_correction1 must be in \(0, 1\].*got 1.5"),
+    (torch.tensor(0.0), r"bias_correction1 must be in \(0, 1\].*got 0.0"),
+])
+def test_bad_tensor_bias_corrections_raise_before_anything_changes(value, pattern):
+    grad, proj, exp_avg, exp_avg_sq = _args()
+    before = [t.clone() for t in (exp_avg, exp_avg_sq)]
+    with pytest.raises(ValueError, match=pattern):
+        project_adam_(grad, proj, exp_avg, exp_avg_sq, side="left", bias_correction1=value, bias_correction2=1.0,
+                      **BETAS)
+    assert all(torch.equal(a, b) for a, b in zip((exp_avg, exp_avg_sq), before))
 
 
 @torch._dynamo.config.patch(capture_scalar_outputs=True)

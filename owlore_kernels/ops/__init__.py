@@ -23,10 +23,13 @@ directly (the reference on CPU next to the extension; Triton on CPU tensors unde
 ``TRITON_INTERPRET=1``, eager only). A forced backend that is missing or cannot run on the
 tensors' device raises, naming it and why; an import that fails only removes its backend.
 
-Under ``torch.compile`` the op is one graph node whose fake implementation supplies shapes;
-the optimizer hyperparameters are ``Scalar`` in the schemas, so a traced value (a
-``tensor.item()`` under ``capture_scalar_outputs``) passes through unspecialised and a
-schedule does not recompile the graph at every step.
+Under ``torch.compile`` the op is one graph node whose fake implementation supplies shapes.
+Its hyperparameters are ``Scalar`` in the default overload: a Python number there is a
+constant of the graph, so a new value recompiles. The hyperparameters that change from step to
+step (``project_adam_``'s bias corrections, ``back_project_update_``'s beta and alpha) also have
+a ``.tensor`` overload that takes them as 0-dim floating CPU tensors: graph inputs, read on the
+host by the kernel (no device sync), so a compiled optimizer step does not recompile when the step
+count or the learning rate changes. The public functions pick that overload when given tensors.
 """
 from __future__ import annotations
 
@@ -78,6 +81,14 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
         return fn
 
     return wrap
+
+
+def tensor_scalars(*values):
+    """``(*values, as_tensors)``: the values unchanged if none is a tensor; else each one as a
+    0-dim tensor (numbers become float64 CPU tensors) for an op's ``.tensor`` overload."""
+    if not any(isinstance(v, torch.Tensor) for v in values):
+        return (*values, False)
+    return (*(v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64) for v in values), True)
 
 
 def check_backend(backend: Optional[str]) -> None:

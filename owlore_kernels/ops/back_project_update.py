@@ -11,22 +11,35 @@ writes ``param``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from . import call, register
+from . import call, register, tensor_scalars
 from .._checks import check_back_project_update_args, row_chunks
 
-torch.library.define(
-    "owlore::back_project_update_",
-    "(Tensor(a!) param, Tensor proj, Tensor norm_update, *, str side, Scalar beta, Scalar alpha) -> ()",
-)
+_SCHEMA = "(Tensor(a!) param, Tensor proj, Tensor norm_update, *, str side, {t} beta, {t} alpha) -> ()"
+torch.library.define("owlore::back_project_update_", _SCHEMA.format(t="Scalar"))
+# beta and alpha as 0-dim CPU tensors: a compiled optimizer step passes them as graph inputs,
+# so a new step size (an LR schedule, the bias correction) does not recompile.
+torch.library.define("owlore::back_project_update_.tensor", _SCHEMA.format(t="Tensor"))
 
 
 @torch.library.register_fake("owlore::back_project_update_")
 def _back_project_update_fake(param, proj, norm_update, *, side, beta, alpha):
     check_back_project_update_args(param, proj, norm_update, side)
+
+
+@torch.library.register_fake("owlore::back_project_update_.tensor")
+def _back_project_update_tensor_fake(param, proj, norm_update, *, side, beta, alpha):
+    check_back_project_update_args(param, proj, norm_update, side, beta, alpha)
+
+
+@torch.library.register_kernel("owlore::back_project_update_.tensor", None)
+def _back_project_update_tensor(param, proj, norm_update, *, side, beta, alpha):
+    """Every device: read beta and alpha on the host and run the op's kernel for the tensors' device."""
+    torch.ops.owlore.back_project_update_.default(param, proj, norm_update, side=side, beta=beta.item(),
+                                                  alpha=alpha.item())
 
 
 def back_project_update_(
@@ -35,20 +48,27 @@ def back_project_update_(
     norm_update: torch.Tensor,
     *,
     side: str,
-    beta: float,
-    alpha: float,
+    beta: Union[float, torch.Tensor],
+    alpha: Union[float, torch.Tensor],
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Apply the GaLore update to ``param`` in place and return it.
 
+    ``beta`` and ``alpha`` are numbers or 0-dim floating CPU tensors (the op's ``.tensor``
+    overload: under ``torch.compile`` they are graph inputs, not constants).
     ``backend=None`` lets torch's dispatcher pick the kernel for the tensors' device;
     ``"torch"``, ``"cpp"`` or ``"triton"`` forces one (see ``owlore_kernels.ops``).
     """
     if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
-        check_back_project_update_args(param, proj, norm_update, side)
-    call("back_project_update", param.device, backend)(
-        param, proj, norm_update, side=side, beta=beta, alpha=alpha
-    )
+        check_back_project_update_args(param, proj, norm_update, side, beta, alpha)
+    beta, alpha, as_tensors = tensor_scalars(beta, alpha)
+    if as_tensors and backend is None:
+        fn = torch.ops.owlore.back_project_update_.tensor
+    else:
+        if as_tensors:  # a forced backend's kernel takes numbers (eager only)
+            beta, alpha = beta.item(), alpha.item()
+        fn = call("back_project_update", param.device, backend)
+    fn(param, proj, norm_update, side=side, beta=beta, alpha=alpha)
     return param
 
 

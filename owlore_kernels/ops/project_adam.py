@@ -19,24 +19,41 @@ The op is ``torch.ops.owlore.project_adam_``; it returns nothing and writes
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from . import call, register
+from . import call, register, tensor_scalars
 from .._checks import check_project_adam_args, row_chunks
 
-torch.library.define(
-    "owlore::project_adam_",
-    "(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, *, str side, "
-    "Scalar beta1, Scalar beta2, Scalar eps, Scalar bias_correction1, Scalar bias_correction2) -> ()",
-)
+_SCHEMA = ("(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, *, str side, "
+           "Scalar beta1, Scalar beta2, Scalar eps, {bc} bias_correction1, {bc} bias_correction2) -> ()")
+torch.library.define("owlore::project_adam_", _SCHEMA.format(bc="Scalar"))
+# The bias corrections as 0-dim CPU tensors: a compiled optimizer step passes them as graph
+# inputs, so a new step count does not recompile (a Python number would be a constant).
+torch.library.define("owlore::project_adam_.tensor", _SCHEMA.format(bc="Tensor"))
 
 
 @torch.library.register_fake("owlore::project_adam_")
 def _project_adam_fake(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, beta2, eps, bias_correction1,
                        bias_correction2):
     check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
+
+
+@torch.library.register_fake("owlore::project_adam_.tensor")
+def _project_adam_tensor_fake(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, beta2, eps, bias_correction1,
+                              bias_correction2):
+    check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
+
+
+@torch.library.register_kernel("owlore::project_adam_.tensor", None)
+def _project_adam_tensor(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, beta2, eps, bias_correction1,
+                         bias_correction2):
+    """Every device: read the bias corrections on the host and run the op's kernel for the tensors' device."""
+    bc1, bc2 = bias_correction1.item(), bias_correction2.item()
+    check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bc1, bc2)
+    torch.ops.owlore.project_adam_.default(grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1,
+                                           beta2=beta2, eps=eps, bias_correction1=bc1, bias_correction2=bc2)
 
 
 def project_adam_(
@@ -49,14 +66,16 @@ def project_adam_(
     beta1: float,
     beta2: float,
     eps: float,
-    bias_correction1: float,
-    bias_correction2: float,
+    bias_correction1: Union[float, torch.Tensor],
+    bias_correction2: Union[float, torch.Tensor],
     out: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Update ``exp_avg`` and ``exp_avg_sq`` in place and return N (fp32, the subspace shape).
 
     ``out``, if given, receives N (fp32, same shape as the moments) and is returned.
+    The bias corrections are numbers or 0-dim floating CPU tensors (the op's ``.tensor``
+    overload: under ``torch.compile`` they are graph inputs, not constants).
     ``backend=None`` lets torch's dispatcher pick the kernel for the tensors' device;
     ``"torch"``, ``"cpp"`` or ``"triton"`` forces one (see ``owlore_kernels.ops``).
     """
@@ -64,10 +83,16 @@ def project_adam_(
         check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
     if out is None:
         out = torch.empty_like(exp_avg)
-    call("project_adam", grad.device, backend)(
-        grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1, beta2=beta2, eps=eps,
-        bias_correction1=bias_correction1, bias_correction2=bias_correction2,
-    )
+    bias_correction1, bias_correction2, as_tensors = tensor_scalars(bias_correction1, bias_correction2)
+    if as_tensors and backend is None:
+        fn = torch.ops.owlore.project_adam_.tensor
+    else:
+        if as_tensors:  # a forced backend's kernel takes numbers (eager only)
+            bias_correction1, bias_correction2 = bias_correction1.item(), bias_correction2.item()
+            check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
+        fn = call("project_adam", grad.device, backend)
+    fn(grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1, beta2=beta2, eps=eps,
+       bias_correction1=bias_correction1, bias_correction2=bias_correction2)
     return out
 
 
