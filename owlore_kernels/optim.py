@@ -5,7 +5,7 @@ import difflib
 import math
 import warnings
 from itertools import chain
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch.optim import Optimizer
@@ -14,7 +14,7 @@ from .distributed import InBackwardSteps, check_param_layout, galore_update_shar
 from .ops import BACKENDS
 from ._checks import row_chunks
 from .ops.back_project_update import back_project_update_
-from .ops.project_adam import adam_normalized_, project_adam_, project_reference
+from .ops.project_adam import project_adam_, project_reference
 from .projector import PROJ_METHODS, PROJ_TYPES, compute_projection, projection_side, refresh_seed, subspace_shape
 
 __all__ = ["OwLoreAdamW", "VARIANTS"]
@@ -100,9 +100,17 @@ class OwLoreAdamW(Optimizer):
     gathering a gradient (``owlore_kernels.distributed``); their refresh must be
     ``proj_method="randomized"``.
 
-    ``torch.compile``: compile the model, not ``step``; ``step`` runs eagerly
-    (its refresh schedule and the fused ops' host-side dispatch would recompile
-    or break the graph every step).
+    ``torch.compile``: ``step`` compiles, alone (``torch.compile(opt.step)``) or
+    inside a compiled training step. Its schedule (checks, state, step counts,
+    subspace refreshes, step sizes, and sharded GaLore updates, which issue
+    collectives) runs eagerly as the one graph break; the updates of the other
+    params are one graph whose per-step numbers (bias corrections, learning
+    rate, step sizes) are 0-dim CPU tensor inputs. So it compiles once: a new
+    step count, learning rate (float or tensor), refreshed basis, or set of
+    params with gradients of the same shapes does not recompile. GaLore weights
+    get the eager numbers bit for bit (the same fused kernels); plain weights
+    get inductor's elementwise code, equal to eager up to rounding.
+    ``fullgraph=True`` is not possible (the graph break).
     """
 
     def __init__(
@@ -221,26 +229,42 @@ class OwLoreAdamW(Optimizer):
                 group.setdefault(key, value)
 
     # ------------------------------------------------------------------- step
-    # The step runs eagerly even inside torch.compile: its refresh schedule (a Python int
-    # per param) and the ops' host-side dispatch would otherwise recompile at every step
-    # until dynamo's cache limit. Compiled models call it like any other optimizer.
-    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
-        """Perform one optimization step; params whose ``grad`` is None are skipped."""
+        """Perform one optimization step; params whose ``grad`` is None are skipped.
+
+        Two parts: ``_schedule`` (checks, state, step counts, subspace refreshes, step sizes,
+        sharded updates) runs eagerly, also under ``torch.compile``, where it is the step's one
+        graph break; ``_apply`` (the Adam updates and the fused ops) is traced, with the per-step
+        numbers as 0-dim tensor inputs, so a compiled step does not recompile as they change.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for update in self._schedule(torch.compiler.is_compiling()):
+            _apply(update)
+        return loss
+
+    @torch.compiler.disable
+    def _schedule(self, as_tensors: bool) -> list["_Update"]:
+        """Check every param, then advance the state of each param with a gradient and return its
+        update for ``_apply``; sharded GaLore params (collectives) are updated here instead.
+        ``as_tensors``: the per-step coefficients as a float64 CPU tensor (for a traced ``_apply``)."""
         # index: a param's position across all groups (it seeds the param's refreshes)
         params = [(p, group, group_index) for group_index, group in enumerate(self.param_groups)
                   for p in group["params"]]
         for index, (p, group, group_index) in enumerate(params):  # every check before any update
             self._check_param(p, group, group_index, index)
-        for index, (p, group, group_index) in enumerate(params):
-            if p.grad is not None:
-                self._step_param(p, group, index)
-        return loss
+        updates = []
+        for index, (p, group, _) in enumerate(params):
+            if p.grad is None:
+                continue
+            if group["rank"] is not None and is_dtensor(p):
+                galore_update_sharded(self, p, group, index)
+            else:
+                updates.append(self._prepare(p, group, index, as_tensors))
+        return updates
 
     def _check_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
         """Raise if ``p`` (or its gradient) is something this optimizer cannot update; modifies nothing."""
@@ -253,101 +277,178 @@ class OwLoreAdamW(Optimizer):
             _check_galore_param(p, group["rank"], f" in param group {group_index}")
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """Update one checked param with a gradient (from step(), or from an in-backward hook)."""
-        if group["rank"] is None:
-            self._adamw_update(p, group)
-        elif is_dtensor(p):
+        """Update one checked param with a gradient now (an in-backward hook), eagerly."""
+        if group["rank"] is not None and is_dtensor(p):
             galore_update_sharded(self, p, group, index)
         else:
-            self._galore_update(p, group, index)
+            _apply(self._prepare(p, group, index, as_tensors=False))
 
     def register_step_hooks(self, params: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> InBackwardSteps:
         """Step each of ``params`` (or a module's params) inside backward, as soon as its gradient is
         ready, and free that gradient; see ``owlore_kernels.distributed.InBackwardSteps``."""
         return InBackwardSteps(self, params)
 
-    def _adamw_update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _prepare(self, p: torch.Tensor, group: dict[str, Any], index: int, as_tensors: bool) -> "_Update":
+        """Advance ``p``'s state by one update (creating it, refreshing the subspace when due) and
+        return what ``_apply`` needs. A DTensor (FSDP2) plain param is updated on its local shards."""
         state = self.state[p]
-        # fp64 params keep fp64 moments and math; everything else computes in fp32
-        math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
-        state["step"] += 1
         beta1, beta2 = group["betas"]
-        lr, wd, eps = float(group["lr"]), group["weight_decay"], group["eps"]
-        bias1, bias2 = _bias_corrections(group, state["step"])
-        galore_rule = group["variant"] == "galore"
-        # One row chunk (~1M elements) at a time: the fp32 copies of a bf16 chunk, sqrt(v)
-        # and the update are chunk-sized, never full-size (a 7B model's 131M-entry embedding
-        # would otherwise take ~1.5 GB of temporaries).
-        # a DTensor (FSDP2) param, its grad and moments are sharded alike: update the local shards
-        param = local_tensor(p)
-        rows = param.shape[0] if param.dim() > 0 else 1
-        cols = param.numel() // max(rows, 1)
-        flat = (lambda t: t.reshape(rows, cols)) if param.dim() != 2 else (lambda t: t)
-        weight_all, grad_all = flat(param), flat(local_tensor(p.grad))
-        m_all, v_all = flat(local_tensor(state["exp_avg"])), flat(local_tensor(state["exp_avg_sq"]))
-        for chunk in row_chunks(rows, cols):
-            grad = grad_all[chunk].to(math_dtype)
-            m, v = m_all[chunk], v_all[chunk]
-            m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            weight = weight_all[chunk].to(math_dtype)
-            if galore_rule:
-                denom = v.sqrt().add_(eps)
-                weight.addcdiv_(m, denom, value=-lr * math.sqrt(bias2) / bias1)
-                if wd > 0.0:
-                    weight.add_(weight, alpha=-lr * wd)
-            else:
-                weight.mul_(1.0 - lr * wd)
-                denom = v.sqrt().div_(math.sqrt(bias2)).add_(eps)
-                weight.addcdiv_(m, denom, value=-lr / bias1)
-            if weight.data_ptr() != weight_all[chunk].data_ptr():
-                weight_all[chunk].copy_(weight)  # rounds to nearest even
-        if weight_all.data_ptr() != param.data_ptr():  # a non-contiguous p: reshape copied it
-            param.copy_(weight_all.view_as(param))
+        galore = group["rank"] is not None
+        if not galore:
+            # fp64 params keep fp64 moments and math; everything else computes in fp32
+            math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
+            state["step"] += 1
+            coefficients = _adamw_coefficients(group, state["step"])
+            kind, side, proj, proj_right = ("adamw_" + group["variant"]), "", None, None
+        else:
+            rank = min(group["rank"], *p.shape)  # galore-torch: a too-large rank is a full basis
+            side = projection_side(p.shape, group["proj_type"])
+            if not state:
+                state["step"] = 0
+                shape = subspace_shape(p.shape, rank, side)
+                state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            if state["step"] % group["update_proj_gap"] == 0:
+                self._refresh(p, group, index, rank, side)
+            state["step"] += 1
+            adam, update = _galore_coefficients(group, state["step"])
+            coefficients = (adam["bias_correction1"], adam["bias_correction2"], update["beta"], update["alpha"])
+            kind = "galore_full" if side == "full" else "galore"
+            proj = state["proj_right"] if side == "right" else state["proj_left"]
+            proj_right = state["proj_right"] if side == "full" else None
+        if as_tensors:
+            coefficients = torch.tensor(coefficients, dtype=torch.float64)
+        # a traced _apply sees plain tensors (detach: no Parameter, whose identity dynamo would guard)
+        return _Update(
+            kind=kind, param=local_tensor(p).detach(), grad=local_tensor(p.grad),
+            exp_avg=local_tensor(state["exp_avg"]), exp_avg_sq=local_tensor(state["exp_avg_sq"]),
+            proj=proj, proj_right=proj_right, side=side, beta1=beta1, beta2=beta2, eps=group["eps"],
+            decay=group["weight_decay"] > 0.0, backend=group["backend"], coefficients=coefficients,
+        )
 
-    def _galore_update(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        state = self.state[p]
-        rank = min(group["rank"], *p.shape)  # galore-torch: a too-large rank is a full basis
-        side = projection_side(p.shape, group["proj_type"])
-        if not state:
-            state["step"] = 0
-            shape = subspace_shape(p.shape, rank, side)
-            state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-        grad = p.grad
-        if state["step"] % group["update_proj_gap"] == 0:
-            if not bool(torch.isfinite(grad).all()):  # one pass per refresh, not per step
-                raise RuntimeError(
-                    f"OwLoreAdamW: the gradient of param {index} (shape {tuple(p.shape)}) has NaN or inf entries "
-                    f"at a subspace refresh (update {state['step'] + 1}); its projection cannot be computed"
-                )
-            left, right = compute_projection(
-                grad, rank, side, group["proj_method"], oversample=group["oversample"],
-                power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),
+    def _refresh(self, p: torch.Tensor, group: dict[str, Any], index: int, rank: int, side: str) -> None:
+        """New bases P and/or Q from ``p``'s current gradient."""
+        state, grad = self.state[p], p.grad
+        if not bool(torch.isfinite(grad).all()):  # one pass per refresh, not per step
+            raise RuntimeError(
+                f"OwLoreAdamW: the gradient of param {index} (shape {tuple(p.shape)}) has NaN or inf entries "
+                f"at a subspace refresh (update {state['step'] + 1}); its projection cannot be computed"
             )
-            for key, basis in (("proj_left", left), ("proj_right", right)):
-                if basis is not None:
-                    state[key] = basis
-        state["step"] += 1
-        adam, update = _galore_coefficients(group, state["step"])
-        if side == "full":
-            # Two-sided projection has no fused kernel: R = (P^T G) Q^T with the
-            # reference projection, then the fused back-projection of N Q (r x n).
-            left, right = state["proj_left"], state["proj_right"]
-            low = project_reference(grad, left, "left").mm(right.t())
-            norm = adam_normalized_(low, state["exp_avg"], state["exp_avg_sq"], torch.empty_like(low),
-                                    adam["beta1"], adam["beta2"], adam["eps"], adam["bias_correction1"],
-                                    adam["bias_correction2"])
-            back_project_update_(p, left, norm.mm(right), side="left", backend=group["backend"], **update)
-            return
-        proj = state["proj_left"] if side == "left" else state["proj_right"]
-        norm = project_adam_(grad, proj, state["exp_avg"], state["exp_avg_sq"], side=side, backend=group["backend"],
-                             **adam)
-        back_project_update_(p, proj, norm, side=side, backend=group["backend"], **update)
+        left, right = compute_projection(
+            grad, rank, side, group["proj_method"], oversample=group["oversample"],
+            power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),
+        )
+        for key, basis in (("proj_left", left), ("proj_right", right)):
+            if basis is not None:
+                state[key] = basis
+
+
+class _Update(NamedTuple):
+    """One param's update, as ``OwLoreAdamW._prepare`` hands it to ``_apply``.
+
+    ``coefficients`` hold the per-step numbers, Python floats (eager) or one float64 CPU tensor
+    (under ``torch.compile``, so that they are graph inputs): for ``adamw_galore``
+    (-lr sqrt(bc2) / bc1, -lr wd); for ``adamw_torch`` (-lr / bc1, 1 - lr wd, sqrt(bc2)); for
+    ``galore`` and ``galore_full`` project_adam_'s bias corrections and back_project_update_'s
+    beta and alpha. Everything else is constant from step to step.
+    """
+
+    kind: str  # "adamw_galore" | "adamw_torch" | "galore" | "galore_full"
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    proj: Optional[torch.Tensor]  # P (left, full) or Q (right)
+    proj_right: Optional[torch.Tensor]  # Q of a two-sided (full) projection
+    side: str
+    beta1: float
+    beta2: float
+    eps: float
+    decay: bool
+    backend: Optional[str]
+    coefficients: Union[tuple[float, ...], torch.Tensor]
+
+
+def _apply(u: _Update) -> None:
+    """Apply one prepared update; only tensor math and the fused ops, so torch.compile traces it."""
+    c = u.coefficients
+    if u.kind.startswith("adamw"):
+        _adamw_apply(u, c)
+        return
+    bias1, bias2, beta, alpha = c[0], c[1], c[2], c[3]
+    if u.kind == "galore_full":
+        # Two-sided: R = (P^T G) Q^T is the right-side op on the r x n matrix P^T G, and
+        # W <- beta W + alpha P (N Q) the left-side back-projection of N Q (r x n).
+        low = project_reference(u.grad, u.proj, "left")
+        norm = project_adam_(low, u.proj_right, u.exp_avg, u.exp_avg_sq, side="right", beta1=u.beta1,
+                             beta2=u.beta2, eps=u.eps, bias_correction1=bias1, bias_correction2=bias2,
+                             backend=u.backend)
+        back_project_update_(u.param, u.proj, norm.mm(u.proj_right), side="left", beta=beta, alpha=alpha,
+                             backend=u.backend)
+        return
+    norm = project_adam_(u.grad, u.proj, u.exp_avg, u.exp_avg_sq, side=u.side, beta1=u.beta1, beta2=u.beta2,
+                         eps=u.eps, bias_correction1=bias1, bias_correction2=bias2, backend=u.backend)
+    back_project_update_(u.param, u.proj, norm, side=u.side, beta=beta, alpha=alpha, backend=u.backend)
+
+
+def _adamw_apply(u: _Update, c: Union[tuple[float, ...], torch.Tensor]) -> None:
+    """AdamW on a plain param, one row chunk (~1M elements) at a time: the fp32 copies of a
+    bf16 chunk, sqrt(v) and the update are chunk-sized, never full-size (a 7B model's
+    131M-entry embedding would otherwise take ~1.5 GB of temporaries)."""
+    param, beta1, beta2, eps = u.param, u.beta1, u.beta2, u.eps
+    math_dtype = u.exp_avg.dtype
+    rows = param.shape[0] if param.dim() > 0 else 1
+    cols = param.numel() // max(rows, 1)
+    flat = (lambda t: t.reshape(rows, cols)) if param.dim() != 2 else (lambda t: t)
+    copy_back = param.dim() != 2 and not param.is_contiguous()  # reshape copies such a param
+    weight_all, grad_all = flat(param), flat(u.grad)
+    m_all, v_all = flat(u.exp_avg), flat(u.exp_avg_sq)
+    for chunk in row_chunks(rows, cols):
+        grad = grad_all[chunk].to(math_dtype)
+        m, v = m_all[chunk], v_all[chunk]
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        weight = weight_all[chunk].to(math_dtype)
+        if u.kind == "adamw_galore":  # W <- (W - lr sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
+            _addcdiv_(weight, m, v.sqrt().add_(eps), c[0])
+            if u.decay:
+                _add_scaled_(weight, weight, c[1])
+        else:  # W <- W (1 - lr wd) - lr/bc1 m / (sqrt(v / bc2) + eps)
+            weight.mul_(c[1])
+            _addcdiv_(weight, m, v.sqrt().div_(c[2]).add_(eps), c[0])
+        if param.dtype != math_dtype:
+            weight_all[chunk].copy_(weight)  # rounds to nearest even
+    if copy_back:
+        param.copy_(weight_all.view_as(param))
+
+
+def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: Union[float, torch.Tensor]) -> None:
+    """out += value * num / den, where ``value`` is a number (eager) or a 0-dim tensor (traced)."""
+    if isinstance(value, torch.Tensor):
+        out.addcdiv_(num * value, den)
+    else:
+        out.addcdiv_(num, den, value=value)
+
+
+def _add_scaled_(out: torch.Tensor, other: torch.Tensor, value: Union[float, torch.Tensor]) -> None:
+    """out += value * other, where ``value`` is a number (eager) or a 0-dim tensor (traced)."""
+    if isinstance(value, torch.Tensor):
+        out.add_(other * value)
+    else:
+        out.add_(other, alpha=value)
+
+
+def _adamw_coefficients(group: dict[str, Any], step: int) -> tuple[float, ...]:
+    """The per-step numbers of a plain param's update (see ``_Update``)."""
+    lr, wd = float(group["lr"]), group["weight_decay"]
+    bias1, bias2 = _bias_corrections(group, step)
+    if group["variant"] == "galore":
+        return (-lr * math.sqrt(bias2) / bias1, -lr * wd)
+    return (-lr / bias1, 1.0 - lr * wd, math.sqrt(bias2))
 
 
 def _galore_coefficients(group: dict[str, Any], step: int) -> tuple[dict[str, float], dict[str, float]]:

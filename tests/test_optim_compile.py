@@ -1,0 +1,175 @@
+"""OwLoreAdamW.step() under torch.compile: one compile for a whole run, the eager numbers.
+
+The step's schedule (checks, state, step counts, refreshes, step sizes) runs eagerly in one
+graph break; the updates are one graph whose per-step numbers are tensor inputs. So a run
+that crosses subspace refreshes, changes the learning rate at every step and moves the
+gradients to other blocks of the same shapes (what the sampler does) compiles once.
+
+GaLore weights go through the same fused kernels with the same numbers as in eager mode, so
+they and their state are bit-identical. Plain weights are updated by inductor's generated
+code, which may round each elementwise operation differently (FMA contraction, operation
+order); their gap to eager is bounded below by a forward error analysis.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from owlore_kernels.optim import OwLoreAdamW
+from tiny_models import PlainLM
+
+pytestmark = pytest.mark.filterwarnings("ignore:rank=")
+
+U = 2.0**-24  # fp32 unit roundoff
+G_MIN, G_MAX = 0.5, 1.5  # test gradients: |g| in [G_MIN, G_MAX] elementwise
+BETAS = (0.9, 0.999)
+LR, WD, STEPS, GAP = 1e-2, 0.1, 7, 3  # refreshes at updates 1, 4 and 7
+
+
+def make_optimizer(model: PlainLM, variant: str, lr) -> OwLoreAdamW:
+    """Plain params, and the blocks' weights in GaLore groups covering every projection side."""
+    weights = [b.fc1.weight for b in model.blocks] + [b.fc2.weight for b in model.blocks]
+    galore = set(map(id, weights))
+    plain = [p for p in model.parameters() if id(p) not in galore]
+    n = len(model.blocks)
+    return OwLoreAdamW(
+        [{"params": plain},
+         {"params": weights[:n], "rank": 3, "update_proj_gap": GAP},  # fc1 (24 x 16): right
+         {"params": weights[n:], "rank": 3, "update_proj_gap": GAP, "proj_type": "left"}],
+        lr=lr, betas=BETAS, weight_decay=WD, variant=variant)
+
+
+def gradient(shape, gen, dtype):
+    magnitude = G_MIN + (G_MAX - G_MIN) * torch.rand(shape, generator=gen)
+    return (magnitude * torch.randn(shape, generator=gen).sign()).to(dtype)
+
+
+def plain_weight_bound(steps: int, w_max: float, wd: float = WD) -> tuple[float, float, float]:
+    """Bounds on |compiled - eager| for a plain fp32 param's m, v and W after ``steps`` updates.
+
+    Every elementwise operation of the update may be rounded differently (at most u each; a
+    fused multiply-add rounds once instead of twice). Per update t, with |g| in [G_MIN, G_MAX]:
+      dm_t <= b1 dm_{t-1} + 3u G_MAX                          (m <- b1 m + (1-b1) g)
+      dv_t <= b2 dv_{t-1} + 3u (1-b2^t) G_MAX^2               (v <- b2 v + (1-b2) g^2)
+    sqrt(v_t) >= s_t = G_MIN sqrt(1-b2^t) and |m_t| <= M_t = G_MAX (1-b1^t), so
+    N = m / (sqrt(v) + eps) moves by at most
+      dN_t <= dm_t / s_t + M_t dv_t / (2 s_t^3) + 4u M_t / s_t
+    and W by the step size |lr sqrt(1-b2^t) / (1-b1^t)| times that (both update rules: the
+    torch rule's sqrt(v / bc2) moves the same factor), plus 5 roundings of |W|:
+      dW_t <= (1 + lr wd) dW_{t-1} + 5u max|W| + lr sqrt(1-b2^t)/(1-b1^t) dN_t
+    """
+    b1, b2 = BETAS
+    dm = dv = dw = 0.0
+    for t in range(1, steps + 1):
+        dm = b1 * dm + 3 * U * G_MAX
+        dv = b2 * dv + 3 * U * (1 - b2**t) * G_MAX**2
+        s, m_max = G_MIN * math.sqrt(1 - b2**t), G_MAX * (1 - b1**t)
+        dn = dm / s + m_max * dv / (2 * s**3) + 4 * U * m_max / s
+        dw = (1 + LR * wd) * dw + 5 * U * w_max + LR * math.sqrt(1 - b2**t) / (1 - b1**t) * dn
+    return dm, dv, dw
+
+
+def run(variant: str, dtype: torch.dtype, lr_kind: str):
+    """STEPS updates, eager and compiled, on copies of one model; returns both and the compile count."""
+    torch.manual_seed(0)
+    eager_model = PlainLM(n_blocks=4, d=16, hidden=24).to(dtype)
+    compiled_model = copy.deepcopy(eager_model)
+    lr = (lambda: torch.tensor(LR)) if lr_kind == "tensor" else (lambda: LR)
+    eager_opt = make_optimizer(eager_model, variant, lr())
+    compiled_opt = make_optimizer(compiled_model, variant, lr())
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+
+    @torch.compile(backend=counter)
+    def compiled_step():
+        compiled_opt.step()
+
+    gen = torch.Generator().manual_seed(1)
+    w_max = 0.0
+    for t in range(STEPS):
+        active = 0 if t < 3 else 1  # blocks 0, 2 train first, then blocks 1, 3 (same shapes)
+        grads = {name: gradient(p.shape, gen, dtype) for name, p in eager_model.named_parameters()
+                 if not name.startswith("blocks.") or int(name.split(".")[1]) % 2 == active}
+        for model, opt, step in ((eager_model, eager_opt, eager_opt.step),
+                                 (compiled_model, compiled_opt, compiled_step)):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone() if name in grads else None
+            for group in opt.param_groups:  # a schedule: a new learning rate at every step
+                if lr_kind == "tensor":
+                    group["lr"].fill_(LR * 0.9**t)
+                else:
+                    group["lr"] = LR * 0.9**t
+            with torch._dynamo.config.patch(error_on_recompile=t > 0):  # compiled at the first step only
+                step()
+        w_max = max([w_max] + [p.detach().abs().max().item() for p in eager_model.parameters()])
+    return eager_model, eager_opt, compiled_model, compiled_opt, counter, w_max
+
+
+@pytest.mark.parametrize("variant,dtype,lr_kind", [
+    ("galore", torch.float32, "float"),
+    ("galore", torch.float32, "tensor"),
+    ("torch", torch.float32, "float"),
+    ("galore", torch.bfloat16, "float"),
+])
+def test_compiled_step_compiles_once_and_matches_eager(variant, dtype, lr_kind):
+    eager_model, eager_opt, compiled_model, compiled_opt, counter, w_max = run(variant, dtype, lr_kind)
+    # the updates were compiled (at the first step; a later recompile would have raised, for a
+    # new step count, learning rate, refreshed basis or set of params with gradients)
+    code = counter.graphs[-1].code
+    assert "owlore.project_adam_.tensor" in code and "owlore.back_project_update_.tensor" in code, code
+    galore = {id(p) for g in eager_opt.param_groups if g["rank"] is not None for p in g["params"]}
+    dm, dv, dw = plain_weight_bound(STEPS, w_max)
+    checked = 0
+    for (name, pe), pc in zip(eager_model.named_parameters(), compiled_model.parameters()):
+        se, sc = eager_opt.state[pe], compiled_opt.state[pc]
+        assert se.keys() == sc.keys(), name
+        assert se["step"] == sc["step"], name
+        if id(pe) in galore:  # the same kernels on the same numbers
+            assert torch.equal(pe, pc), name
+            for key in se:
+                if key != "step":
+                    assert torch.equal(se[key], sc[key]), (name, key)
+        elif dtype == torch.float32:
+            torch.testing.assert_close(sc["exp_avg"], se["exp_avg"], rtol=0, atol=dm, msg=name)
+            torch.testing.assert_close(sc["exp_avg_sq"], se["exp_avg_sq"], rtol=0, atol=dv, msg=name)
+            torch.testing.assert_close(pc, pe, rtol=0, atol=dw, msg=name)
+        else:  # bf16: a rounding flip of the stored weight, at most one ulp of |W| per step
+            ulp = torch.finfo(dtype).eps * 2.0 ** math.ceil(math.log2(w_max))
+            torch.testing.assert_close(pc.float(), pe.float(), rtol=0, atol=STEPS * ulp, msg=name)
+        checked += 1
+    assert checked == len(list(eager_model.parameters()))
+
+
+def test_plain_bound_catches_a_wrong_step_size():
+    """The plain-param bound is far below one update: a step size off by 1% in the compiled
+    path would exceed it (one update moves W by about lr = 1e-2)."""
+    _, _, dw = plain_weight_bound(STEPS, w_max=4.0)
+    assert dw < 1e-2 * LR * 0.9**STEPS, dw
+
+
+def test_full_projection_compiles_once_and_matches_eager():
+    """proj_type="full" (two-sided): the same fused kernels, so bit-identical too."""
+    torch.manual_seed(0)
+    eager_w = torch.nn.Parameter(torch.randn(20, 12))
+    compiled_w = torch.nn.Parameter(eager_w.detach().clone())
+    opts = [OwLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": GAP, "proj_type": "full"}], lr=torch.tensor(LR),
+                        weight_decay=WD) for w in (eager_w, compiled_w)]
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled_step = torch.compile(opts[1].step, backend=counter)
+    gen = torch.Generator().manual_seed(2)
+    for t in range(STEPS):
+        g = gradient(eager_w.shape, gen, torch.float32)
+        for w, opt, step in ((eager_w, opts[0], opts[0].step), (compiled_w, opts[1], compiled_step)):
+            w.grad = g.clone()
+            opt.param_groups[0]["lr"].fill_(LR * 0.9**t)
+            with torch._dynamo.config.patch(error_on_recompile=t > 0):
+                step()
+        assert torch.equal(eager_w, compiled_w), t
+    assert "owlore.project_adam_.tensor" in counter.graphs[-1].code
+    for key in ("exp_avg", "exp_avg_sq", "proj_left", "proj_right"):
+        assert torch.equal(opts[0].state[eager_w][key], opts[1].state[compiled_w][key]), key
