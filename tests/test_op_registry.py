@@ -43,6 +43,19 @@ def test_backend_report_names_every_op():
         assert report["cuda"] == {op: "triton" for op in ops.OPS}
 
 
+def test_triton_backend_loads_where_triton_is_installed():
+    """A Triton kernel module that fails to import only removes its backend, and its tests
+    then skip: here, where triton is installed (and the interpreter is on without a GPU), that
+    failure must fail a test instead of shrinking the report."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    assert "triton" not in ops._UNAVAILABLE, ops._UNAVAILABLE["triton"]
+    assert all("triton" in ops._REGISTRY[op] for op in ops.OPS)
+
+
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match=r"backend must be one of \('triton', 'cpp', 'torch'\) or None, got 'cuda'"):
         CALLS["outlier_count"]("cuda")
