@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
@@ -54,16 +55,23 @@ from .ops.back_project_update import back_project_update_
 from .ops.project_adam import adam_normalized_, project_adam_, project_reference
 from .projector import projection_side, randomized_svd_of_operator, refresh_seed, subspace_shape
 
-if dist.is_available():
+_DTENSOR_MODULE = "torch.distributed.tensor"
+
+
+def _dtensor_api() -> tuple[Any, Any, Any]:
+    """``(DTensor, Replicate, Shard)``, imported when first needed: importing
+    torch.distributed.tensor costs ~0.5 s, and only sharded training needs it."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
-else:  # a torch build without torch.distributed: nothing can be a DTensor
-    DTensor = Replicate = Shard = None  # type: ignore[assignment,misc]
+
+    return DTensor, Replicate, Shard
 
 __all__ = ["owlore_shard_placement", "InBackwardSteps", "is_dtensor", "local_tensor"]
 
 
 def is_dtensor(t: Any) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # a DTensor can exist only once its module is imported, so an unimported module means "no"
+    module = sys.modules.get(_DTENSOR_MODULE)
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -99,6 +107,7 @@ def check_param_layout(p: torch.Tensor, group: dict[str, Any], group_index: int,
     if not galore:
         return  # plain AdamW is elementwise: any placement works on the local shards
     placements = tuple(p.placements)
+    _, _, Shard = _dtensor_api()
     if p.device_mesh.ndim != 1 or placements not in ((Shard(0),), (Shard(1),)):
         raise ValueError(
             f"{where} is a DTensor with placements {placements} on a {p.device_mesh.ndim}-D mesh; the sharded GaLore "
@@ -159,10 +168,12 @@ class _MeshAxis:
 
 def _sharded(local: torch.Tensor, mesh: Any, placement: Any, shape: tuple[int, ...]) -> torch.Tensor:
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    DTensor, _, _ = _dtensor_api()
     return DTensor.from_local(local, mesh, [placement], run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 def _local_chunk(full: torch.Tensor, axis: _MeshAxis, placement: Any) -> torch.Tensor:
+    _, Replicate, _ = _dtensor_api()
     if placement == Replicate():
         return full.contiguous()
     start, length = axis.chunk(full.shape[placement.dim])
@@ -230,6 +241,7 @@ def _galore_coefficients(group: dict[str, Any], step: int) -> tuple[dict[str, fl
 
 def galore_update_sharded(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
     """One GaLore update of a Shard(0)/Shard(1) DTensor weight (see the module docstring's table)."""
+    _, Replicate, Shard = _dtensor_api()
     state = optimizer.state[p]
     mesh = p.device_mesh
     axis = _MeshAxis(mesh)
@@ -326,6 +338,7 @@ def owlore_shard_placement(
             column count it does not divide stays Shard(0), with a warning.
         proj_type: the side rule for groups that do not set ``proj_type``.
     """
+    _, _, Shard = _dtensor_api()
     if world_size is None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("world_size=None needs an initialized torch.distributed; pass world_size")

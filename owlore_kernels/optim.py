@@ -246,7 +246,10 @@ class OwLoreAdamW(Optimizer):
             _apply(update)
         return loss
 
-    @torch.compiler.disable
+    # torch.compiler.disable, applied at the first call (as torch.optim does for its own
+    # eager-only methods): importing torch._dynamo, which imports torch.distributed.tensor,
+    # takes about a second that `import owlore_kernels` should not cost a user who never compiles
+    @torch._disable_dynamo
     def _schedule(self, as_tensors: bool) -> list["_Update"]:
         """Check every param, then advance the state of each param with a gradient and return its
         update for ``_apply``; sharded GaLore params (collectives) are updated here instead.

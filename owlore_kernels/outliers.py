@@ -28,9 +28,9 @@ import math
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch import nn
 
+from .distributed import is_dtensor
 from .introspection import block_linears, find_decoder_blocks, oriented_weight
 from .ops.outlier_count import outlier_count
 
@@ -79,7 +79,7 @@ def _check_threshold(threshold: float) -> float:
 
 def _count(tensors: list[torch.Tensor], threshold: float, col_scales, backend: Optional[str]) -> tuple[float, int]:
     """``outlier_count`` on detached tensors (the op never writes into its inputs)."""
-    sharded = [tuple(t.shape) for t in tensors if isinstance(t, DTensor)]
+    sharded = [tuple(t.shape) for t in tensors if is_dtensor(t)]
     if sharded:
         # the mean and the count need every entry of the block; a rank sees only its shard
         raise ValueError(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -173,3 +175,14 @@ def test_full_projection_compiles_once_and_matches_eager():
     assert "owlore.project_adam_.tensor" in counter.graphs[-1].code
     for key in ("exp_avg", "exp_avg_sq", "proj_left", "proj_right"):
         assert torch.equal(opts[0].state[eager_w][key], opts[1].state[compiled_w][key]), key
+
+
+def test_importing_the_package_loads_neither_dynamo_nor_dtensor():
+    """step's graph break is made at its first call, and DTensor is looked up only where one
+    may exist, so ``import owlore_kernels`` does not pay for torch._dynamo and
+    torch.distributed.tensor (about a second together)."""
+    code = ("import sys, owlore_kernels, owlore_kernels.optim, owlore_kernels.sampler, owlore_kernels.outliers, "
+            "owlore_kernels.distributed; print(sorted(m for m in ('torch._dynamo', 'torch.distributed.tensor') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
