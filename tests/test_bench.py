@@ -228,3 +228,30 @@ def test_frozen_galore_refresh_gives_an_orthonormal_basis_and_restores_the_svd()
     # Q of a QR in fp32: Q^T Q = I to a few fp32 ulps (k = 3, entries O(1))
     torch.testing.assert_close(left.t() @ left, torch.eye(3), rtol=0, atol=1e-5)
     torch.testing.assert_close(right @ right.t(), torch.eye(3), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
+def test_benchmark_script_import_does_no_work(script):
+    """Importing a benchmark script only defines things: it reads no sys.argv (an unknown flag
+    must not stop it), changes no environment variable (TRITON_INTERPRET decides how the Triton
+    kernels import) and edits no sys.path; main() does the work. Run in a fresh interpreter
+    with TRITON_INTERPRET=1 set, so a script that set or removed it would show."""
+    path = os.path.join(ROOT, "benchmarks", script)
+    probe = (
+        "import importlib.util, json, os, sys\n"
+        "env, syspath = dict(os.environ), list(sys.path)\n"
+        f"sys.argv = [{path!r}, '--definitely-not-a-flag']\n"
+        f"spec = importlib.util.spec_from_file_location('bench_probe', {path!r})\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "sys.modules[spec.name] = module\n"
+        "spec.loader.exec_module(module)\n"
+        "changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))\n"
+        "print(json.dumps({'env': changed, 'sys_path': sys.path != syspath,\n"
+        "                  'main': callable(getattr(module, 'main', None))}))\n"
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen == {"env": [], "sys_path": False, "main": True}, seen
