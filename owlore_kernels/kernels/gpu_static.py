@@ -38,7 +38,6 @@ import triton
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672)]
 RANKS = [64, 128, 256, 512]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16", "fp16")
 # GPU figures used by the check and the roofline (dense, no sparsity; public datasheets)
 ARCHS = {
     80: dict(name="A100-SXM4-80GB", sms=108, smem_block=166912, smem_sm=167936, hbm=2.039e12, clock=1.41e9,
