@@ -399,11 +399,15 @@ def _apply(u: _Update) -> None:
 
 
 def _adamw_apply(u: _Update, c: Union[tuple[float, ...], torch.Tensor]) -> None:
-    """AdamW on a plain param, one row chunk (~1M elements) at a time: the fp32 copies of a
-    bf16 chunk, sqrt(v) and the update are chunk-sized, never full-size (a 7B model's
-    131M-entry embedding would otherwise take ~1.5 GB of temporaries)."""
-    param, beta1, beta2, eps = u.param, u.beta1, u.beta2, u.eps
-    math_dtype = u.exp_avg.dtype
+    """AdamW on a plain param. Eagerly, one row chunk (~1M elements) at a time: the fp32 copies
+    of a bf16 chunk, sqrt(v) and the update are chunk-sized, never full-size (a 7B model's
+    131M-entry embedding would otherwise take ~1.5 GB of temporaries). Traced (``c`` is a
+    tensor), on the whole tensors: inductor fuses the update into one pass with no temporaries,
+    while chunks, in-place updates of views of its inputs, would each rebuild the whole tensor."""
+    if isinstance(c, torch.Tensor):
+        _adamw_math(u, c, u.param, u.grad, u.exp_avg, u.exp_avg_sq)
+        return
+    param = u.param
     rows = param.shape[0] if param.dim() > 0 else 1
     cols = param.numel() // max(rows, 1)
     flat = (lambda t: t.reshape(rows, cols)) if param.dim() != 2 else (lambda t: t)
@@ -411,22 +415,28 @@ def _adamw_apply(u: _Update, c: Union[tuple[float, ...], torch.Tensor]) -> None:
     weight_all, grad_all = flat(param), flat(u.grad)
     m_all, v_all = flat(u.exp_avg), flat(u.exp_avg_sq)
     for chunk in row_chunks(rows, cols):
-        grad = grad_all[chunk].to(math_dtype)
-        m, v = m_all[chunk], v_all[chunk]
-        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        weight = weight_all[chunk].to(math_dtype)
-        if u.kind == "adamw_galore":  # W <- (W - lr sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
-            _addcdiv_(weight, m, v.sqrt().add_(eps), c[0])
-            if u.decay:
-                _add_scaled_(weight, weight, c[1])
-        else:  # W <- W (1 - lr wd) - lr/bc1 m / (sqrt(v / bc2) + eps)
-            weight.mul_(c[1])
-            _addcdiv_(weight, m, v.sqrt().div_(c[2]).add_(eps), c[0])
-        if param.dtype != math_dtype:
-            weight_all[chunk].copy_(weight)  # rounds to nearest even
+        _adamw_math(u, c, weight_all[chunk], grad_all[chunk], m_all[chunk], v_all[chunk])
     if copy_back:
         param.copy_(weight_all.view_as(param))
+
+
+def _adamw_math(u: _Update, c: Union[tuple[float, ...], torch.Tensor], weight_store: torch.Tensor,
+                grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
+    """One AdamW update of ``weight_store`` (any dtype) with fp32/fp64 moments ``m``, ``v``, in place."""
+    math_dtype = m.dtype
+    grad = grad.to(math_dtype)
+    m.mul_(u.beta1).add_(grad, alpha=1.0 - u.beta1)
+    v.mul_(u.beta2).addcmul_(grad, grad, value=1.0 - u.beta2)
+    weight = weight_store.to(math_dtype)
+    if u.kind == "adamw_galore":  # W <- (W - lr sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
+        _addcdiv_(weight, m, v.sqrt().add_(u.eps), c[0])
+        if u.decay:
+            _add_scaled_(weight, weight, c[1])
+    else:  # W <- W (1 - lr wd) - lr/bc1 m / (sqrt(v / bc2) + eps)
+        weight.mul_(c[1])
+        _addcdiv_(weight, m, v.sqrt().div_(c[2]).add_(u.eps), c[0])
+    if weight_store.dtype != math_dtype:
+        weight_store.copy_(weight)  # rounds to nearest even
 
 
 def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: Union[float, torch.Tensor]) -> None:

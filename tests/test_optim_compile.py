@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import subprocess
 import sys
 
@@ -186,3 +187,23 @@ def test_importing_the_package_loads_neither_dynamo_nor_dtensor():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("shape,dtype", [((3000, 500), torch.float32), ((1_500_000,), torch.bfloat16)])
+def test_compiled_plain_update_makes_no_full_size_buffer(shape, dtype):
+    """Eagerly a plain param is updated in ~1M-entry row chunks (two here); traced, chunks
+    would be in-place updates of views of graph inputs, which functionalization turns into a
+    rebuilt full-size tensor per chunk. The traced update runs on whole tensors instead:
+    inductor's code allocates nothing of the param's size and copies nothing back."""
+    from torch._inductor.utils import run_and_get_code
+
+    p = torch.nn.Parameter(torch.randn(shape).to(dtype))
+    p.grad = torch.randn(shape).to(dtype)
+    opt = OwLoreAdamW([p], lr=1e-3, weight_decay=0.1)
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(torch.compile(opt.step))
+    code = "\n".join(codes)
+    buffers = [math.prod(int(d) for d in dims.split(",") if d.strip())
+               for dims in re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", code)]
+    assert "cpp_fused" in code, code[-3000:]
+    assert p.numel() not in buffers and "copy_(" not in code, (buffers, code[-3000:])
