@@ -69,12 +69,14 @@ def loss_of(model, tokens):
 
 
 def train(rank, world, *, h=39, placement=False, in_backward=False, micro_batches=1, steps=STEPS, built=None,
-          batch_list=None, recorder=None, fsdp_no_sync=False):
+          batch_list=None, recorder=None, fsdp_no_sync=False, step=None):
     """Train; each rank takes its slice of every global batch. Returns (params, sampler history).
 
     ``fsdp_no_sync``: accumulate with FSDP2's own switch (no reduce-scatter before the last
-    micro-batch, so no hook fires either) instead of ``hooks.no_step()``."""
+    micro-batch, so no hook fires either) instead of ``hooks.no_step()``. ``step``: called instead
+    of ``opt.step`` (a compiled one)."""
     model, opt, smp = built if built is not None else build(world, h=h, placement=placement)
+    step = opt.step if step is None else step
     hooks = opt.register_step_hooks(model) if in_backward else None
     history = []
     for tokens in (batch_list if batch_list is not None else batches())[:steps]:
@@ -89,7 +91,7 @@ def train(rank, world, *, h=39, placement=False, in_backward=False, micro_batche
             with (contextlib.nullcontext() if last or hooks is None or fsdp_no_sync else hooks.no_step()):
                 (loss_of(model, micro) / micro_batches).backward()
         with (recorder.recording() if recorder is not None else contextlib.nullcontext()):
-            opt.step()
+            step()
         opt.zero_grad(set_to_none=True)
     if hooks is not None:
         hooks.remove()
@@ -138,6 +140,24 @@ def scenario_parity(rank, world):
     params, history = train(rank, world, built=built, recorder=rec)
     return {"params": params, "history": history, "collectives": rec.calls, "state": state_layout(*built[:2]),
             "state_bytes": built[1].state_bytes()}
+
+
+def scenario_compiled(rank, world):
+    """scenario_parity with torch.compile(opt.step): sharded GaLore updates run in the step's
+    eager schedule, the plain params' local shards in the compiled graph."""
+    import torch._dynamo.testing
+
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    built = build(world)
+    compiled, steps = torch.compile(built[1].step, backend=counter), []
+
+    def step():
+        with torch._dynamo.config.patch(error_on_recompile=bool(steps)):  # compiled at the first step only
+            compiled()
+        steps.append(counter.frame_count)
+
+    params, history = train(rank, world, built=built, step=step)
+    return {"params": params, "history": history, "frames": steps}
 
 
 def scenario_in_backward(rank, world):
@@ -291,6 +311,7 @@ def scenario_layouts(rank, world):
 SCENARIOS = {
     "layouts": scenario_layouts,
     "parity": scenario_parity,
+    "compiled": scenario_compiled,
     "in_backward": scenario_in_backward,
     "accumulate": scenario_accumulate,
     "accumulate_fsdp_no_sync": scenario_accumulate_fsdp_no_sync,

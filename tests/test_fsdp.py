@@ -132,6 +132,16 @@ def test_fsdp_with_sampler_matches_one_process(ranks, single):
     assert_ranks_agree_and_match(ranks, "parity", params, history)
 
 
+def test_compiled_step_matches_one_process(ranks, single):
+    """torch.compile(opt.step) on FSDP2 params, the sampler moving the gradients between blocks:
+    compiled at the first step (a recompile would have raised in the worker), the same result."""
+    params, history = single["parity"]
+    assert_ranks_agree_and_match(ranks, "compiled", params, history)
+    for r in ranks:
+        frames = r["compiled"]["frames"]
+        assert len(frames) == fw.STEPS and frames[0] >= 1 and len(set(frames)) == 1, frames
+
+
 def test_in_backward_steps_match_one_process(ranks, single):
     params, history = single["parity"]  # in-backward changes when a param steps, not how
     assert_ranks_agree_and_match(ranks, "in_backward", params, history)
