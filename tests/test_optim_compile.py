@@ -117,6 +117,7 @@ def run(variant: str, dtype: torch.dtype, lr_kind: str):
     ("galore", torch.float32, "tensor"),
     ("torch", torch.float32, "float"),
     ("galore", torch.bfloat16, "float"),
+    ("torch", torch.float16, "tensor"),
 ])
 def test_compiled_step_compiles_once_and_matches_eager(variant, dtype, lr_kind):
     eager_model, eager_opt, compiled_model, compiled_opt, counter, w_max = run(variant, dtype, lr_kind)
@@ -140,7 +141,7 @@ def test_compiled_step_compiles_once_and_matches_eager(variant, dtype, lr_kind):
             torch.testing.assert_close(sc["exp_avg"], se["exp_avg"], rtol=0, atol=dm, msg=name)
             torch.testing.assert_close(sc["exp_avg_sq"], se["exp_avg_sq"], rtol=0, atol=dv, msg=name)
             torch.testing.assert_close(pc, pe, rtol=0, atol=dw, msg=name)
-        else:  # bf16: a rounding flip of the stored weight, at most one ulp of |W| per step
+        else:  # bf16/fp16: a rounding flip of the stored weight, at most one ulp of |W| per step
             ulp = torch.finfo(dtype).eps * 2.0 ** math.ceil(math.log2(w_max))
             torch.testing.assert_close(pc.float(), pe.float(), rtol=0, atol=STEPS * ulp, msg=name)
         checked += 1
@@ -207,3 +208,44 @@ def test_compiled_plain_update_makes_no_full_size_buffer(shape, dtype):
                for dims in re.findall(r"empty_strided_cpu\(\(([\d, ]+)\)", code)]
     assert "cpp_fused" in code, code[-3000:]
     assert p.numel() not in buffers and "copy_(" not in code, (buffers, code[-3000:])
+
+
+def test_compiled_run_resumes_from_a_mid_run_checkpoint_bit_exact(tmp_path):
+    """Compiled steps, save (model and optimizer state_dicts) after 3 of them, load both into a
+    fresh model and optimizer, compile their step and finish: identical to the run without the
+    stop, params and every state tensor."""
+    torch.manual_seed(0)
+    model = PlainLM(n_blocks=4, d=16, hidden=24)
+    init = copy.deepcopy(model.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    grads = [{n: gradient(p.shape, gen, torch.float32) for n, p in model.named_parameters()} for _ in range(STEPS)]
+
+    def steps(model, opt, todo):
+        compiled = torch.compile(opt.step)
+        for t in todo:
+            for n, p in model.named_parameters():
+                p.grad = grads[t][n].clone()
+            compiled()
+
+    torch._dynamo.reset()
+    opt = make_optimizer(model, "galore", LR)
+    steps(model, opt, range(STEPS))
+
+    first = PlainLM(n_blocks=4, d=16, hidden=24)
+    first.load_state_dict(init)
+    first_opt = make_optimizer(first, "galore", LR)
+    steps(first, first_opt, range(3))
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = PlainLM(n_blocks=4, d=16, hidden=24)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = make_optimizer(resumed, "galore", LR)
+    resumed_opt.load_state_dict(saved["opt"])
+    steps(resumed, resumed_opt, range(3, STEPS))
+
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
+        sa, sb = opt.state[a], resumed_opt.state[b]
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert (sa[key] == sb[key]) if key == "step" else torch.equal(sa[key], sb[key]), (name, key)
