@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch._dynamo.testing
 
+from owlore_kernels import ops
 from owlore_kernels.optim import OwLoreAdamW
 from tiny_models import PlainLM
 
@@ -33,7 +34,7 @@ BETAS = (0.9, 0.999)
 LR, WD, STEPS, GAP = 1e-2, 0.1, 7, 3  # refreshes at updates 1, 4 and 7
 
 
-def make_optimizer(model: PlainLM, variant: str, lr) -> OwLoreAdamW:
+def make_optimizer(model: PlainLM, variant: str, lr, backend=None) -> OwLoreAdamW:
     """Plain params, and the blocks' weights in GaLore groups covering every projection side."""
     weights = [b.fc1.weight for b in model.blocks] + [b.fc2.weight for b in model.blocks]
     galore = set(map(id, weights))
@@ -43,7 +44,7 @@ def make_optimizer(model: PlainLM, variant: str, lr) -> OwLoreAdamW:
         [{"params": plain},
          {"params": weights[:n], "rank": 3, "update_proj_gap": GAP},  # fc1 (24 x 16): right
          {"params": weights[n:], "rank": 3, "update_proj_gap": GAP, "proj_type": "left"}],
-        lr=lr, betas=BETAS, weight_decay=WD, variant=variant)
+        lr=lr, betas=BETAS, weight_decay=WD, variant=variant, backend=backend)
 
 
 def gradient(shape, gen, dtype):
@@ -76,14 +77,14 @@ def plain_weight_bound(steps: int, w_max: float, wd: float = WD) -> tuple[float,
     return dm, dv, dw
 
 
-def run(variant: str, dtype: torch.dtype, lr_kind: str):
+def run(variant: str, dtype: torch.dtype, lr_kind: str, backend=None):
     """STEPS updates, eager and compiled, on copies of one model; returns both and the compile count."""
     torch.manual_seed(0)
     eager_model = PlainLM(n_blocks=4, d=16, hidden=24).to(dtype)
     compiled_model = copy.deepcopy(eager_model)
     lr = (lambda: torch.tensor(LR)) if lr_kind == "tensor" else (lambda: LR)
-    eager_opt = make_optimizer(eager_model, variant, lr())
-    compiled_opt = make_optimizer(compiled_model, variant, lr())
+    eager_opt = make_optimizer(eager_model, variant, lr(), backend)
+    compiled_opt = make_optimizer(compiled_model, variant, lr(), backend)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
 
@@ -112,15 +113,19 @@ def run(variant: str, dtype: torch.dtype, lr_kind: str):
     return eager_model, eager_opt, compiled_model, compiled_opt, counter, w_max
 
 
-@pytest.mark.parametrize("variant,dtype,lr_kind", [
-    ("galore", torch.float32, "float"),
-    ("galore", torch.float32, "tensor"),
-    ("torch", torch.float32, "float"),
-    ("galore", torch.bfloat16, "float"),
-    ("torch", torch.float16, "tensor"),
+@pytest.mark.parametrize("variant,dtype,lr_kind,backend", [
+    ("galore", torch.float32, "float", None),
+    ("galore", torch.float32, "tensor", None),
+    ("torch", torch.float32, "float", None),
+    ("galore", torch.bfloat16, "float", None),
+    ("torch", torch.float16, "tensor", None),
+    # forced to the backend the dispatcher runs anyway: still the graph's ops, no graph break
+    ("galore", torch.float32, "float", "cpp"),
 ])
-def test_compiled_step_compiles_once_and_matches_eager(variant, dtype, lr_kind):
-    eager_model, eager_opt, compiled_model, compiled_opt, counter, w_max = run(variant, dtype, lr_kind)
+def test_compiled_step_compiles_once_and_matches_eager(variant, dtype, lr_kind, backend):
+    if backend is not None and backend not in ops._REGISTRY["project_adam"]:
+        pytest.skip(ops._UNAVAILABLE.get(backend, f"{backend} not registered"))
+    eager_model, eager_opt, compiled_model, compiled_opt, counter, w_max = run(variant, dtype, lr_kind, backend)
     # the updates were compiled (at the first step; a later recompile would have raised, for a
     # new step count, learning rate, refreshed basis or set of params with gradients)
     code = counter.graphs[-1].code

@@ -83,12 +83,25 @@ def register(op: str, backend: str) -> Callable[[Callable], Callable]:
     return wrap
 
 
-def tensor_scalars(*values):
-    """``(*values, as_tensors)``: the values unchanged if none is a tensor; else each one as a
-    0-dim tensor (numbers become float64 CPU tensors) for an op's ``.tensor`` overload."""
-    if not any(isinstance(v, torch.Tensor) for v in values):
-        return (*values, False)
-    return (*(v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64) for v in values), True)
+def call_with_scalars(op: str, device: torch.device, backend: Optional[str],
+                      **scalars) -> tuple[Callable, dict, bool]:
+    """``(implementation, scalars, converted)`` for a call of ``op`` whose hyperparameters
+    ``scalars`` may be numbers or 0-dim CPU tensors.
+
+    All numbers: the implementation ``call`` picks, and the numbers. Any tensor, where the
+    dispatcher runs the kernel (``backend=None``, or a forced backend that is the one it runs):
+    the op's ``.tensor`` overload, every value a tensor (numbers become float64), so a compiled
+    caller passes them as graph inputs. Any tensor and another forced backend: its kernel takes
+    numbers, so the tensors are read (eager only) and ``converted`` is True.
+    """
+    fn = call(op, device, backend)
+    if not any(isinstance(v, torch.Tensor) for v in scalars.values()):
+        return fn, scalars, False
+    if fn is op_overload(op):
+        overload = getattr(torch.ops.owlore, OP_NAMES[op]).tensor
+        return overload, {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
+                          for k, v in scalars.items()}, False
+    return fn, {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}, True
 
 
 def check_backend(backend: Optional[str]) -> None:

@@ -15,7 +15,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import call, register, tensor_scalars
+from . import call_with_scalars, register
 from .._checks import check_back_project_update_args, row_chunks
 
 _SCHEMA = "(Tensor(a!) param, Tensor proj, Tensor norm_update, *, str side, {t} beta, {t} alpha) -> ()"
@@ -61,14 +61,8 @@ def back_project_update_(
     """
     if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
         check_back_project_update_args(param, proj, norm_update, side, beta, alpha)
-    beta, alpha, as_tensors = tensor_scalars(beta, alpha)
-    if as_tensors and backend is None:
-        fn = torch.ops.owlore.back_project_update_.tensor
-    else:
-        if as_tensors:  # a forced backend's kernel takes numbers (eager only)
-            beta, alpha = beta.item(), alpha.item()
-        fn = call("back_project_update", param.device, backend)
-    fn(param, proj, norm_update, side=side, beta=beta, alpha=alpha)
+    fn, scalars, _ = call_with_scalars("back_project_update", param.device, backend, beta=beta, alpha=alpha)
+    fn(param, proj, norm_update, side=side, **scalars)
     return param
 
 

@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import call, register, tensor_scalars
+from . import call_with_scalars, register
 from .._checks import check_project_adam_args, row_chunks
 
 _SCHEMA = ("(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, *, str side, "
@@ -83,16 +83,11 @@ def project_adam_(
         check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
     if out is None:
         out = torch.empty_like(exp_avg)
-    bias_correction1, bias_correction2, as_tensors = tensor_scalars(bias_correction1, bias_correction2)
-    if as_tensors and backend is None:
-        fn = torch.ops.owlore.project_adam_.tensor
-    else:
-        if as_tensors:  # a forced backend's kernel takes numbers (eager only)
-            bias_correction1, bias_correction2 = bias_correction1.item(), bias_correction2.item()
-            check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2)
-        fn = call("project_adam", grad.device, backend)
-    fn(grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1, beta2=beta2, eps=eps,
-       bias_correction1=bias_correction1, bias_correction2=bias_correction2)
+    fn, scalars, converted = call_with_scalars("project_adam", grad.device, backend,
+                                               bias_correction1=bias_correction1, bias_correction2=bias_correction2)
+    if converted:  # the values were tensors until now
+        check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, **scalars)
+    fn(grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1, beta2=beta2, eps=eps, **scalars)
     return out
 
 
