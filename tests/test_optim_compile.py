@@ -26,7 +26,9 @@ from owlore_kernels import ops
 from owlore_kernels.optim import OwLoreAdamW
 from tiny_models import PlainLM
 
-pytestmark = pytest.mark.filterwarnings("ignore:rank=")
+# numerics: `make test` reruns it on torch's generic CPU kernels, where inductor also generates
+# code for another vector ISA, so the rounding bound below meets other operation orders
+pytestmark = [pytest.mark.filterwarnings("ignore:rank="), pytest.mark.numerics]
 
 U = 2.0**-24  # fp32 unit roundoff
 G_MIN, G_MAX = 0.5, 1.5  # test gradients: |g| in [G_MIN, G_MAX] elementwise
