@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from .distributed import InBackwardSteps, check_param_layout, galore_update_sharded, is_dtensor, local_tensor
-from .ops import BACKENDS
+from .ops import BACKENDS, resolve
 from ._checks import row_chunks
 from .ops.back_project_update import back_project_update_
 from .ops.project_adam import project_adam_, project_reference
@@ -257,15 +257,17 @@ class OwLoreAdamW(Optimizer):
         # index: a param's position across all groups (it seeds the param's refreshes)
         params = [(p, group, group_index) for group_index, group in enumerate(self.param_groups)
                   for p in group["params"]]
-        for index, (p, group, group_index) in enumerate(params):  # every check before any update
+        for index, (p, group, group_index) in enumerate(params):  # every check before any state moves
             self._check_param(p, group, group_index, index)
+            if p.grad is not None and group["rank"] is not None and not is_dtensor(p):
+                self._check_refresh_gradient(p, group, index)
         updates = []
+        # sharded params first: each is updated whole here (its collectives raise on every rank alike)
         for index, (p, group, _) in enumerate(params):
-            if p.grad is None:
-                continue
-            if group["rank"] is not None and is_dtensor(p):
+            if p.grad is not None and group["rank"] is not None and is_dtensor(p):
                 galore_update_sharded(self, p, group, index)
-            else:
+        for index, (p, group, _) in enumerate(params):
+            if p.grad is not None and not (group["rank"] is not None and is_dtensor(p)):
                 updates.append(self._prepare(p, group, index, as_tensors))
         return updates
 
@@ -278,13 +280,18 @@ class OwLoreAdamW(Optimizer):
             raise RuntimeError("OwLoreAdamW does not support sparse gradients")
         if group["rank"] is not None and not is_dtensor(p):
             _check_galore_param(p, group["rank"], f" in param group {group_index}")
+        if group["rank"] is not None and group["backend"] is not None:
+            for op in ("project_adam", "back_project_update"):  # a forced backend must be there and run here
+                resolve(op, p.device, group["backend"])
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         """Update one checked param with a gradient now (an in-backward hook), eagerly."""
         if group["rank"] is not None and is_dtensor(p):
             galore_update_sharded(self, p, group, index)
-        else:
-            _apply(self._prepare(p, group, index, as_tensors=False))
+            return
+        if group["rank"] is not None:
+            self._check_refresh_gradient(p, group, index)
+        _apply(self._prepare(p, group, index, as_tensors=False))
 
     def register_step_hooks(self, params: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> InBackwardSteps:
         """Step each of ``params`` (or a module's params) inside backward, as soon as its gradient is
@@ -333,14 +340,19 @@ class OwLoreAdamW(Optimizer):
             decay=group["weight_decay"] > 0.0, backend=group["backend"], coefficients=coefficients,
         )
 
-    def _refresh(self, p: torch.Tensor, group: dict[str, Any], index: int, rank: int, side: str) -> None:
-        """New bases P and/or Q from ``p``'s current gradient."""
-        state, grad = self.state[p], p.grad
-        if not bool(torch.isfinite(grad).all()):  # one pass per refresh, not per step
+    def _check_refresh_gradient(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """Raise if ``p``'s subspace is due a refresh and its gradient has NaN or inf entries; one
+        pass over the gradient per refresh, not per step. Modifies nothing (no state is created)."""
+        done = self.state[p]["step"] if p in self.state and self.state[p] else 0
+        if done % group["update_proj_gap"] == 0 and not bool(torch.isfinite(p.grad).all()):
             raise RuntimeError(
                 f"OwLoreAdamW: the gradient of param {index} (shape {tuple(p.shape)}) has NaN or inf entries "
-                f"at a subspace refresh (update {state['step'] + 1}); its projection cannot be computed"
+                f"at a subspace refresh (update {done + 1}); its projection cannot be computed"
             )
+
+    def _refresh(self, p: torch.Tensor, group: dict[str, Any], index: int, rank: int, side: str) -> None:
+        """New bases P and/or Q from ``p``'s current gradient (checked by ``_check_refresh_gradient``)."""
+        state, grad = self.state[p], p.grad
         left, right = compute_projection(
             grad, rank, side, group["proj_method"], oversample=group["oversample"],
             power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),

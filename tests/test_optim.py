@@ -479,10 +479,12 @@ def test_forced_missing_backend_raises(monkeypatch):
     ops._load_backends()
     monkeypatch.setitem(ops._REGISTRY, "project_adam", {"torch": ops._REGISTRY["project_adam"]["torch"]})
     monkeypatch.setitem(ops._UNAVAILABLE, "cpp", "C++ extension not loaded (test)")
-    w = torch.nn.Parameter(torch.randn(8, 12))
-    before = w.detach().clone()
-    opt = OwLoreAdamW([galore_group([w], rank=2)], backend="cpp")
-    w.grad = torch.randn_like(w)
+    b, w = torch.nn.Parameter(torch.randn(12)), torch.nn.Parameter(torch.randn(8, 12))
+    before = [b.detach().clone(), w.detach().clone()]
+    opt = OwLoreAdamW([{"params": [b]}, galore_group([w], rank=2)], backend="cpp")
+    b.grad, w.grad = torch.randn_like(b), torch.randn_like(w)
     with pytest.raises(RuntimeError, match=r"backend='cpp'.*not available: C\+\+ extension not loaded \(test\)"):
         opt.step()
-    assert torch.equal(w.detach(), before)
+    # raised before anything moved: no param, no state (not even the plain param's)
+    assert torch.equal(b.detach(), before[0]) and torch.equal(w.detach(), before[1])
+    assert len(opt.state) == 0
