@@ -266,9 +266,19 @@ class OwLoreAdamW(Optimizer):
         for index, (p, group, _) in enumerate(params):
             if p.grad is not None and group["rank"] is not None and is_dtensor(p):
                 galore_update_sharded(self, p, group, index)
-        for index, (p, group, _) in enumerate(params):
-            if p.grad is not None and not (group["rank"] is not None and is_dtensor(p)):
-                updates.append(self._prepare(p, group, index, as_tensors))
+        before: list[tuple[torch.Tensor, Optional[dict[str, Any]]]] = []
+        try:
+            for index, (p, group, _) in enumerate(params):
+                if p.grad is not None and not (group["rank"] is not None and is_dtensor(p)):
+                    before.append((p, dict(self.state[p]) if p in self.state else None))
+                    updates.append(self._prepare(p, group, index, as_tensors))
+        except BaseException:  # e.g. a refresh's decomposition failing: put back the params prepared so far
+            for p, state in before:
+                if state is None:
+                    self.state.pop(p, None)
+                else:
+                    self.state[p] = state
+            raise
         return updates
 
     def _check_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:

@@ -305,3 +305,38 @@ def test_a_param_that_cannot_be_updated_stops_the_step_before_any_update():
     with pytest.raises(ValueError, match=r"torch.float64 weight of shape \(20, 6\)"):
         opt.step()
     assert _same(params, before) and not opt.state
+
+
+def test_a_failing_refresh_leaves_every_state_as_it_was(monkeypatch):
+    """The schedule advances each param's state before the updates run; if a refresh fails
+    midway (here the decomposition raises for the second GaLore weight), the params prepared
+    before it get their state back: step counts, bases and moments as after the last step."""
+    import owlore_kernels.optim as optim
+
+    params = _model()
+    opt = OwLoreAdamW([{"params": params[:2], "rank": 4, "update_proj_gap": 2}, {"params": params[2:]}])
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    before = [p.detach().clone() for p in params]
+    real, calls = optim.compute_projection, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.linalg.LinAlgError("did not converge (test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optim, "compute_projection", fail_second)
+    with pytest.raises(torch.linalg.LinAlgError, match="test"):
+        opt.step()  # update 3 refreshes both GaLore weights
+    assert _same(params, before)
+    now = opt.state_dict()
+    assert now["state"].keys() == saved["state"].keys()
+    for key, state in saved["state"].items():
+        assert now["state"][key].keys() == state.keys()
+        for name, value in state.items():
+            assert torch.equal(now["state"][key][name], value) if torch.is_tensor(value) else \
+                now["state"][key][name] == value, (key, name)
