@@ -91,6 +91,16 @@ def check_tensor_scalar(name: str, t: torch.Tensor) -> None:
     )
 
 
+def check_bias_corrections(bias_correction1, bias_correction2) -> None:
+    """Each bias correction in (0, 1]: a number by value; a tensor (the ``.tensor`` overload)
+    is a 0-dim floating CPU tensor, whose value the kernel checks when it reads it."""
+    for k, value in enumerate((bias_correction1, bias_correction2), start=1):
+        if isinstance(value, torch.Tensor):
+            check_tensor_scalar(f"bias_correction{k}", value)
+        else:
+            check_unit_interval(f"bias_correction{k}", value, f"1 - beta{k}**t, or 1 for none")
+
+
 def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_correction1, bias_correction2) -> None:
     """``out`` may be None (the public function allocates it after the checks). The bias
     corrections are numbers, or 0-dim CPU tensors whose values only the kernel reads."""
@@ -102,11 +112,7 @@ def check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bias_cor
     check_projection_shapes(side, grad, proj, exp_avg, "project_adam_")
     for name, t in written[1:]:
         check_same_shape(name, t, "exp_avg", exp_avg)
-    for name, value in (("bias_correction1", bias_correction1), ("bias_correction2", bias_correction2)):
-        if isinstance(value, torch.Tensor):
-            check_tensor_scalar(name, value)
-        else:
-            check_unit_interval(name, value, f"1 - beta{name[-1]}**t, or 1 for none")
+    check_bias_corrections(bias_correction1, bias_correction2)
     check_same_device(("grad", grad), ("proj", proj), *written)
 
 

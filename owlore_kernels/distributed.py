@@ -55,15 +55,8 @@ from .ops.back_project_update import back_project_update_
 from .ops.project_adam import adam_normalized_, project_adam_, project_reference
 from .projector import projection_side, randomized_svd_of_operator, refresh_seed, subspace_shape
 
+# imported where a DTensor is at hand, not here: torch.distributed.tensor takes ~0.5 s to import
 _DTENSOR_MODULE = "torch.distributed.tensor"
-
-
-def _dtensor_api() -> tuple[Any, Any, Any]:
-    """``(DTensor, Replicate, Shard)``, imported when first needed: importing
-    torch.distributed.tensor costs ~0.5 s, and only sharded training needs it."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    return DTensor, Replicate, Shard
 
 __all__ = ["owlore_shard_placement", "InBackwardSteps", "is_dtensor", "local_tensor"]
 
@@ -107,7 +100,8 @@ def check_param_layout(p: torch.Tensor, group: dict[str, Any], group_index: int,
     if not galore:
         return  # plain AdamW is elementwise: any placement works on the local shards
     placements = tuple(p.placements)
-    _, _, Shard = _dtensor_api()
+    from torch.distributed.tensor import Shard
+
     if p.device_mesh.ndim != 1 or placements not in ((Shard(0),), (Shard(1),)):
         raise ValueError(
             f"{where} is a DTensor with placements {placements} on a {p.device_mesh.ndim}-D mesh; the sharded GaLore "
@@ -168,12 +162,14 @@ class _MeshAxis:
 
 def _sharded(local: torch.Tensor, mesh: Any, placement: Any, shape: tuple[int, ...]) -> torch.Tensor:
     stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    DTensor, _, _ = _dtensor_api()
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(local, mesh, [placement], run_check=False, shape=torch.Size(shape), stride=stride)
 
 
 def _local_chunk(full: torch.Tensor, axis: _MeshAxis, placement: Any) -> torch.Tensor:
-    _, Replicate, _ = _dtensor_api()
+    from torch.distributed.tensor import Replicate
+
     if placement == Replicate():
         return full.contiguous()
     start, length = axis.chunk(full.shape[placement.dim])
@@ -241,7 +237,8 @@ def _galore_coefficients(group: dict[str, Any], step: int) -> tuple[dict[str, fl
 
 def galore_update_sharded(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
     """One GaLore update of a Shard(0)/Shard(1) DTensor weight (see the module docstring's table)."""
-    _, Replicate, Shard = _dtensor_api()
+    from torch.distributed.tensor import Replicate, Shard
+
     state = optimizer.state[p]
     mesh = p.device_mesh
     axis = _MeshAxis(mesh)
@@ -338,7 +335,8 @@ def owlore_shard_placement(
             column count it does not divide stays Shard(0), with a warning.
         proj_type: the side rule for groups that do not set ``proj_type``.
     """
-    _, _, Shard = _dtensor_api()
+    from torch.distributed.tensor import Shard
+
     if world_size is None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("world_size=None needs an initialized torch.distributed; pass world_size")

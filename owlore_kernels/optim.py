@@ -254,22 +254,22 @@ class OwLoreAdamW(Optimizer):
         """Check every param, then advance the state of each param with a gradient and return its
         update for ``_apply``; sharded GaLore params (collectives) are updated here instead.
         ``as_tensors``: the per-step coefficients as a float64 CPU tensor (for a traced ``_apply``)."""
-        # index: a param's position across all groups (it seeds the param's refreshes)
-        params = [(p, group, group_index) for group_index, group in enumerate(self.param_groups)
-                  for p in group["params"]]
-        for index, (p, group, group_index) in enumerate(params):  # every check before any state moves
+        # index: a param's position across all groups (it seeds the param's refreshes); sharded: a DTensor
+        # in a GaLore group, updated whole here (its collectives raise on every rank alike)
+        params = [(p, group, group_index, group["rank"] is not None and is_dtensor(p))
+                  for group_index, group in enumerate(self.param_groups) for p in group["params"]]
+        for index, (p, group, group_index, sharded) in enumerate(params):  # every check before any state moves
             self._check_param(p, group, group_index, index)
-            if p.grad is not None and group["rank"] is not None and not is_dtensor(p):
+            if p.grad is not None and group["rank"] is not None and not sharded:
                 self._check_refresh_gradient(p, group, index)
-        updates = []
-        # sharded params first: each is updated whole here (its collectives raise on every rank alike)
-        for index, (p, group, _) in enumerate(params):
-            if p.grad is not None and group["rank"] is not None and is_dtensor(p):
+        for index, (p, group, _, sharded) in enumerate(params):
+            if p.grad is not None and sharded:
                 galore_update_sharded(self, p, group, index)
+        updates = []
         before: list[tuple[torch.Tensor, Optional[dict[str, Any]]]] = []
         try:
-            for index, (p, group, _) in enumerate(params):
-                if p.grad is not None and not (group["rank"] is not None and is_dtensor(p)):
+            for index, (p, group, _, sharded) in enumerate(params):
+                if p.grad is not None and not sharded:
                     before.append((p, dict(self.state[p]) if p in self.state else None))
                     updates.append(self._prepare(p, group, index, as_tensors))
         except BaseException:  # e.g. a refresh's decomposition failing: put back the params prepared so far
@@ -332,7 +332,7 @@ class OwLoreAdamW(Optimizer):
                 shape = subspace_shape(p.shape, rank, side)
                 state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
                 state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            if state["step"] % group["update_proj_gap"] == 0:
+            if self._refresh_due(p, group):
                 self._refresh(p, group, index, rank, side)
             state["step"] += 1
             adam, update = _galore_coefficients(group, state["step"])
@@ -353,12 +353,19 @@ class OwLoreAdamW(Optimizer):
     def _check_refresh_gradient(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         """Raise if ``p``'s subspace is due a refresh and its gradient has NaN or inf entries; one
         pass over the gradient per refresh, not per step. Modifies nothing (no state is created)."""
-        done = self.state[p]["step"] if p in self.state and self.state[p] else 0
-        if done % group["update_proj_gap"] == 0 and not bool(torch.isfinite(p.grad).all()):
+        if self._refresh_due(p, group) and not bool(torch.isfinite(p.grad).all()):
             raise RuntimeError(
                 f"OwLoreAdamW: the gradient of param {index} (shape {tuple(p.shape)}) has NaN or inf entries "
-                f"at a subspace refresh (update {done + 1}); its projection cannot be computed"
+                f"at a subspace refresh (update {self._updates_done(p) + 1}); its projection cannot be computed"
             )
+
+    def _updates_done(self, p: torch.Tensor) -> int:
+        """Updates ``p`` has had since its state was created (0 without state); creates no state."""
+        return self.state[p]["step"] if p in self.state and self.state[p] else 0
+
+    def _refresh_due(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """The coming update refreshes ``p``'s subspace: the first one, then every update_proj_gap-th."""
+        return self._updates_done(p) % group["update_proj_gap"] == 0
 
     def _refresh(self, p: torch.Tensor, group: dict[str, Any], index: int, rank: int, side: str) -> None:
         """New bases P and/or Q from ``p``'s current gradient (checked by ``_check_refresh_gradient``)."""

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 
 from . import call_with_scalars, register
-from .._checks import check_project_adam_args, row_chunks
+from .._checks import check_bias_corrections, check_project_adam_args, row_chunks
 
 _SCHEMA = ("(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, *, str side, "
            "Scalar beta1, Scalar beta2, Scalar eps, {bc} bias_correction1, {bc} bias_correction2) -> ()")
@@ -51,7 +51,7 @@ def _project_adam_tensor(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, b
                          bias_correction2):
     """Every device: read the bias corrections on the host and run the op's kernel for the tensors' device."""
     bc1, bc2 = bias_correction1.item(), bias_correction2.item()
-    check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, bc1, bc2)
+    check_bias_corrections(bc1, bc2)  # the rest was checked by the caller or the fake
     torch.ops.owlore.project_adam_.default(grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1,
                                            beta2=beta2, eps=eps, bias_correction1=bc1, bias_correction2=bc2)
 
@@ -86,7 +86,7 @@ def project_adam_(
     fn, scalars, converted = call_with_scalars("project_adam", grad.device, backend,
                                                bias_correction1=bias_correction1, bias_correction2=bias_correction2)
     if converted:  # the values were tensors until now
-        check_project_adam_args(grad, proj, exp_avg, exp_avg_sq, out, side, **scalars)
+        check_bias_corrections(**scalars)
     fn(grad, proj, exp_avg, exp_avg_sq, out, side=side, beta1=beta1, beta2=beta2, eps=eps, **scalars)
     return out
 
