@@ -230,12 +230,18 @@ def test_frozen_galore_refresh_gives_an_orthonormal_basis_and_restores_the_svd()
     torch.testing.assert_close(right @ right.t(), torch.eye(3), rtol=0, atol=1e-5)
 
 
+# scripts whose main() sets TRITON_INTERPRET before the kernels import: importing them must not import those
+SETS_TRITON_MODE = ("gpu_check.py", "gpu_static_check.py")
+
+
+@pytest.mark.parametrize("interpret", [None, "1"], ids=["no-TRITON_INTERPRET", "TRITON_INTERPRET=1"])
 @pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
-def test_benchmark_script_import_does_no_work(script):
+def test_benchmark_script_import_does_no_work(script, interpret):
     """Importing a benchmark script only defines things: it reads no sys.argv (an unknown flag
     must not stop it), changes no environment variable (TRITON_INTERPRET decides how the Triton
-    kernels import) and edits no sys.path; main() does the work. Run in a fresh interpreter
-    with TRITON_INTERPRET=1 set, so a script that set or removed it would show."""
+    kernels import: run with it unset and set, so setting or removing it shows) and edits no
+    sys.path; main() does the work. The scripts whose main() sets the Triton mode import no
+    kernel, op or triton module either. Each runs in a fresh interpreter."""
     path = os.path.join(ROOT, "benchmarks", script)
     probe = (
         "import importlib.util, json, os, sys\n"
@@ -246,12 +252,20 @@ def test_benchmark_script_import_does_no_work(script):
         "sys.modules[spec.name] = module\n"
         "spec.loader.exec_module(module)\n"
         "changed = sorted(k for k in set(env) | set(os.environ) if env.get(k) != os.environ.get(k))\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('owlore_kernels.kernels', 'owlore_kernels.ops', "
+        "'triton')))\n"
         "print(json.dumps({'env': changed, 'sys_path': sys.path != syspath,\n"
-        "                  'main': callable(getattr(module, 'main', None))}))\n"
+        "                  'main': callable(getattr(module, 'main', None)), 'heavy': heavy}))\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if interpret is not None:
+        env["TRITON_INTERPRET"] = interpret
     proc = subprocess.run([sys.executable, "-c", probe], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    heavy = seen.pop("heavy")
     assert seen == {"env": [], "sys_path": False, "main": True}, seen
+    if script in SETS_TRITON_MODE:
+        assert heavy == [], f"importing {script} imported {heavy}"
