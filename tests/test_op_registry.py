@@ -48,8 +48,7 @@ def test_backend_report_names_every_op():
     for device in ("cpu", "cuda"):
         assert set(report[device]) == set(ops.OPS)
     want_cpp = "cpp" not in report["unavailable"] or os.environ.get("OWLORE_REQUIRE_EXT") == "1"
-    from owlore_kernels.ops._cpp import _PENDING
-    assert report["cpu"] == {op: "cpp" if want_cpp and op not in _PENDING else "torch" for op in ops.OPS}, report
+    assert report["cpu"] == {op: "cpp" if want_cpp else "torch" for op in ops.OPS}, report
     if "triton" not in report["unavailable"]:
         # every op the Triton backend implements is the one the dispatcher runs on CUDA
         assert report["cuda"] == {op: "triton" if "triton" in ops._REGISTRY[op] else "torch" for op in ops.OPS}
