@@ -37,14 +37,17 @@ struct Weight {
   Coefficients c;
 };
 
+// beta1, beta2 and eps come as doubles: 1 - beta is formed in double and then rounded, as
+// the reference does (1 - float(0.999) would be off by 1.3e-5 relative).
 template <typename param_t, typename state_t, typename math_t, bool kGalore>
-void update_range(const Weight& w, int64_t begin, int64_t end, math_t beta1, math_t beta2, math_t eps) {
+void update_range(const Weight& w, int64_t begin, int64_t end, double beta1_in, double beta2_in, double eps_in) {
   param_t* p = w.param.data_ptr<param_t>();
   const param_t* g = w.grad.const_data_ptr<param_t>();
   state_t* m = w.exp_avg.data_ptr<state_t>();
   state_t* v = w.exp_avg_sq.data_ptr<state_t>();
-  const math_t omb1 = static_cast<math_t>(1.0 - static_cast<double>(beta1));
-  const math_t omb2 = static_cast<math_t>(1.0 - static_cast<double>(beta2));
+  const math_t beta1 = static_cast<math_t>(beta1_in), beta2 = static_cast<math_t>(beta2_in);
+  const math_t omb1 = static_cast<math_t>(1.0 - beta1_in), omb2 = static_cast<math_t>(1.0 - beta2_in);
+  const math_t eps = static_cast<math_t>(eps_in);
   const math_t c0 = static_cast<math_t>(w.c.c0), c1 = static_cast<math_t>(w.c.c1), c2 = static_cast<math_t>(w.c.c2);
   const bool decay = w.c.c1 != 0.0;
   for (int64_t e = begin; e < end; ++e) {
@@ -67,25 +70,19 @@ void update_range(const Weight& w, int64_t begin, int64_t end, math_t beta1, mat
 
 using RangeFn = void (*)(const Weight&, int64_t, int64_t, double, double, double);
 
-template <typename param_t, typename state_t, typename math_t, bool kGalore>
-void update_range_as(const Weight& w, int64_t begin, int64_t end, double beta1, double beta2, double eps) {
-  update_range<param_t, state_t, math_t, kGalore>(w, begin, end, static_cast<math_t>(beta1),
-                                                  static_cast<math_t>(beta2), static_cast<math_t>(eps));
-}
-
 template <bool kGalore>
 RangeFn range_fn(at::ScalarType param, at::ScalarType state) {
   using BF = c10::BFloat16;
   using H = c10::Half;
-  if (param == at::kDouble) return &update_range_as<double, double, double, kGalore>;
+  if (param == at::kDouble) return &update_range<double, double, double, kGalore>;
   if (state == at::kBFloat16) {
-    if (param == at::kFloat) return &update_range_as<float, BF, float, kGalore>;
-    if (param == at::kBFloat16) return &update_range_as<BF, BF, float, kGalore>;
-    return &update_range_as<H, BF, float, kGalore>;
+    if (param == at::kFloat) return &update_range<float, BF, float, kGalore>;
+    if (param == at::kBFloat16) return &update_range<BF, BF, float, kGalore>;
+    return &update_range<H, BF, float, kGalore>;
   }
-  if (param == at::kFloat) return &update_range_as<float, float, float, kGalore>;
-  if (param == at::kBFloat16) return &update_range_as<BF, float, float, kGalore>;
-  return &update_range_as<H, float, float, kGalore>;
+  if (param == at::kFloat) return &update_range<float, float, float, kGalore>;
+  if (param == at::kBFloat16) return &update_range<BF, float, float, kGalore>;
+  return &update_range<H, float, float, kGalore>;
 }
 
 // One memory order for the four tensors: no gaps, no overlap, the same strides.
