@@ -10,20 +10,24 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Unio
 import torch
 from torch.optim import Optimizer
 
-from ._checks import row_chunks
 from ._dtensor import is_dtensor, local_tensor
 from .distributed import check_param_layout, galore_update_sharded
 from .in_backward import InBackwardSteps
 from .ops import BACKENDS, resolve
-from .ops.back_project_update import back_project_update_
-from .ops.project_adam import project_adam_, project_reference
+from .ops.adamw import adamw_foreach_
+from .ops.back_project_update import back_project_update_, back_project_update_foreach_
+from .ops.project_adam import project_adam_, project_adam_foreach_, project_reference
 from .projector import PROJ_METHODS, PROJ_TYPES, compute_projection, projection_side, refresh_seed
 from .resume import check_loadable, check_state_fits, from_galore_torch, is_galore_torch_state
 from ._warnings import warn_at_caller
 from .update_rule import (VARIANTS, GaloreCoefficients, PlainCoefficients, galore_coefficients, new_galore_state,
                           nonfinite_refresh_error, plain_coefficients, refresh_due, updates_done)
 
-__all__ = ["OwLoreAdamW", "VARIANTS"]
+__all__ = ["OwLoreAdamW", "VARIANTS", "STATE_DTYPES"]
+
+# Adam moments: fp32 (default), or bf16 to halve the optimizer state (math stays fp32; each stored
+# moment is rounded to bf16, 8 bits of mantissa: a relative error of at most 2^-9 per step)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 # Keys a param group may carry besides the options: torch's LR schedulers add
 # "initial_lr", users often add "name". Unknown keys are allowed, but one that is a
 # near miss of an option (a typo such as "rnak") raises: it would silently make a plain group.
@@ -75,12 +79,16 @@ class OwLoreAdamW(Optimizer):
     differ where eps is comparable to sqrt(v), e.g. for gradients of ~1e-5 at
     eps=1e-6, by 10-60% of the first updates.
 
-    Moments are fp32 for fp32/bf16/fp16 params (fp64 for fp64 plain params); P
-    is fp32. R and P N are never stored at full size: the fused ops
-    (``owlore_kernels.ops``) run Adam in the projection GEMM's epilogue and apply
-    the back-projection to W in place; plain weights are updated a row chunk
-    at a time, so no step makes a full-size temporary. The state holds only
-    tensors and ints, so ``torch.load(weights_only=True)`` reads checkpoints.
+    Moments are fp32 (``state_dtype=torch.bfloat16``: bf16, half the state; fp64
+    for fp64 plain params), the math fp32; P is fp32 (on CUDA, bf16/fp16 weights
+    also keep a copy of P in their dtype, ``proj_dot``, for the GEMMs). One step
+    is a handful of op calls, not two per weight: the weights are grouped by
+    param group, device, dtype and side, and each group takes one call of each
+    multi-tensor op (``owlore_kernels.ops``: ``project_adam_foreach_`` runs Adam
+    in the projection GEMM's epilogue, ``back_project_update_foreach_`` applies
+    P N to W in place, ``adamw_foreach_`` updates the plain weights), so R and
+    P N are never stored at full size. The state holds only tensors and ints,
+    so ``torch.load(weights_only=True)`` reads checkpoints.
 
     Args:
         params: params or param groups (galore-torch's format works unchanged).
@@ -107,12 +115,20 @@ class OwLoreAdamW(Optimizer):
         backend: ``None`` (auto: Triton on CUDA, C++ on CPU, else torch) or
             ``"triton"`` / ``"cpp"`` / ``"torch"`` to force one; a forced
             backend that is missing raises at the first step.
+        state_dtype: dtype of the Adam moments, ``torch.float32`` (default) or
+            ``torch.bfloat16`` (galore-torch keeps them in the weight's dtype).
+
+    NaN or inf gradients are not checked between refreshes (torch's own
+    optimizers do not check either): they reach the weights. At a refresh
+    they raise, since no basis can be computed from them.
 
     Extra methods: ``release(params)`` frees all state of those params;
+    ``step_param(p)`` steps one param now (checks included);
+    ``check_params(params)`` raises for params it could not step;
     ``state_bytes()`` counts the bytes held in state (this rank's shards under
     FSDP2); ``register_step_hooks(model_or_params)`` steps each param inside
     backward as soon as its gradient is ready and frees that gradient
-    (``owlore_kernels.distributed.InBackwardSteps``: gradient accumulation via
+    (``owlore_kernels.in_backward.InBackwardSteps``: gradient accumulation via
     ``no_step()``, ``remove()``; global-norm clipping is not possible there).
 
     FSDP2 (``fully_shard``) DTensor params are stepped shard by shard without
@@ -152,6 +168,7 @@ class OwLoreAdamW(Optimizer):
         seed: int = 0,
         variant: str = "galore",
         backend: Optional[str] = None,
+        state_dtype: torch.dtype = torch.float32,
     ):
         if not isinstance(no_deprecation_warning, bool):
             raise ValueError(f"Invalid no_deprecation_warning={no_deprecation_warning!r}: must be a bool")
@@ -159,6 +176,7 @@ class OwLoreAdamW(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, proj_method=proj_method,
             oversample=oversample, power_iters=power_iters, seed=seed, variant=variant, backend=backend,
+            state_dtype=state_dtype,
         )
         _check_options(defaults, "")
         super().__init__(params, defaults)
@@ -280,7 +298,7 @@ class OwLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for batch in self._schedule(torch.compiler.is_compiling()):
+        for batch in self._schedule():
             batch.run()
         return loss
 
@@ -288,7 +306,7 @@ class OwLoreAdamW(Optimizer):
         """Update one param now, if it has a gradient (what an in-backward hook calls): the same
         checks, refresh and update as ``step()`` gives it."""
         with torch.no_grad():
-            for batch in self._schedule(False, only=p):
+            for batch in self._schedule(only=p):
                 batch.run()
 
     def check_params(self, params: Iterable[torch.Tensor]) -> None:
@@ -306,7 +324,7 @@ class OwLoreAdamW(Optimizer):
     # eager-only methods): importing torch._dynamo, which imports torch.distributed.tensor,
     # takes about a second that `import owlore_kernels` should not cost a user who never compiles
     @torch._disable_dynamo
-    def _schedule(self, as_tensors: bool, only: Optional[torch.Tensor] = None) -> list[Union["GaloreBatch", "PlainBatch"]]:
+    def _schedule(self, only: Optional[torch.Tensor] = None) -> list[Union["GaloreBatch", "PlainBatch"]]:
         """Everything of one step but the updates of one-process weights, eagerly.
 
         1. Check every param (or ``only``) before any state moves.
@@ -314,7 +332,8 @@ class OwLoreAdamW(Optimizer):
         3. For the rest: create state, refresh the subspaces that are due, count the update, and
            group them into batches (see ``_batch_key``). If a refresh fails midway, the params
            already advanced get their state back.
-        ``as_tensors``: the per-step numbers as float64 CPU tensors (graph inputs of a traced run).
+        Each batch carries its per-step numbers as one float64 CPU tensor: the fused ops read it on
+        the host, and a traced run takes it as a graph input, so new numbers do not recompile.
         """
         entries = [self._locate(only)] if only is not None else [
             (p, group, group_index, index) for index, (p, group, group_index) in enumerate(self._all_params())]
@@ -337,23 +356,23 @@ class OwLoreAdamW(Optimizer):
                 if key not in batches:
                     batches[key] = _new_batch(p, group)
                 batches[key].add(p, self.state[p], group)
-        return [batch.finish(as_tensors) for batch in batches.values()]
+        return [batch.finish() for batch in batches.values()]
 
     def _advance(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         """Create ``p``'s state if it has none, refresh its subspace when due, and count the update."""
         state = self.state[p]
+        # fp64 params keep fp64 moments; the others state_dtype's (fp32 or bf16), math in fp32 always
+        moment_dtype = torch.float64 if p.dtype == torch.float64 else group["state_dtype"]
         if not _is_galore(group):
             if not state:
-                # fp64 params keep fp64 moments and math; everything else computes in fp32
-                math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
         else:
             rank, side = _rank_and_side(p, group)
             if not state:
                 state.update(new_galore_state(p.shape, rank, side, lambda shape: torch.zeros(
-                    shape, dtype=torch.float32, device=p.device)))
+                    shape, dtype=moment_dtype, device=p.device)))
             if refresh_due(state, group):
                 left, right = compute_projection(
                     p.grad, rank, side, group["proj_method"], oversample=group["oversample"],
@@ -362,6 +381,7 @@ class OwLoreAdamW(Optimizer):
                 for key, basis in (("proj_left", left), ("proj_right", right)):
                     if basis is not None:
                         state[key] = basis
+                state.pop("proj_dot", None)  # made again from the new basis (``GaloreBatch.add``)
         state["step"] += 1
 
     @contextlib.contextmanager
@@ -451,13 +471,13 @@ def _new_batch(p: torch.Tensor, group: dict[str, Any]) -> Union["GaloreBatch", "
     common = dict(beta1=beta1, beta2=beta2, eps=group["eps"], backend=group["backend"])
     if _is_galore(group):
         return GaloreBatch(side=_rank_and_side(p, group)[1], **common)
-    return PlainBatch(variant=group["variant"], decay=group["weight_decay"] > 0.0, **common)
+    return PlainBatch(variant=group["variant"], **common)
 
 
 class _Batch:
-    """Weights updated together: their tensors (plain tensors, a DTensor's local shard) as lists, and
-    one row of per-step numbers each, a list of named tuples or (``finish(as_tensors=True)``) one
-    float64 CPU tensor whose row i belongs to weight i."""
+    """Weights updated together by one call of each fused op: their tensors (plain tensors, a DTensor's
+    local shard) as lists, and one row of per-step numbers each, which ``finish`` makes one float64
+    CPU tensor whose row i belongs to weight i."""
 
     def __init__(self, *, beta1: float, beta2: float, eps: float, backend: Optional[str]):
         self.beta1, self.beta2, self.eps, self.backend = beta1, beta2, eps, backend
@@ -474,119 +494,82 @@ class _Batch:
         self.exp_avgs.append(local_tensor(state["exp_avg"]))
         self.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
 
-    def finish(self, as_tensors: bool) -> "_Batch":
-        if as_tensors:
-            self.coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
+    def finish(self) -> "_Batch":
+        self.coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
         return self
 
 
 class GaloreBatch(_Batch):
     """GaLore weights of one group, device, dtype and side: R = P^T G (or G Q^T), Adam in the subspace,
-    W <- beta W + alpha P N, with ``GaloreCoefficients`` per weight."""
+    W <- beta W + alpha P N, with ``GaloreCoefficients`` per weight (the columns of ``coefficients``)."""
 
     def __init__(self, *, side: str, **common):
         super().__init__(**common)
         self.side = side
-        self.projs: list[torch.Tensor] = []  # P (left, full) or Q (right)
+        self.projs: list[torch.Tensor] = []  # P (left, full) or Q (right), as the GEMMs read it
         self.proj_rights: list[Optional[torch.Tensor]] = []  # Q of a two-sided (full) projection
 
     def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         super().add(p, state, group)
-        self.projs.append(state["proj_right"] if self.side == "right" else state["proj_left"])
+        self.projs.append(_dot_basis(p, state, "proj_right" if self.side == "right" else "proj_left"))
         self.proj_rights.append(state["proj_right"] if self.side == "full" else None)
         self.coefficients.append(galore_coefficients(group, state["step"]))
 
     def run(self) -> None:
-        adam = dict(beta1=self.beta1, beta2=self.beta2, eps=self.eps, backend=self.backend)
-        for i, (weight, grad, proj) in enumerate(zip(self.params, self.grads, self.projs)):
-            numbers = GaloreCoefficients(*self.coefficients[i])  # named fields of a row, numbers or 0-dim tensors
-            bias1, bias2 = numbers.bias_correction1, numbers.bias_correction2
-            beta, alpha = numbers.beta, numbers.alpha
-            if self.side == "full":
-                # Two-sided: R = (P^T G) Q^T is the right-side op on the r x n matrix P^T G, and
-                # W <- beta W + alpha P (N Q) the left-side back-projection of N Q (r x n).
-                proj_right = self.proj_rights[i]
-                low = project_reference(grad, proj, "left")
-                norm = project_adam_(low, proj_right, self.exp_avgs[i], self.exp_avg_sqs[i], side="right",
-                                     bias_correction1=bias1, bias_correction2=bias2, **adam)
-                back_project_update_(weight, proj, norm.mm(proj_right), side="left", beta=beta, alpha=alpha,
+        numbers = self.coefficients  # columns: GaloreCoefficients' fields
+        if self.side == "full":
+            self._run_two_sided(numbers)
+            return
+        norms = [torch.empty_like(m, dtype=torch.float32) for m in self.exp_avgs]  # N, subspace-sized
+        project_adam_foreach_(self.grads, self.projs, self.exp_avgs, self.exp_avg_sqs, norms, side=self.side,
+                              beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_corrections=numbers[:, 0:2],
+                              backend=self.backend)
+        back_project_update_foreach_(self.params, self.projs, norms, side=self.side, coefficients=numbers[:, 2:4],
                                      backend=self.backend)
-                continue
-            norm = project_adam_(grad, proj, self.exp_avgs[i], self.exp_avg_sqs[i], side=self.side,
-                                 bias_correction1=bias1, bias_correction2=bias2, **adam)
-            back_project_update_(weight, proj, norm, side=self.side, beta=beta, alpha=alpha, backend=self.backend)
+
+    def _run_two_sided(self, numbers: torch.Tensor) -> None:
+        """R = (P^T G) Q^T is the right-side op on the r x n matrix P^T G, and W <- beta W + alpha P (N Q)
+        the left-side back-projection of N Q (r x n); rare, so one weight at a time."""
+        for i, (weight, grad, proj, proj_right) in enumerate(zip(self.params, self.grads, self.projs,
+                                                                 self.proj_rights)):
+            c = GaloreCoefficients(*numbers[i])  # 0-dim tensors: the ops' .tensor overloads
+            low = project_reference(grad, proj.float(), "left")
+            norm = project_adam_(low, proj_right, self.exp_avgs[i], self.exp_avg_sqs[i], side="right",
+                                 beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_correction1=c.bias_correction1,
+                                 bias_correction2=c.bias_correction2, backend=self.backend)
+            back_project_update_(weight, proj, norm.mm(proj_right), side="left", beta=c.beta, alpha=c.alpha,
+                                 backend=self.backend)
 
 
 class PlainBatch(_Batch):
     """Plain AdamW weights of one group, device and dtype, with ``PlainCoefficients`` per weight."""
 
-    def __init__(self, *, variant: str, decay: bool, **common):
+    def __init__(self, *, variant: str, **common):
         super().__init__(**common)
-        self.variant, self.decay = variant, decay
+        self.variant = variant
 
     def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         super().add(p, state, group)
         self.coefficients.append(plain_coefficients(group, state["step"]))
 
     def run(self) -> None:
-        for i in range(len(self.params)):
-            self._adamw(self.params[i], self.grads[i], self.exp_avgs[i], self.exp_avg_sqs[i], self.coefficients[i])
-
-    def _adamw(self, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-               c: Union[PlainCoefficients, torch.Tensor]) -> None:
-        """AdamW on one plain param. Eagerly, one row chunk (~1M elements) at a time: the fp32 copies
-        of a bf16 chunk, sqrt(v) and the update are chunk-sized, never full-size (a 7B model's
-        131M-entry embedding would otherwise take ~1.5 GB of temporaries). Traced (``c`` is a
-        tensor), on the whole tensors: inductor fuses the update into one pass with no temporaries,
-        while chunks, in-place updates of views of its inputs, would each rebuild the whole tensor."""
-        if isinstance(c, torch.Tensor):
-            self._math(c, param, grad, exp_avg, exp_avg_sq)
-            return
-        rows = param.shape[0] if param.dim() > 0 else 1
-        cols = param.numel() // max(rows, 1)
-        flat = (lambda t: t.reshape(rows, cols)) if param.dim() != 2 else (lambda t: t)
-        copy_back = param.dim() != 2 and not param.is_contiguous()  # reshape copies such a param
-        weight_all, grad_all = flat(param), flat(grad)
-        m_all, v_all = flat(exp_avg), flat(exp_avg_sq)
-        for chunk in row_chunks(rows, cols):
-            self._math(c, weight_all[chunk], grad_all[chunk], m_all[chunk], v_all[chunk])
-        if copy_back:
-            param.copy_(weight_all.view_as(param))
-
-    def _math(self, c: Union[PlainCoefficients, torch.Tensor], weight_store: torch.Tensor, grad: torch.Tensor,
-              m: torch.Tensor, v: torch.Tensor) -> None:
-        """One AdamW update of ``weight_store`` (any dtype) with fp32/fp64 moments ``m``, ``v``, in place."""
-        step_size, decay, denom_scale = PlainCoefficients(*c)
-        math_dtype = m.dtype
-        grad = grad.to(math_dtype)
-        m.mul_(self.beta1).add_(grad, alpha=1.0 - self.beta1)
-        v.mul_(self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
-        weight = weight_store.to(math_dtype)
-        if self.variant == "galore":  # W <- (W - lr sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
-            _addcdiv_(weight, m, v.sqrt().add_(self.eps), step_size)
-            if self.decay:
-                _add_scaled_(weight, weight, decay)
-        else:  # W <- W (1 - lr wd) - lr/bc1 m / (sqrt(v / bc2) + eps)
-            weight.mul_(decay)
-            _addcdiv_(weight, m, v.sqrt().div_(denom_scale).add_(self.eps), step_size)
-        if weight_store.dtype != math_dtype:
-            weight_store.copy_(weight)  # rounds to nearest even
+        adamw_foreach_(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, variant=self.variant,
+                       beta1=self.beta1, beta2=self.beta2, eps=self.eps, coefficients=self.coefficients,
+                       backend=self.backend)
 
 
-def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: Union[float, torch.Tensor]) -> None:
-    """out += value * num / den, where ``value`` is a number (eager) or a 0-dim tensor (traced)."""
-    if isinstance(value, torch.Tensor):
-        out.addcdiv_(num * value, den)
-    else:
-        out.addcdiv_(num, den, value=value)
-
-
-def _add_scaled_(out: torch.Tensor, other: torch.Tensor, value: Union[float, torch.Tensor]) -> None:
-    """out += value * other, where ``value`` is a number (eager) or a 0-dim tensor (traced)."""
-    if isinstance(value, torch.Tensor):
-        out.add_(other * value)
-    else:
-        out.add_(other, alpha=value)
+def _dot_basis(p: torch.Tensor, state: dict[str, Any], key: str) -> torch.Tensor:
+    """The basis as the projection GEMMs read it. On CUDA with bf16/fp16 weights: a copy in the weight's
+    dtype, kept in the state as ``proj_dot`` and made again at each refresh, so that both GEMM operands
+    reach the tensor cores in their storage dtype (the GEMM rounds P to that dtype anyway: the same
+    numbers, without a conversion per tile). Elsewhere the fp32 basis itself."""
+    basis = state[key]
+    if not (p.is_cuda and p.dtype in (torch.bfloat16, torch.float16)):
+        return local_tensor(basis)
+    copy = state.get("proj_dot")
+    if copy is None or copy.dtype != p.dtype or copy.shape != basis.shape:
+        copy = state["proj_dot"] = basis.to(p.dtype)
+    return local_tensor(copy)
 
 
 def _check_galore_param(p: torch.Tensor, rank: int, where: str) -> None:
@@ -647,3 +630,5 @@ def _check_options(o: dict[str, Any], where: str) -> None:
         raise bad("variant", f"must be one of {VARIANTS}")
     if o["backend"] is not None and o["backend"] not in BACKENDS:
         raise bad("backend", f"must be one of {BACKENDS} or None")
+    if o["state_dtype"] not in STATE_DTYPES:
+        raise bad("state_dtype", f"must be one of {STATE_DTYPES}")
