@@ -522,9 +522,9 @@ class GaloreBatch(_Batch):
             return
         norms = [torch.empty_like(m, dtype=torch.float32) for m in self.exp_avgs]  # N, subspace-sized
         project_adam_foreach_(self.grads, self.projs, self.exp_avgs, self.exp_avg_sqs, norms, side=self.side,
-                              beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_corrections=numbers[:, 0:2],
+                              beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_corrections=numbers[:, 0:2].contiguous(),
                               backend=self.backend)
-        back_project_update_foreach_(self.params, self.projs, norms, side=self.side, coefficients=numbers[:, 2:4],
+        back_project_update_foreach_(self.params, self.projs, norms, side=self.side, coefficients=numbers[:, 2:4].contiguous(),
                                      backend=self.backend)
 
     def _run_two_sided(self, numbers: torch.Tensor) -> None:
