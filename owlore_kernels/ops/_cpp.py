@@ -14,7 +14,12 @@ import torch
 from .. import _C  # noqa: F401  (loading the library registers the CPU kernels)
 from . import OPS, op_overload, qualname, register
 
+# The foreach ops' C++ kernels are not written yet: until they are, those ops run the reference.
+_PENDING = ("project_adam_foreach", "back_project_update_foreach", "adamw_foreach")
+
 for _op in OPS:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname(_op), "CPU"):
+        if _op in _PENDING:
+            continue
         raise ImportError(f"owlore_kernels._C registers no CPU kernel for {qualname(_op)} (a stale build?)")
     register(_op, "cpp")(op_overload(_op))
