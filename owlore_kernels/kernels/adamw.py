@@ -132,7 +132,8 @@ _PLANS: dict = {}
 def adamw_foreach_launch(params, grads, exp_avgs, exp_avg_sqs, variant: str, beta1: float, beta2: float, eps: float,
                          coefficients) -> None:
     """One AdamW step for every tensor i of the lists (module docstring); ``coefficients`` is a
-    (len, 3) sequence or float64 CPU tensor, row i = (c0, c1, c2) of tensor i."""
+    (len, 3) or (len, 2) sequence or float64 CPU tensor, row i = (c0, c1[, c2]) of tensor i
+    ("galore" does not use c2)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     count = len(params)
@@ -163,7 +164,7 @@ def adamw_foreach_launch(params, grads, exp_avgs, exp_avg_sqs, variant: str, bet
         check_aligned(item)
     if total:
         table = pointer_table([[t.data_ptr() for t in item] + static for item, static in zip(items, static_columns)],
-                              [row[:3] + [beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps] for row in rows], device)
+                              [(row + [1.0])[:3] + [beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps] for row in rows], device)
         first = items[0]
         with device_ctx(params[0]):
             _adamw_foreach_kernel[(total,)](table, *first, count, VARIANT=variant, EMULATE=interpreting(),
