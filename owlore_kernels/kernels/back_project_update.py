@@ -28,8 +28,8 @@ element is ``ulp(W)/2 + |alpha| (2 u + r 2^-24) (|A| |B|)_ij``. galore-torch doe
 product in bf16, with a bf16 result. fp32 W follows ``torch.get_float32_matmul_precision()``
 as in ``project_adam``.
 
-Tiles (``config``; one fixed config, the shapes are few): bf16 / fp16 / tf32: 128 x 128 x 64,
-8 warps, 3 stages; tf32x3: 64 x 128 x 32; ieee: 64 x 128 x 16, 2 stages, FFMA. 4096 x 11008
+Tiles (``config``; one fixed config, the shapes are few): bf16 / fp16: 128 x 128 x 64 (x 32
+with an fp32 P), tf32: 128 x 128 x 32, 8 warps, 3 stages; tf32x3: 64 x 128 x 32; ieee: 64 x 128 x 16, 2 stages, FFMA. 4096 x 11008
 gives 32 x 86 = 2752 programs, ~21 per SM: no split and no persistent loop are needed to fill
 the GPU.
 
@@ -54,9 +54,12 @@ GROUP_M = 8  # row tiles per column sweep: 8 x 128 rows of A (r = 128, bf16: 256
 TABLE_COLUMNS = 5  # param, A, B addresses; beta, alpha
 
 
-def config(precision: str, rank: int, arch: int) -> dict:
-    if precision in ("bf16", "fp16", "tf32"):
-        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if precision != "tf32" else 32, num_warps=8, num_stages=3)
+def config(precision: str, rank: int, arch: int, proj_16bit: bool = True) -> dict:
+    if precision in ("bf16", "fp16"):
+        # an fp32 P rounded in registers needs twice the registers per K-step: 64 spilled 16 bytes
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64 if proj_16bit else 32, num_warps=8, num_stages=3)
+    if precision == "tf32":
+        return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     if precision == "tf32x3":
         return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3)
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=16, num_warps=8, num_stages=2)  # ieee: FFMA
@@ -149,7 +152,7 @@ def back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_pr
     m, n = param.shape
     a, b = (proj, norm_update) if side == "left" else (norm_update, proj)
     rank = a.shape[1]
-    cfg = config(precision, rank, target_arch(param) if arch is None else arch)
+    cfg = config(precision, rank, target_arch(param) if arch is None else arch, proj.dtype != torch.float32)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if tiles == 0 or weights == 0:  # an empty weight: nothing to update (a 0-program launch is an error)
         return []
