@@ -80,6 +80,30 @@ def test_project_adam_foreach_is_the_single_weight_kernel_for_every_weight(side,
                 assert torch.equal(a[name], b[name]), f"step {step} weight {i} {name}"
 
 
+def test_project_adam_foreach_split_k_per_weight():
+    """K = 2100 with 2 tiles a weight: split-K (2 splits) in the foreach launch too, each weight
+    with its own partial tiles and arrival counters; results equal the single-weight launches',
+    which are checked against the oracle in test_triton_kernels.py."""
+    from owlore_kernels.kernels import project_adam_plan
+
+    gen = torch.Generator().manual_seed(11)
+    m, n, r = 2100, 70, 16
+    # bf16: 64-deep K-steps (fp32's "ieee" takes 16), so the interpreter runs 4x fewer of them
+    grads = [torch.randn(m, n, generator=gen).bfloat16().to(DEV) for _ in range(2)]
+    projs = [(torch.randn(m, r, generator=gen) / m ** 0.5).bfloat16().to(DEV) for _ in range(2)]
+    states = [[torch.zeros(r, n, device=DEV) for _ in range(3)] for _ in range(4)]  # 2 foreach, 2 single
+    table = torch.empty(2, 7, dtype=torch.int64, device=DEV)
+    (launch,) = project_adam_plan(grads[0], projs[0], *states[0], "left", BETA1, BETA2, EPS, 1.0, 1.0, weights=2,
+                                  table=table)
+    assert launch.constexprs["SPLIT_K"] and launch.grid == (2 * 2, 2)
+    bcs = [(0.1, 0.001), (0.5, 0.05)]
+    project_adam_foreach_launch(grads, projs, *[[states[i][j] for i in range(2)] for j in range(3)], "left", BETA1,
+                                BETA2, EPS, bcs)
+    for i in range(2):
+        project_adam_launch(grads[i], projs[i], *states[2 + i], "left", BETA1, BETA2, EPS, *bcs[i])
+        assert all(torch.equal(a, b) for a, b in zip(states[i], states[2 + i])), f"weight {i}"
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_project_adam_foreach_matches_fp64_oracle(side, gdtype):
@@ -216,3 +240,47 @@ def test_adamw_foreach_bf16_rounds_to_nearest_even():
     m, v = torch.zeros(5, device=DEV), torch.zeros(5, device=DEV)
     adamw_foreach_launch([w], [g], [m], [v], "torch", BETA1, BETA2, EPS, [(0.0, 1 + 3 * 2.0 ** -9, 1.0)])
     assert (w == 1 + 2.0 ** -7).all(), w
+
+
+# --------------------------------------------------------------------------- through the public ops
+
+def test_public_foreach_ops_reach_the_triton_launchers_with_their_arguments():
+    """backend="triton" (the CUDA kernel; forced on CPU under the interpreter) runs the launchers
+    with every argument in its place: the result is the launcher's, bit for bit, and differs from
+    the input (so a call that did nothing would fail)."""
+    from owlore_kernels.ops.adamw import adamw_foreach_
+    from owlore_kernels.ops.back_project_update import back_project_update_foreach_
+    from owlore_kernels.ops.project_adam import project_adam_foreach_
+
+    side, gdtype = "right", torch.bfloat16
+    via_op = _weights(side, gdtype, gdtype, torch.bfloat16)
+    direct = [{k: v.clone() for k, v in w.items()} for w in via_op]
+    grads = _grads(side, gdtype, 1)
+    bcs = [(0.1, 0.001), (0.19, 0.002), (0.271, 0.003)]
+    project_adam_foreach_(grads, [w["proj"] for w in via_op], [w["exp_avg"] for w in via_op],
+                          [w["exp_avg_sq"] for w in via_op], [w["out"] for w in via_op], side=side, beta1=BETA1,
+                          beta2=BETA2, eps=EPS, bias_corrections=bcs, backend="triton")
+    project_adam_foreach_launch(grads, [w["proj"] for w in direct], [w["exp_avg"] for w in direct],
+                                [w["exp_avg_sq"] for w in direct], [w["out"] for w in direct], side, BETA1, BETA2,
+                                EPS, bcs)
+    for a, b in zip(via_op, direct):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(w["out"].abs().sum() > 0 for w in via_op)
+
+    params = [torch.randn(shape).to(gdtype).to(DEV) for shape in SHAPES]
+    params_direct = [p.clone() for p in params]
+    coefficients = [(0.999, -0.1), (0.998, -0.2), (0.997, -0.3)]
+    projs, outs = [w["proj"] for w in via_op], [w["out"] for w in via_op]
+    back_project_update_foreach_(params, projs, outs, side=side, coefficients=coefficients, backend="triton")
+    back_project_update_foreach_launch(params_direct, projs, outs, side, coefficients)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_direct))
+
+    grads_w = [torch.randn(p.shape).to(gdtype).to(DEV) for p in params]
+    moments = [[torch.zeros(p.shape, device=DEV) for p in params] for _ in range(4)]
+    before = [p.clone() for p in params]
+    rows = [(-1e-2, -1e-3), (-2e-2, 0.0), (-3e-2, -1e-3)]  # "galore": (len, 2)
+    adamw_foreach_(params, grads_w, moments[0], moments[1], variant="galore", beta1=BETA1, beta2=BETA2, eps=EPS,
+                   coefficients=rows, backend="triton")
+    adamw_foreach_launch(params_direct, grads_w, moments[2], moments[3], "galore", BETA1, BETA2, EPS, rows)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_direct))
+    assert all(not torch.equal(a, b) for a, b in zip(params, before))
