@@ -67,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--no-galore", action="store_true", help="skip the galore-torch baseline")
     p.add_argument("--seed", type=int, default=0, help="seeds the random inputs (default 0)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--sweep", action="store_true",
+                   help="in the kernels section, also time a few other tile configs of each kernel (4096x11008 "
+                        "and 11008x4096, r = 128)")
     p.add_argument("--sections", default="outliers,steps,kernels",
                    help="comma list of what to run: 'outliers', 'steps' (fused step checks and timings), "
                         "'kernels' (each bf16 kernel alone against cuBLAS); default: all three")
@@ -90,6 +93,7 @@ class Options:
     ranks: tuple
     galore: Any = None  # galore_torch.GaLoreAdamW, or None: that baseline is skipped
     sections: tuple = ("outliers", "steps", "kernels")
+    sweep: bool = False
 
     @classmethod
     def from_args(cls, args, device, galore=None) -> "Options":
@@ -102,7 +106,7 @@ class Options:
                    shapes=SMALL_SHAPES if args.small else REAL_SHAPES,
                    ranks=SMALL_RANKS if args.small else REAL_RANKS,
                    galore=None if args.no_galore else galore,
-                   sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()))
+                   sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()), sweep=args.sweep)
 
 
 @dataclass
@@ -307,12 +311,30 @@ def time_kernels(opts: Options, tally: Tally, m: int, n: int, r: int) -> None:
         "back_project_update": lambda: back_project_update_launch(weight, proj, norm, side, beta, alpha),
         "cuBLAS addmm_": lambda: weight.addmm_(a16, b16, beta=beta, alpha=alpha),
     }
+    if opts.sweep and (opts.small or (r == 128 and max(m, n) >= 11008)):  # small: the same code path, tiny
+        # the alternatives worth measuring: 128 x 128 tiles (86 of them: one wave, 46 SMs idle) against the
+        # default 128 x 64 (172: one block per SM by registers, so 40 SMs run two); fewer / more stages
+        for name, tiles in (("BLOCK_L=128 w8 s3", dict(BLOCK_L=128, num_warps=8, num_stages=3)),
+                            ("BLOCK_L=64 w4 s4", dict(BLOCK_L=64, num_warps=4, num_stages=4)),
+                            ("BLOCK_L=64 w8 s3", dict(BLOCK_L=64, num_warps=8, num_stages=3)),
+                            ("BLOCK_K=128 s2", dict(BLOCK_K=128, num_stages=2))):
+            candidates[f"project_adam {name}"] = (
+                lambda t=tiles: project_adam_launch(grad, proj, mom, sq, out, side, BETA1, BETA2, EPS, 0.1, 0.001,
+                                                    tiles=t))
+        for name, tiles in (("128x64", dict(BLOCK_M=128, BLOCK_N=64)), ("64x128", dict(BLOCK_M=64, BLOCK_N=128)),
+                            ("128x128 K32", dict(BLOCK_K=32)), ("128x256 s2", dict(BLOCK_N=256, num_stages=2))):
+            candidates[f"back_project_update {name}"] = (
+                lambda t=tiles: back_project_update_launch(weight, proj, norm, side, beta, alpha, tiles=t))
     times = time_all(opts, candidates)
     pa, bp = times["project_adam"] / times["cuBLAS GEMM"], times["back_project_update"] / times["cuBLAS addmm_"]
     emit(f"{m:>5}x{n:<5} r={r:<3} bfloat16 {side:<5} kernels alone | project_adam {times['project_adam'] * 1e3:7.1f} us"
          f" / cuBLAS P^T G {times['cuBLAS GEMM'] * 1e3:7.1f} us = {pa:4.2f}x | back_project_update "
          f"{times['back_project_update'] * 1e3:7.1f} us / cuBLAS addmm_ {times['cuBLAS addmm_'] * 1e3:7.1f} us = "
          f"{bp:4.2f}x")
+    for name, t in times.items():  # the --sweep configs, under their kernel's line
+        if " " in name and name.split()[0] in ("project_adam", "back_project_update"):
+            base = times["cuBLAS GEMM"] if name.startswith("project_adam") else times["cuBLAS addmm_"]
+            emit(f"    sweep: {name:<40} {t * 1e3:7.1f} us = {t / base:4.2f}x cuBLAS")
     tally.rows.append(dict(m=m, n=n, r=r, dtype="bfloat16", side=side, op="kernels vs cuBLAS",
                            **{f"{k}_ms": v for k, v in times.items()}, project_adam_vs_cublas=pa,
                            back_project_vs_cublas=bp))

@@ -16,7 +16,12 @@ are cached on disk (keyed by the kernel source hash, the specialization and Trit
 
 A specialization fails on: a compile error; any spill (STACK or LOCAL > 0, LDL/STL in the
 SASS); shared memory above the per-block limit; a tensor-core precision (everything but
-"ieee", which means exact fp32 products by definition) whose main loop has no HMMA/HGMMA.
+"ieee", which means exact fp32 products by definition) whose main loop has no HMMA/HGMMA; and,
+where both GEMM operands are stored in the dot's 16-bit type (``project_adam`` with P in G's
+type), any conversion instruction (F2F/F2FP/I2F/F2I) in the main loop, an HGMMA taking its A
+operand from registers instead of a shared-memory descriptor (sm_90), or HMMAs fed without
+LDSM (sm_80). An H200 ran kernels with per-K-step operand conversions 2.4-3.5x slower than
+cuBLAS; these are the marks of that in the SASS.
 """
 from __future__ import annotations
 
@@ -308,15 +313,15 @@ def failures(case: Case, results: dict) -> list:
         if case.precision not in ("ieee", "-") and not (res["hmma"] or res["hgmma"]):
             out.append(f"{case.precision} dot without HMMA/HGMMA")
         loop = res["loop"]
-        if case.precision in ("bf16", "fp16") and case.proj == case.dtype and case.op == "project_adam" \
-                and loop["conversions"]:
-            # both operands stored in the dot's type: nothing to convert (back_project_update's fp32 N is)
-            out.append(f"{loop['conversions']} conversion instructions in a 16-bit main loop")
-        if case.precision in ("bf16", "fp16") and case.arch == 90 and loop["hgmma_a_registers"] \
-                and case.proj == case.dtype and case.op == "project_adam":
-            out.append(f"{loop['hgmma_a_registers']} HGMMAs take A from registers, not shared memory")
-        if case.precision in ("bf16", "fp16") and case.arch == 80 and loop["hmma"] and not loop["ldsm"]:
-            out.append("HMMA operands not loaded from shared memory with LDSM")
+        # both operands stored in the dot's 16-bit type (project_adam with P in G's type; back_project_update's
+        # N is fp32 and is converted, by design): no conversion in the main loop, operands from shared memory
+        if case.precision in ("bf16", "fp16") and case.proj == case.dtype and case.op == "project_adam":
+            if loop["conversions"]:
+                out.append(f"{loop['conversions']} conversion instructions in a 16-bit main loop")
+            if case.arch == 90 and loop["hgmma_a_registers"]:
+                out.append(f"{loop['hgmma_a_registers']} HGMMAs take A from registers, not shared memory")
+            if case.arch == 80 and loop["hmma"] and not loop["ldsm"]:
+                out.append("HMMA operands not loaded from shared memory with LDSM")
         if res["blocks_per_sm"] < 1:
             out.append("does not fit on one SM")
     return out

@@ -231,6 +231,41 @@ def check_aligned(tensors) -> None:
                              f"16-byte aligned (a view with a storage offset?); the multi-tensor kernels need it")
 
 
+def run_foreach(plans: dict, tensors: list, rows: list, key: tuple, make_plan, columns: int, pointer_args: tuple,
+                scalar_args: dict) -> None:
+    """Launch a multi-tensor op: one launch per group of weights whose tensors have equal shapes,
+    strides and dtypes.
+
+    ``tensors[i]``: weight i's tensors in the kernel's table-column order; ``rows[i]``: its
+    scalars (table columns after the addresses). ``make_plan(first weight's tensors, count,
+    stand-in table)`` returns a group's launches; they are cached in ``plans`` by the lists'
+    signatures, ``key`` (the call's options), the stream and the interpreter flag, and keep no
+    reference to a call's tensors. Per call: one address table and one upload per group; the
+    kernel gets the group's first tensors as its typed pointer arguments (``pointer_args``).
+    """
+    device = tensors[0][0].device
+    signatures = tuple(tuple(signature(t) for t in ts) for ts in tensors)
+    full_key = (signatures, key, stream_key(device), interpreting())
+    groups = plans.get(full_key)
+    if groups is None:
+        groups = []
+        for indices in group_by(signatures).values():
+            stand_in = torch.empty((len(indices), columns), dtype=torch.int64, device=device)
+            plan = make_plan(tensors[indices[0]], len(indices), stand_in)
+            groups.append((indices, [launch.without_tensors() for launch in plan]))
+        plans[full_key] = groups
+    for ts in tensors:
+        check_aligned(ts)  # the kernels assume 16-byte aligned addresses from the table
+    with device_ctx(tensors[0][0]):
+        for indices, plan in groups:
+            table = pointer_table([[t.data_ptr() for t in tensors[i]] for i in indices], [rows[i] for i in indices],
+                                  device)
+            call = dict(zip(pointer_args, tensors[indices[0]]), table_ptr=table, **scalar_args)
+            for launch in plan:
+                unused = {k: table for k, v in launch.args.items() if v is None and k not in call}  # never read
+                launch.run_with(**unused, **call)
+
+
 @dataclass
 class Launch:
     """One kernel launch, fully decided: what the launcher runs and what the static check compiles."""

@@ -44,9 +44,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (Launch, check_aligned, device_ctx, group_by, interpreting, mma, pointer_table,
-                      resolve_dot_precision, signature, span_elements, store_rounded, stream_key, table_pointer,
-                      table_scalar, target_arch, vector_width, wrapped_offsets, grouped_tile)
+from ._common import (Launch, device_ctx, grouped_tile, interpreting, mma, resolve_dot_precision, run_foreach,
+                      span_elements, store_rounded, table_pointer, table_scalar, target_arch, vector_width,
+                      wrapped_offsets)
 
 __all__ = ["back_project_update_launch", "back_project_update_plan", "back_project_update_foreach_launch", "config"]
 
@@ -144,7 +144,7 @@ def check_launch_args(param, proj, norm_update, side) -> None:
 
 def back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_precision: Optional[str] = None, *,
                              arch: Optional[int] = None, interpret: Optional[bool] = None, weights: int = 1,
-                             table: Optional[torch.Tensor] = None) -> list:
+                             table: Optional[torch.Tensor] = None, tiles: Optional[dict] = None) -> list:
     """Check the arguments and decide the launch without running it (works on ``meta`` tensors).
     ``weights`` and ``table``: one launch for that many same-shaped weights (see ``project_adam_plan``)."""
     check_launch_args(param, proj, norm_update, side)
@@ -152,7 +152,8 @@ def back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_pr
     m, n = param.shape
     a, b = (proj, norm_update) if side == "left" else (norm_update, proj)
     rank = a.shape[1]
-    cfg = config(precision, rank, target_arch(param) if arch is None else arch, proj.dtype != torch.float32)
+    cfg = {**config(precision, rank, target_arch(param) if arch is None else arch, proj.dtype != torch.float32),
+           **(tiles or {})}  # tiles: overrides for tile sweeps on a GPU (gpu_check.py --sweep)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
     if tiles == 0 or weights == 0:  # an empty weight: nothing to update (a 0-program launch is an error)
         return []
@@ -177,16 +178,18 @@ def back_project_update_launch(
     beta: float,
     alpha: float,
     dot_precision: Optional[str] = None,
+    tiles: Optional[dict] = None,
 ) -> torch.Tensor:
-    """Update ``param`` in place and return it. ``dot_precision=None`` decides per call."""
-    launches = back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_precision)
+    """Update ``param`` in place and return it. ``dot_precision=None`` decides per call; ``tiles``
+    overrides ``config`` entries (tile sweeps on a GPU, not normal use)."""
+    launches = back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_precision, tiles=tiles)
     with device_ctx(param):
         for launch in launches:
             launch.run()
     return param
 
 
-# (per-weight signatures, side, precision, stream, interpret) -> [(indices of one group, its launch plan)]
+# run_foreach's cache: (signatures, (side, precision), stream, interpret) -> [(indices of a group, its plan)]
 _FOREACH_PLANS: dict = {}
 
 
@@ -198,28 +201,14 @@ def back_project_update_foreach_launch(params, projs, norm_updates, side: str, c
     if len(params) == 0:
         return
     rows = coefficients.tolist() if isinstance(coefficients, torch.Tensor) else list(coefficients)
-    device = params[0].device
     precision = resolve_dot_precision(params[0].dtype, dot_precision)
+
+    def make_plan(first, count, table):
+        w, a, b = first
+        p, n = (a, b) if side == "left" else (b, a)
+        return back_project_update_plan(w, p, n, side, 1.0, 0.0, precision, weights=count, table=table)
+
     # table columns in the kernel's order: W, A, B (A, B = P, N on the left; N, Q on the right)
     tensors = [(w, p, n) if side == "left" else (w, n, p) for w, p, n in zip(params, projs, norm_updates)]
-    signatures = tuple(tuple(signature(t) for t in ts) for ts in tensors)
-    key = (signatures, side, precision, stream_key(device), interpreting())
-    groups = _FOREACH_PLANS.get(key)
-    if groups is None:
-        groups = []
-        for indices in group_by(signatures).values():
-            i = indices[0]
-            table = torch.empty((len(indices), TABLE_COLUMNS), dtype=torch.int64, device=device)  # a stand-in
-            plan = back_project_update_plan(params[i], projs[i], norm_updates[i], side, 1.0, 0.0, precision,
-                                            weights=len(indices), table=table)
-            groups.append((indices, [launch.without_tensors() for launch in plan]))
-        _FOREACH_PLANS[key] = groups
-    for ts in tensors:
-        check_aligned(ts)  # the kernel assumes 16-byte aligned addresses from the table
-    with device_ctx(params[0]):
-        for indices, plan in groups:
-            table = pointer_table([[t.data_ptr() for t in tensors[i]] for i in indices],
-                                  [rows[i][:2] for i in indices], device)
-            first = tensors[indices[0]]  # typed pointers: the kernel casts the table's addresses to their types
-            for launch in plan:
-                launch.run_with(w_ptr=first[0], a_ptr=first[1], b_ptr=first[2], table_ptr=table)
+    run_foreach(_FOREACH_PLANS, tensors, [row[:2] for row in rows], (side, precision), make_plan, TABLE_COLUMNS,
+                ("w_ptr", "a_ptr", "b_ptr"), {})

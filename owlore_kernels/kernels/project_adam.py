@@ -66,9 +66,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (DOT_PRECISIONS, Launch, check_aligned, device_ctx, group_by, interpreting, mma, pointer_table,
-                      resolve_dot_precision, signature, sm_count, span_elements, store_rounded, stream_key,
-                      table_pointer, table_scalar, target_arch, vector_width, wrapped_offsets)
+from ._common import (DOT_PRECISIONS, Launch, device_ctx, interpreting, mma, resolve_dot_precision, run_foreach,
+                      sm_count, span_elements, store_rounded, stream_key, table_pointer, table_scalar, target_arch,
+                      vector_width, wrapped_offsets)
 
 __all__ = ["project_adam_launch", "project_adam_plan", "project_adam_foreach_launch", "config", "DOT_PRECISIONS"]
 
@@ -277,13 +277,16 @@ def project_adam_plan(
     grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias_correction1, bias_correction2,
     dot_precision: Optional[str] = None, *, arch: Optional[int] = None, num_sms: Optional[int] = None,
     interpret: Optional[bool] = None, weights: int = 1, table: Optional[torch.Tensor] = None,
+    tiles: Optional[dict] = None,
 ) -> list:
     """Check the arguments and decide the launch(es) without running them (works on ``meta``
     tensors: the static GPU check compiles exactly what this returns).
 
     ``weights > 1`` with ``table`` (int64, ``weights`` x TABLE_COLUMNS): one launch for that many
     weights shaped like these tensors, each row of the table giving one weight's addresses and
-    bias corrections (``project_adam_foreach_launch`` builds it)."""
+    bias corrections (``project_adam_foreach_launch`` builds it). ``tiles`` overrides entries of
+    ``config`` (BLOCK_L, BLOCK_K, num_warps, num_stages): for tile sweeps on a GPU
+    (``benchmarks/gpu_check.py --sweep``), not for normal use."""
     check_launch_args(grad, proj, exp_avg, exp_avg_sq, out, side)
     precision = resolve_dot_precision(grad.dtype, dot_precision)
     m, n = grad.shape
@@ -304,7 +307,7 @@ def project_adam_plan(
     arch = target_arch(grad) if arch is None else arch
     num_sms = sm_count(grad) if num_sms is None else num_sms
     interpret = interpreting() if interpret is None else interpret
-    cfg = config(precision, rank, length, num_sms)
+    cfg = {**config(precision, rank, length, num_sms), **(tiles or {})}
     block_a, block_l, block_k = cfg["BLOCK_A"], cfg["BLOCK_L"], cfg["BLOCK_K"]
     tiles = triton.cdiv(rank, block_a) * triton.cdiv(length, block_l)
     if tiles == 0 or weights == 0:  # an empty subspace: nothing to update (a 0-program launch is an error)
@@ -354,21 +357,22 @@ def project_adam_launch(
     bias_correction1: float,
     bias_correction2: float,
     dot_precision: Optional[str] = None,
+    tiles: Optional[dict] = None,
 ) -> torch.Tensor:
     """Update ``exp_avg``/``exp_avg_sq`` in place and write N into ``out``; returns ``out``.
 
     ``dot_precision=None`` decides per call (see the module docstring); one of
-    ``DOT_PRECISIONS`` forces it.
+    ``DOT_PRECISIONS`` forces it. ``tiles``: see ``project_adam_plan``.
     """
     launches = project_adam_plan(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps,
-                                 bias_correction1, bias_correction2, dot_precision)
+                                 bias_correction1, bias_correction2, dot_precision, tiles=tiles)
     with device_ctx(grad):
         for launch in launches:
             launch.run()
     return out
 
 
-# (per-weight signatures, side, precision, device, interpret) -> [(indices of one group, its launch plan)]
+# run_foreach's cache: (signatures, (side, precision), stream, interpret) -> [(indices of a group, its plan)]
 _FOREACH_PLANS: dict = {}
 
 
@@ -381,37 +385,14 @@ def project_adam_foreach_launch(grads, projs, exp_avgs, exp_avg_sqs, outs, side:
     The grouping and each group's plan (grid, constexprs, strides) are cached by the lists'
     signatures, so a call's host work is one table of addresses and one upload per group.
     """
-    count = len(grads)
-    if count == 0:
+    if len(grads) == 0:
         return
     rows = bias_corrections.tolist() if isinstance(bias_corrections, torch.Tensor) else list(bias_corrections)
-    tensors = list(zip(grads, projs, exp_avgs, exp_avg_sqs, outs))
-    device = grads[0].device
     precision = resolve_dot_precision(grads[0].dtype, dot_precision)
-    signatures = tuple(tuple(signature(t) for t in ts) for ts in tensors)
-    key = (signatures, side, precision, stream_key(device), interpreting())
-    groups = _FOREACH_PLANS.get(key)
-    if groups is None:
-        groups = []
-        for indices in group_by(signatures).values():
-            g, p, m, v, o = tensors[indices[0]]
-            table = torch.empty((len(indices), TABLE_COLUMNS), dtype=torch.int64, device=device)  # a stand-in
-            plan = project_adam_plan(g, p, m, v, o, side, beta1, beta2, eps, 1.0, 1.0, precision,
-                                     weights=len(indices), table=table)
-            groups.append((indices, [launch.without_tensors() for launch in plan]))
-        _FOREACH_PLANS[key] = groups
-    for ts in tensors:
-        check_aligned(ts)  # the kernel assumes 16-byte aligned addresses from the table
-    with device_ctx(grads[0]):
-        for indices, plan in groups:
-            if not plan:
-                continue
-            table = pointer_table([[t.data_ptr() for t in tensors[i]] for i in indices],
-                                  [rows[i] for i in indices], device)
-            first = tensors[indices[0]]  # typed pointers: the kernel casts the table's addresses to their types
-            for launch in plan:
-                call = dict(g_ptr=first[0], a_ptr=first[1], m_ptr=first[2], v_ptr=first[3], n_ptr=first[4],
-                            table_ptr=table, beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2,
-                            one_minus_beta2=1.0 - beta2, eps=eps)
-                unused = {k: table for k, v in launch.args.items() if v is None and k not in call}  # SPLIT_K off
-                launch.run_with(**unused, **call)
+
+    def make_plan(first, count, table):
+        return project_adam_plan(*first, side, beta1, beta2, eps, 1.0, 1.0, precision, weights=count, table=table)
+
+    run_foreach(_FOREACH_PLANS, list(zip(grads, projs, exp_avgs, exp_avg_sqs, outs)), rows, (side, precision),
+                make_plan, TABLE_COLUMNS, ("g_ptr", "a_ptr", "m_ptr", "v_ptr", "n_ptr"),
+                dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps))
