@@ -1,8 +1,9 @@
-"""The static GPU check in CI: every Triton specialization the launchers produce, compiled for
-sm_80 and sm_90 with the ptxas bundled in Triton (no GPU needed), must build without spills,
-within the shared-memory limit, and -- for every tensor-core precision -- with HMMA/HGMMA in
-its SASS. About 150 distinct specializations, ~2 minutes of compiling on 2 free cores (a
-process pool; results cached in ~/.cache/owlore_gpu_static, so a rerun takes seconds).
+"""The static GPU check in CI: every Triton specialization the launchers produce at 4096x11008 and
+4096x4096, r = 64/128/512, compiled for sm_80 and sm_90 with the ptxas bundled in Triton (no GPU
+needed), must build without spills, within the shared-memory limit, with HMMA/HGMMA for every
+tensor-core precision, and with no conversion in a main loop whose operands are both stored in
+the dot's 16-bit type (tools/gpu_static.py's rules). A few minutes of compiling on 2 free cores
+(a process pool; results cached in ~/.cache/owlore_gpu_static, so a rerun takes seconds).
 
 It runs ``benchmarks/gpu_static_check.py`` in a subprocess: the suite imports Triton under
 ``TRITON_INTERPRET=1``, where kernels are interpreter objects that cannot be compiled.
@@ -36,7 +37,10 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_static")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    # two shapes and three ranks reach every code path the four shapes and four ranks of the full
+    # sweep do (split-K or not, one or several r-tiles, 128- or 64-wide tiles, halves in the epilogue)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_static_check.py"),
+                           "--shapes", "4096x11008,4096x4096", "--ranks", "64,128,512",
                            "--out", str(tmp / "table.md"), "--json", str(tmp / "report.json")],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     if not (tmp / "report.json").exists():
