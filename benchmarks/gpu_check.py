@@ -23,6 +23,9 @@ call: bf16/fp16 tensor-core dots, fp32 following torch.get_float32_matmul_precis
   the step's ratio to the HBM floor (read W and G, write W, read+write the fp32 moments,
   read P, at ``--peak-gbps``) and the extra peak memory of the fused step.
 * ``outlier_count``: mean and count against the reference, time vs one read of W.
+* kernels alone (bf16, P in bf16): ``project_adam`` against cuBLAS's bare R = P^T G, and
+  ``back_project_update`` against cuBLAS's in-place ``W.addmm_(P, N, beta, alpha)``, with the
+  ratios (``--sections kernels`` runs only these: 9 cases, well under a minute on an H200).
 
 Results are printed and appended to ``benchmarks/results/gpu_check[_small].{md,jsonl}`` with
 the machine stamp. Exit status 1 if any check failed.
@@ -64,6 +67,12 @@ def parse_args(argv=None):
     p.add_argument("--no-galore", action="store_true", help="skip the galore-torch baseline")
     p.add_argument("--seed", type=int, default=0, help="seeds the random inputs (default 0)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--sweep", action="store_true",
+                   help="in the kernels section, also time a few other tile configs of each kernel (4096x11008 "
+                        "and 11008x4096, r = 128)")
+    p.add_argument("--sections", default="outliers,steps,kernels",
+                   help="comma list of what to run: 'outliers', 'steps' (fused step checks and timings), "
+                        "'kernels' (each bf16 kernel alone against cuBLAS); default: all three")
     return p.parse_args(argv)
 
 
@@ -83,6 +92,8 @@ class Options:
     shapes: tuple
     ranks: tuple
     galore: Any = None  # galore_torch.GaLoreAdamW, or None: that baseline is skipped
+    sections: tuple = ("outliers", "steps", "kernels")
+    sweep: bool = False
 
     @classmethod
     def from_args(cls, args, device, galore=None) -> "Options":
@@ -94,7 +105,8 @@ class Options:
                    seed=args.seed, out=args.out, device=device, cuda=device.type == "cuda",
                    shapes=SMALL_SHAPES if args.small else REAL_SHAPES,
                    ranks=SMALL_RANKS if args.small else REAL_RANKS,
-                   galore=None if args.no_galore else galore)
+                   galore=None if args.no_galore else galore,
+                   sections=tuple(x.strip() for x in args.sections.split(",") if x.strip()), sweep=args.sweep)
 
 
 @dataclass
@@ -186,6 +198,8 @@ def check_step(opts: Options, tally: Tally, m: int, n: int, r: int, dtype, preci
     grad = torch.randn(m, n, device=device).to(dtype)
     weight0 = torch.randn(m, n, device=device).to(dtype)
     proj = orthonormal(m, r, device) if side == "left" else orthonormal(r, n, device)
+    if dtype != torch.float32:  # the optimizer keeps P in G's 16-bit type on CUDA: both operands reach the MMA as is
+        proj = proj.to(dtype)
     low = (r, n) if side == "left" else (m, r)
     bias1, bias2 = 1 - BETA1, 1 - BETA2  # step 1
     beta, alpha = 1 - LR * WD, -LR * SCALE
@@ -272,6 +286,60 @@ def check_step(opts: Options, tally: Tally, m: int, n: int, r: int, dtype, preci
                                r_rel_err=kern_err, torch_r_rel_err=ref_err, ok=ok))
 
 
+def time_kernels(opts: Options, tally: Tally, m: int, n: int, r: int) -> None:
+    """Each bf16 kernel alone against the cuBLAS call doing its GEMM (same L2 flush, interleaved):
+    project_adam vs the bare R = P^T G (or G Q^T), back_project_update vs the in-place
+    ``W.addmm_(P, N, beta, alpha)`` (N in bf16 for cuBLAS; the kernel reads the fp32 N that
+    project_adam writes). P is bf16 in both. Ratios above 1: the kernel is slower."""
+    import torch
+    from owlore_kernels.kernels import back_project_update_launch, project_adam_launch
+
+    device, dtype = opts.device, torch.bfloat16
+    side = "right" if m >= n else "left"
+    grad = torch.randn(m, n, device=device).to(dtype)
+    weight = torch.randn(m, n, device=device).to(dtype)
+    proj = (orthonormal(m, r, device) if side == "left" else orthonormal(r, n, device)).to(dtype)
+    low = (r, n) if side == "left" else (m, r)
+    mom, sq, out = (torch.zeros(low, device=device) for _ in range(3))
+    norm = torch.randn(low, device=device)
+    norm16 = norm.to(dtype)
+    beta, alpha = 1 - LR * WD, -LR * SCALE
+    a16, b16 = (proj, norm16) if side == "left" else (norm16, proj)
+    candidates = {
+        "project_adam": lambda: project_adam_launch(grad, proj, mom, sq, out, side, BETA1, BETA2, EPS, 0.1, 0.001),
+        "cuBLAS GEMM": (lambda: torch.mm(proj.t(), grad)) if side == "left" else (lambda: torch.mm(grad, proj.t())),
+        "back_project_update": lambda: back_project_update_launch(weight, proj, norm, side, beta, alpha),
+        "cuBLAS addmm_": lambda: weight.addmm_(a16, b16, beta=beta, alpha=alpha),
+    }
+    if opts.sweep and (opts.small or (r == 128 and max(m, n) >= 11008)):  # small: the same code path, tiny
+        # the alternatives worth measuring: 128 x 128 tiles (86 of them: one wave, 46 SMs idle) against the
+        # default 128 x 64 (172: one block per SM by registers, so 40 SMs run two); fewer / more stages
+        for name, tiles in (("BLOCK_L=128 w8 s3", dict(BLOCK_L=128, num_warps=8, num_stages=3)),
+                            ("BLOCK_L=64 w4 s4", dict(BLOCK_L=64, num_warps=4, num_stages=4)),
+                            ("BLOCK_L=64 w8 s3", dict(BLOCK_L=64, num_warps=8, num_stages=3)),
+                            ("BLOCK_K=128 s2", dict(BLOCK_K=128, num_stages=2))):
+            candidates[f"project_adam {name}"] = (
+                lambda t=tiles: project_adam_launch(grad, proj, mom, sq, out, side, BETA1, BETA2, EPS, 0.1, 0.001,
+                                                    tiles=t))
+        for name, tiles in (("128x64", dict(BLOCK_M=128, BLOCK_N=64)), ("64x128", dict(BLOCK_M=64, BLOCK_N=128)),
+                            ("128x128 K32", dict(BLOCK_K=32)), ("128x256 s2", dict(BLOCK_N=256, num_stages=2))):
+            candidates[f"back_project_update {name}"] = (
+                lambda t=tiles: back_project_update_launch(weight, proj, norm, side, beta, alpha, tiles=t))
+    times = time_all(opts, candidates)
+    pa, bp = times["project_adam"] / times["cuBLAS GEMM"], times["back_project_update"] / times["cuBLAS addmm_"]
+    emit(f"{m:>5}x{n:<5} r={r:<3} bfloat16 {side:<5} kernels alone | project_adam {times['project_adam'] * 1e3:7.1f} us"
+         f" / cuBLAS P^T G {times['cuBLAS GEMM'] * 1e3:7.1f} us = {pa:4.2f}x | back_project_update "
+         f"{times['back_project_update'] * 1e3:7.1f} us / cuBLAS addmm_ {times['cuBLAS addmm_'] * 1e3:7.1f} us = "
+         f"{bp:4.2f}x")
+    for name, t in times.items():  # the --sweep configs, under their kernel's line
+        if " " in name and name.split()[0] in ("project_adam", "back_project_update"):
+            base = times["cuBLAS GEMM"] if name.startswith("project_adam") else times["cuBLAS addmm_"]
+            emit(f"    sweep: {name:<40} {t * 1e3:7.1f} us = {t / base:4.2f}x cuBLAS")
+    tally.rows.append(dict(m=m, n=n, r=r, dtype="bfloat16", side=side, op="kernels vs cuBLAS",
+                           **{f"{k}_ms": v for k, v in times.items()}, project_adam_vs_cublas=pa,
+                           back_project_vs_cublas=bp))
+
+
 def check_outliers(opts: Options, tally: Tally, m: int, n: int, dtype) -> None:
     import torch
     from owlore_kernels.kernels import outlier_count_launch
@@ -318,17 +386,23 @@ def run(opts: Options, galore_note: Optional[str] = None) -> int:
     if galore_note:
         emit(f"# note: {galore_note}")
     t0 = time.time()
-    for dtype in dtypes:
+    if "outliers" in opts.sections:
+        for dtype in dtypes:
+            for m, n in opts.shapes:
+                check_outliers(opts, tally, m, n, dtype)
+    if "steps" in opts.sections:
         for m, n in opts.shapes:
-            check_outliers(opts, tally, m, n, dtype)
-    for m, n in opts.shapes:
-        for r in opts.ranks:
-            for dtype in dtypes:
-                allowed = ALLOWED_DOT_PRECISIONS[dtype]
-                precisions = [p for p in opts.precisions if p == "default" or p in allowed]
-                check_step(opts, tally, m, n, r, dtype, precisions)
-                if opts.cuda:
-                    torch.cuda.empty_cache()
+            for r in opts.ranks:
+                for dtype in dtypes:
+                    allowed = ALLOWED_DOT_PRECISIONS[dtype]
+                    precisions = [p for p in opts.precisions if p == "default" or p in allowed]
+                    check_step(opts, tally, m, n, r, dtype, precisions)
+                    if opts.cuda:
+                        torch.cuda.empty_cache()
+    if "kernels" in opts.sections:
+        for m, n in opts.shapes:
+            for r in opts.ranks:
+                time_kernels(opts, tally, m, n, r)
     emit(f"# {tally.failures} check(s) failed; wall {time.time() - t0:.0f} s")
     folder = opts.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     steps = [r for r in tally.rows if "fused_ms" in r]

@@ -67,11 +67,22 @@ def dispatching_to(op: str, backend: str, device: torch.device):
         yield
         return
     key = {"cpu": "CPU", "cuda": "CUDA"}[device.type]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
-        with torch.library._scoped_library("owlore", "IMPL") as lib:
-            lib.impl(ops.OP_NAMES[op], ops._REGISTRY[op][backend], key)
-            yield
+    # torch.library remembers the (op, key) pairs that Python registered and, in torch releases
+    # before allow_override defaulted to True, refuses a second Python kernel for one of them: the
+    # Triton kernels are registered from Python for CUDA (the C++ ones for CPU are not), so the
+    # override needs the pair forgotten for the block and remembered again after it.
+    impl_key = f"owlore/{ops.OP_NAMES[op]}/{key}"
+    registered = impl_key in torch.library._impls
+    torch.library._impls.discard(impl_key)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"(?s).*Overriding a previously registered kernel")
+            with torch.library._scoped_library("owlore", "IMPL") as lib:
+                lib.impl(ops.OP_NAMES[op], ops._REGISTRY[op][backend], key)
+                yield
+    finally:
+        if registered:
+            torch.library._impls.add(impl_key)
 
 
 # --------------------------------------------------------------------------- sample tensors

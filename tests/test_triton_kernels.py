@@ -102,10 +102,45 @@ def test_project_adam_16bit_dot_rounds_p_to_gs_type(side, gdtype):
     assert (m_out.double() - _r64(grad, proj, side)).abs().max() > 2 * sum_bound.max()
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("gdtype", [torch.bfloat16, torch.float16])
+def test_project_adam_16bit_proj_and_bf16_moments_over_steps(side, gdtype):
+    """P stored in G's 16-bit type (both operands straight into the dot) and bf16 moments: at
+    each of 3 steps, from the kernel's own previous state, the fp32 m and v lie within the
+    rounding bound of op_samples (R's fp32 sum only: P's values already are the dot's type)
+    and are then rounded to nearest even, which is monotone, so the stored bf16 value lies
+    between the roundings of the bound's ends; N (from the unrounded fp32 moments) within its bound."""
+    from op_samples import adam_bounds, assert_within, projection_bound, rounded_bracket
+
+    m, n, r = 67, 131, 16
+    gen = torch.Generator().manual_seed(5)
+    _, proj = _operands(side, m, n, r, gdtype)
+    proj = proj.to(gdtype)
+    low = (r, n) if side == "left" else (m, r)
+    exp_avg = (0.1 * torch.randn(low, generator=gen)).bfloat16().to(DEV)
+    exp_avg_sq = (0.01 * torch.rand(low, generator=gen)).bfloat16().to(DEV)
+    out = torch.empty(low, device=DEV)
+    for step in range(1, 4):
+        grad = torch.randn(m, n, generator=gen).to(gdtype).to(DEV)
+        m0, v0 = exp_avg.double().cpu(), exp_avg_sq.double().cpu()
+        bc1, bc2 = 1 - 0.9 ** step, 1 - 0.999 ** step
+        project_adam_launch(grad, proj, exp_avg, exp_avg_sq, out, side, 0.9, 0.999, 1e-8, bc1, bc2)
+        g64, p64 = grad.double().cpu(), proj.double().cpu()
+        low64 = p64.t() @ g64 if side == "left" else g64 @ p64.t()
+        (m1, dm), (v1, dv), (n1, dn) = adam_bounds(low64, projection_bound(g64, p64, side, 0.0), m0, v0, 0.9, 0.999,
+                                                   1e-8, bc1, bc2)
+        for name, got, exact, bound in (("exp_avg", exp_avg, m1, dm), ("exp_avg_sq", exp_avg_sq, v1, dv)):
+            lo, hi = rounded_bracket(exact, bound, torch.bfloat16)
+            inside = (got.cpu() >= lo) & (got.cpu() <= hi)
+            assert inside.all(), f"step {step} {name}: {int((~inside).sum())} entries outside their bf16 bracket"
+        assert_within(out.cpu(), n1, dn, f"step {step} N")
+
+
 def test_project_adam_split_k_is_deterministic_and_resets_its_counters():
-    """K = 1100 > 2 x 512 rows: two splits per tile (the grid has 2 tiles, the CPU plan assumes
-    132 SMs), partials summed by the last split in split order."""
-    side, m, n, r = "left", 1100, 70, 16
+    """K = 2100 >= 2 x 1024 rows and 2 tiles for 132 SMs (the CPU plan's figure): two splits per
+    tile of 1056 rows (a K tail in each: the masked loop), partials summed by the last split in
+    split order."""
+    side, m, n, r = "left", 2100, 70, 16
     grad, proj = _operands(side, m, n, r, torch.float32)
     (launch,) = project_adam_plan(grad, proj, *(torch.zeros(r, n, device=DEV) for _ in range(3)), side, 0.0, 0.0,
                                   1e-8, 1.0, 1.0)
@@ -168,20 +203,25 @@ def test_disallowed_dot_precision_is_refused_before_any_work(gdtype, bad):
     assert all(int(t.abs().sum()) == 0 for t in moments)
 
 
-@pytest.mark.parametrize("shape,side", [((4096, 4096), "right"), ((4096, 11008), "left"), ((11008, 4096), "right")])
-def test_plans_fill_the_gpu_and_read_g_once(shape, side):
-    """On meta tensors (no work): r <= 128 is one r-tile (each G element read once), and the
-    grid has at least one program per SM of an H200 (split-K where the tiles are few)."""
+@pytest.mark.parametrize("shape,side,splits", [((4096, 4096), "right", 2), ((4096, 11008), "left", 1),
+                                               ((11008, 4096), "right", 1)])
+def test_plans_fill_the_gpu_and_read_g_once(shape, side, splits):
+    """On meta tensors (no work): r <= 128 is one r-tile (each G element read once), the grid has
+    more than one program per 2 SMs of an H200, split-K only where the tiles alone fill less than
+    half of them (4096 x 4096), and the main loop of these shapes needs no mask (EVEN_K)."""
     meta = torch.device("meta")
     m, n = shape
     r = 128
     grad = torch.empty(m, n, dtype=torch.bfloat16, device=meta)
-    proj = torch.empty((m, r) if side == "left" else (r, n), device=meta)
+    proj = torch.empty((m, r) if side == "left" else (r, n), dtype=torch.bfloat16, device=meta)
     low = torch.empty((r, n) if side == "left" else (m, r), device=meta)
     (launch,) = project_adam_plan(grad, proj, low, low, low, side, 0.9, 0.999, 1e-8, 1.0, 1.0, arch=90,
                                   num_sms=132, interpret=False)
-    assert launch.constexprs["BLOCK_A"] >= r and launch.constexprs["DOT"] == "bf16"
-    assert launch.grid[0] >= 132
+    c = launch.constexprs
+    assert c["BLOCK_A"] >= r and c["DOT"] == "bf16" and c["EVEN_K"] and not c["EMULATE"]
+    assert launch.grid[0] >= 66 and c["SPLIT_K"] == (splits > 1)
+    length = n if side == "left" else m  # R' is r x length
+    assert launch.grid[0] == splits * length // c["BLOCK_L"]
 
 
 def test_gpu_check_small_runs_end_to_end(tmp_path):

@@ -2,7 +2,11 @@
 
 * ``outlier_count``       -- mean(|w|) and the outlier count, two passes, no host sync;
 * ``project_adam``        -- R = P^T G (or G Q^T) as a tiled GEMM with Adam in the epilogue;
-* ``back_project_update`` -- W <- beta W + alpha (P N), P N never stored.
+* ``back_project_update`` -- W <- beta W + alpha (P N), P N never stored;
+* ``adamw``               -- plain AdamW over a list of tensors, one launch.
+
+The two GEMM ops also have ``*_foreach_launch`` twins: one launch per group of same-shape
+weights, each weight's addresses and scalars read from an int64 pointer table.
 
 Each launcher has a ``*_plan`` twin that checks the arguments and returns the launches it
 would make (kernel, grid, arguments, constexprs, warps, stages) without running them; it
@@ -15,10 +19,12 @@ The public entry points are the ops in ``owlore_kernels.ops``; ``ops/_triton.py`
 registers these launchers as their "triton" backend.
 """
 from ._common import DOT_PRECISIONS, resolve_dot_precision
-from .back_project_update import back_project_update_launch, back_project_update_plan
+from .adamw import adamw_foreach_launch
+from .back_project_update import back_project_update_foreach_launch, back_project_update_launch, back_project_update_plan
 from .outlier_count import outlier_count_launch, outlier_count_plan
-from .project_adam import project_adam_launch, project_adam_plan
+from .project_adam import project_adam_foreach_launch, project_adam_launch, project_adam_plan
 
 __all__ = ["outlier_count_launch", "project_adam_launch", "back_project_update_launch",
+           "project_adam_foreach_launch", "back_project_update_foreach_launch", "adamw_foreach_launch",
            "outlier_count_plan", "project_adam_plan", "back_project_update_plan",
            "DOT_PRECISIONS", "resolve_dot_precision"]

@@ -7,7 +7,8 @@ drops this backend. On CPU tensors it runs only when forced (``backend="triton"`
 """
 from __future__ import annotations
 
-from ..kernels import back_project_update_launch, outlier_count_launch, project_adam_launch
+from ..kernels import (adamw_foreach_launch, back_project_update_foreach_launch, back_project_update_launch,
+                       outlier_count_launch, project_adam_foreach_launch, project_adam_launch)
 from . import register
 
 
@@ -28,3 +29,26 @@ def _project_adam_triton(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, b
 @register("back_project_update", "triton")
 def _back_project_update_triton(param, proj, norm_update, *, side, beta, alpha):
     back_project_update_launch(param, proj, norm_update, side, float(beta), float(alpha))
+
+
+# The foreach ops: one launch per group of same-shape weights (adamw_foreach_: one per list); the
+# per-weight rows of bias_corrections / coefficients travel with the weights' addresses in one
+# int64 table, uploaded in one small host-to-device copy per launch.
+
+
+@register("project_adam_foreach", "triton")
+def _project_adam_foreach_triton(grads, projs, exp_avgs, exp_avg_sqs, outs, *, side, beta1, beta2, eps,
+                                 bias_corrections):
+    project_adam_foreach_launch(grads, projs, exp_avgs, exp_avg_sqs, outs, side, float(beta1), float(beta2),
+                                float(eps), bias_corrections)
+
+
+@register("back_project_update_foreach", "triton")
+def _back_project_update_foreach_triton(params, projs, norm_updates, *, side, coefficients):
+    back_project_update_foreach_launch(params, projs, norm_updates, side, coefficients)
+
+
+@register("adamw_foreach", "triton")
+def _adamw_foreach_triton(params, grads, exp_avgs, exp_avg_sqs, *, variant, beta1, beta2, eps, coefficients):
+    adamw_foreach_launch(params, grads, exp_avgs, exp_avg_sqs, variant, float(beta1), float(beta2), float(eps),
+                         coefficients)

@@ -16,7 +16,12 @@ are cached on disk (keyed by the kernel source hash, the specialization and Trit
 
 A specialization fails on: a compile error; any spill (STACK or LOCAL > 0, LDL/STL in the
 SASS); shared memory above the per-block limit; a tensor-core precision (everything but
-"ieee", which means exact fp32 products by definition) whose main loop has no HMMA/HGMMA.
+"ieee", which means exact fp32 products by definition) whose main loop has no HMMA/HGMMA; and,
+where both GEMM operands are stored in the dot's 16-bit type (``project_adam`` with P in G's
+type), any conversion instruction (F2F/F2FP/I2F/F2I) in the main loop, an HGMMA taking its A
+operand from registers instead of a shared-memory descriptor (sm_90), or HMMAs fed without
+LDSM (sm_80). An H200 ran kernels with per-K-step operand conversions 2.4-3.5x slower than
+cuBLAS; these are the marks of that in the SASS.
 """
 from __future__ import annotations
 
@@ -74,6 +79,7 @@ class Case:
     default: bool  # the precision the launcher picks without dot_precision (for some matmul setting)
     arch: int
     launches: list = field(default_factory=list)  # [(key, grid, launch)]
+    proj: str = "fp32"  # P's storage dtype: fp32, or G's 16-bit type (the optimizer's copy on CUDA)
 
 
 def _spec(launch, arch: int) -> dict:
@@ -104,10 +110,10 @@ def _key(spec: dict, source_hash: str) -> str:
 
 
 def build_cases(shapes=SHAPES, ranks=RANKS, archs=(80, 90)) -> list:
-    from .back_project_update import back_project_update_plan
-    from .outlier_count import outlier_count_plan
-    from .project_adam import project_adam_plan
-    from ._common import ALLOWED_DOT_PRECISIONS, resolve_dot_precision
+    from owlore_kernels.kernels._common import ALLOWED_DOT_PRECISIONS, resolve_dot_precision
+    from owlore_kernels.kernels.back_project_update import back_project_update_plan
+    from owlore_kernels.kernels.outlier_count import outlier_count_plan
+    from owlore_kernels.kernels.project_adam import project_adam_plan
 
     meta = torch.device("meta")
     cases = []
@@ -127,20 +133,25 @@ def build_cases(shapes=SHAPES, ranks=RANKS, archs=(80, 90)) -> list:
                     torch.set_float32_matmul_precision(mm)
                     defaults.add(resolve_dot_precision(dtype, None))
                     torch.set_float32_matmul_precision(prev)
+                # P in G's 16-bit type with every allowed precision; an fp32 P with the default one only
+                proj_dtypes = [(dname, dtype)] + ([("fp32", torch.float32)] if dtype != torch.float32 else [])
                 for r in ranks:
                     for side in ("left", "right"):
-                        p = torch.empty((m, r) if side == "left" else (r, n), device=meta)
                         low = (r, n) if side == "left" else (m, r)
                         mom = torch.empty(low, device=meta)
-                        for prec in ALLOWED_DOT_PRECISIONS[dtype]:
-                            pa = project_adam_plan(w, p, mom, mom, mom, side, 0.9, 0.999, 1e-8, 0.5, 0.5, prec,
-                                                   arch=arch, num_sms=sms, interpret=False)
-                            cases.append(Case("project_adam", (m, n), r, dname, side, prec, prec in defaults, arch,
-                                              [(None, l.grid, l) for l in pa]))
-                            bp = back_project_update_plan(w, p, mom, side, 1.0, -1e-3, prec, arch=arch,
-                                                          interpret=False)
-                            cases.append(Case("back_project_update", (m, n), r, dname, side, prec,
-                                              prec in defaults, arch, [(None, l.grid, l) for l in bp]))
+                        for pname, pdtype in proj_dtypes:
+                            p = torch.empty((m, r) if side == "left" else (r, n), dtype=pdtype, device=meta)
+                            for prec in ALLOWED_DOT_PRECISIONS[dtype]:
+                                if pname == "fp32" and dtype != torch.float32 and prec not in defaults:
+                                    continue
+                                pa = project_adam_plan(w, p, mom, mom, mom, side, 0.9, 0.999, 1e-8, 0.5, 0.5, prec,
+                                                       arch=arch, num_sms=sms, interpret=False)
+                                cases.append(Case("project_adam", (m, n), r, dname, side, prec, prec in defaults,
+                                                  arch, [(None, l.grid, l) for l in pa], pname))
+                                bp = back_project_update_plan(w, p, mom, side, 1.0, -1e-3, prec, arch=arch,
+                                                              interpret=False)
+                                cases.append(Case("back_project_update", (m, n), r, dname, side, prec,
+                                                  prec in defaults, arch, [(None, l.grid, l) for l in bp], pname))
     return cases
 
 
@@ -162,16 +173,27 @@ def _main_loop(sass: str) -> list:
         ins = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);", line)
         if ins:
             instrs.append((int(ins.group(1), 16), ins.group(2), ins.group(3)))
-    is_work = lambda o: o.startswith(("HMMA", "HGMMA", "FFMA"))
+    is_work = lambda ins: ins[0].startswith(("HMMA", "HGMMA", "FFMA"))
     best = []
     for idx, (addr, op, rest) in enumerate(instrs):
         target = re.match(r"\s*(?:`\()?0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) <= addr:
             start = int(target.group(1), 16)
-            body = [o for a, o, _ in instrs if start <= a <= addr]
+            body = [(o, r) for a, o, r in instrs if start <= a <= addr]
             if sum(map(is_work, body)) > sum(map(is_work, best)):
                 best = body
     return best
+
+
+# conversions between number formats: in a main loop whose operands are stored in the dot's
+# 16-bit type there should be none (an H200 ran 2.4-3.5x slower than cuBLAS with them there)
+CONVERSIONS = ("F2F", "F2FP", "I2F", "F2I", "I2FP")
+
+
+def hgmma_a_from_registers(loop: list) -> int:
+    """HGMMAs of the loop whose A operand is a register (``HGMMA.. Rd, Ra, gdesc[..]``) rather than
+    a shared-memory descriptor (``HGMMA.. Rd, gdesc[..]``): A then went through registers."""
+    return sum(1 for op, rest in loop if op.startswith("HGMMA") and re.match(r"\s*R\d+,\s*R\d+", rest))
 
 
 def compile_spec(spec: dict) -> dict:
@@ -208,9 +230,14 @@ def compile_spec(spec: dict) -> dict:
     out["ffma"] = sum(o == "FFMA" for o in ops)
     out["instructions"] = len(ops)
     loop = _main_loop(sass)
-    out["loop"] = dict(instructions=len(loop), hmma=sum(o.startswith("HMMA") for o in loop),
-                       hgmma=sum(o.startswith("HGMMA") for o in loop), ffma=sum(o.startswith("FFMA") for o in loop),
-                       ldgsts=sum(o.startswith("LDGSTS") for o in loop))
+    ops_in_loop = [o for o, _ in loop]
+    out["loop"] = dict(instructions=len(loop), hmma=sum(o.startswith("HMMA") for o in ops_in_loop),
+                       hgmma=sum(o.startswith("HGMMA") for o in ops_in_loop),
+                       ffma=sum(o.startswith("FFMA") for o in ops_in_loop),
+                       ldgsts=sum(o.startswith("LDGSTS") for o in ops_in_loop),
+                       ldsm=sum(o.startswith("LDSM") for o in ops_in_loop),
+                       conversions=sum(o.split(".")[0] in CONVERSIONS for o in ops_in_loop),
+                       hgmma_a_registers=hgmma_a_from_registers(loop))
     # wgmma shape (N of m64nNk16) when there is one, for the MMA-rate model
     shapes = re.findall(r"HGMMA\.64x(\d+)x(\d+)", sass)
     out["hgmma_shape"] = shapes[0] if shapes else None
@@ -285,6 +312,16 @@ def failures(case: Case, results: dict) -> list:
             out.append(f"shared memory {res['shared']} B > {limit} B")
         if case.precision not in ("ieee", "-") and not (res["hmma"] or res["hgmma"]):
             out.append(f"{case.precision} dot without HMMA/HGMMA")
+        loop = res["loop"]
+        # both operands stored in the dot's 16-bit type (project_adam with P in G's type; back_project_update's
+        # N is fp32 and is converted, by design): no conversion in the main loop, operands from shared memory
+        if case.precision in ("bf16", "fp16") and case.proj == case.dtype and case.op == "project_adam":
+            if loop["conversions"]:
+                out.append(f"{loop['conversions']} conversion instructions in a 16-bit main loop")
+            if case.arch == 90 and loop["hgmma_a_registers"]:
+                out.append(f"{loop['hgmma_a_registers']} HGMMAs take A from registers, not shared memory")
+            if case.arch == 80 and loop["hmma"] and not loop["ldsm"]:
+                out.append("HMMA operands not loaded from shared memory with LDSM")
         if res["blocks_per_sm"] < 1:
             out.append("does not fit on one SM")
     return out
