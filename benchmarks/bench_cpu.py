@@ -22,7 +22,8 @@ about the timed steps). The refresh itself is ``bench_refresh.py``'s question.
 
 Reports median, p10-p90 and min-max per candidate (ms), prints a table with
 ratios, and appends it with machine, versions, load average and date to
-benchmarks/results/cpu_bench.md (raw samples to cpu_bench.jsonl).
+benchmarks/results/cpu_bench.md (the run, raw samples included, as a pytest-benchmark
+saved run under benchmarks/results/cpu_bench/).
 
     python benchmarks/bench_cpu.py [--shapes 4096x4096 4096x11008] [--ranks 128 256] [--repeats 15]
 """

@@ -259,7 +259,9 @@ SETS_TRITON_MODE = ("gpu_check.py", "gpu_static_check.py")
 
 
 @pytest.mark.parametrize("interpret", [None, "1"], ids=["no-TRITON_INTERPRET", "TRITON_INTERPRET=1"])
-@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
+# benchmarks/ also holds pytest-benchmark's test module and its conftest.py: not scripts
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                                          if f.endswith(".py") and not f.startswith("test_") and f != "conftest.py"))
 def test_benchmark_script_import_does_no_work(script, interpret):
     """Importing a benchmark script only defines things: it reads no sys.argv (an unknown flag
     must not stop it), changes no environment variable (TRITON_INTERPRET decides how the Triton
