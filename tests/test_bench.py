@@ -223,6 +223,8 @@ def test_append_results_saves_pytest_benchmark_runs_and_never_rewrites_earlier_o
     assert [r["benchmarks"][0]["stats"]["median"] for r in runs] == [0.002, 0.003]
     assert harness.same_machine(runs[0]["machine_info"], runs[1]["machine_info"])
     assert not harness.same_machine(runs[0]["machine_info"], {**runs[0]["machine_info"], "gpu": "another GPU"})
+    rebooted = {**runs[0]["machine_info"], "memory_bytes": runs[0]["machine_info"]["memory_bytes"] - 300 * 2**10}
+    assert harness.same_machine(runs[0]["machine_info"], rebooted)
     # pytest-benchmark's own reader finds both runs and the timing in them
     from pytest_benchmark.logger import Logger
     from pytest_benchmark.storage.file import FileStorage

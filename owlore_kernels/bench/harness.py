@@ -260,11 +260,13 @@ def extra_machine_info() -> dict[str, Any]:
 
 def same_machine(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     """Whether two pytest-benchmark machine infos (with ``extra_machine_info``) describe the same
-    hardware: CPU model, cores, memory and GPU. Clock readings, kernel and versions may differ."""
+    hardware: CPU model, cores, memory in whole GiB and GPU. Clock readings, kernel and versions
+    may differ (the memory the kernel reports moves by a few hundred KiB between boots of one VM)."""
     def key(info):
         cpu = info.get("cpu") or {}
+        mem = info.get("memory_bytes")
         return (cpu.get("brand_raw") if isinstance(cpu, Mapping) else cpu, info.get("cpu_count"),
-                info.get("memory_bytes"), info.get("gpu"))
+                None if mem is None else round(mem / 2**30), info.get("gpu"))
 
     return key(a) == key(b)
 
