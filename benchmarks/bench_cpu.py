@@ -113,6 +113,97 @@ def make_fused_op(op: str, backend: str, shape, rank: int, device="cpu"):
     raise ValueError(f"op must be 'project_adam' or 'back_project_update', got {op!r}")
 
 
+# the foreach ops (one call per group of weights; owlore_kernels.ops) and the loop of single-weight
+# calls they replace, on one decoder block's 7 linears
+FOREACH_OPS = ("project_adam_foreach", "back_project_update_foreach", "adamw_foreach")
+
+
+def foreach_available() -> bool:
+    """Whether this owlore_kernels defines the foreach ops."""
+    from owlore_kernels.ops import OPS
+
+    return all(op in OPS for op in FOREACH_OPS)
+
+
+def block_shapes(hidden: int, intermediate: int) -> list[tuple[int, int]]:
+    """A LLaMA decoder block's 7 linear weights: q, k, v, o (h x h), gate, up (i x h), down (h x i)."""
+    return [(hidden, hidden)] * 4 + [(intermediate, hidden)] * 2 + [(hidden, intermediate)]
+
+
+def make_foreach_op(op: str, impl: str, shapes, rank: int, device="cpu"):
+    """One step's worth of ``op`` over the weights ``shapes`` (galore-torch's "std" side per weight).
+
+    ``impl``: ``"foreach <backend>"`` (one call per projection side, as OwLoreAdamW groups them),
+    ``"loop <backend>"`` (one single-weight call per weight: the same math; projection ops only),
+    or for ``adamw_foreach`` ``"AdamW foreach"`` / ``"AdamW fused"`` (torch.optim's multi-tensor
+    kernels on the same weights: the same math as ``variant="torch"``).
+    """
+    from owlore_kernels.ops import adamw, back_project_update, project_adam
+
+    kind, backend = impl.split(" ", 1)
+    beta1, beta2, step, weight_decay, scale = 0.9, 0.999, 2, 0.01, 0.25
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    weights = [seeded_randn(shape, device, seed=1 + k, std=0.02) for k, shape in enumerate(shapes)]
+    if op == "adamw_foreach":
+        grads = [seeded_randn(shape, device, seed=100 + k, std=1e-2) for k, shape in enumerate(shapes)]
+        if kind == "AdamW":
+            params = [torch.nn.Parameter(w) for w in weights]
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt = torch.optim.AdamW(params, lr=LR, weight_decay=weight_decay,
+                                    **({"foreach": True} if backend == "foreach" else {"fused": True}))
+            opt.step()  # the state
+            return opt.step
+        moments = [(torch.zeros_like(w), torch.zeros_like(w)) for w in weights]
+        coefficients = [(-LR / bc1, 1 - LR * weight_decay, bc2**0.5)] * len(weights)
+        args = dict(variant="torch", beta1=beta1, beta2=beta2, eps=1e-8, backend=backend)
+        return lambda: adamw.adamw_foreach_(weights, grads, [m for m, _ in moments], [v for _, v in moments],
+                                            coefficients=coefficients, **args)
+    sides = ["right" if m >= n else "left" for m, n in shapes]
+    projs, lows = [], []
+    for k, ((m, n), side) in enumerate(zip(shapes, sides)):
+        q = torch.linalg.qr(seeded_randn((m if side == "left" else n, rank), seed=200 + k)).Q
+        projs.append((q if side == "left" else q.t().contiguous()).to(device))
+        lows.append((rank, n) if side == "left" else (m, rank))
+    groups = {side: [k for k in range(len(shapes)) if sides[k] == side] for side in ("left", "right")}
+    if op == "project_adam_foreach":
+        grads = [seeded_randn(shape, device, seed=100 + k, std=1e-2) for k, shape in enumerate(shapes)]
+        state = [(torch.zeros(low, device=device), torch.zeros(low, device=device), torch.empty(low, device=device))
+                 for low in lows]
+        args = dict(beta1=beta1, beta2=beta2, eps=1e-6, backend=backend)
+
+        def foreach():
+            for side, ks in groups.items():
+                project_adam.project_adam_foreach_(
+                    [grads[k] for k in ks], [projs[k] for k in ks], [state[k][0] for k in ks],
+                    [state[k][1] for k in ks], [state[k][2] for k in ks], side=side,
+                    bias_corrections=[(bc1, bc2)] * len(ks), **args)
+
+        def loop():
+            for k in range(len(shapes)):
+                project_adam.project_adam_(grads[k], projs[k], state[k][0], state[k][1], out=state[k][2],
+                                           side=sides[k], bias_correction1=bc1, bias_correction2=bc2, **args)
+
+        return foreach if kind == "foreach" else loop
+    if op == "back_project_update_foreach":
+        updates = [seeded_randn(low, device, seed=300 + k) for k, low in enumerate(lows)]
+        beta, alpha = 1 - LR * weight_decay, -LR * scale
+
+        def foreach():
+            for side, ks in groups.items():
+                back_project_update.back_project_update_foreach_(
+                    [weights[k] for k in ks], [projs[k] for k in ks], [updates[k] for k in ks], side=side,
+                    coefficients=[(beta, alpha)] * len(ks), backend=backend)
+
+        def loop():
+            for k in range(len(shapes)):
+                back_project_update.back_project_update_(weights[k], projs[k], updates[k], side=sides[k],
+                                                         beta=beta, alpha=alpha, backend=backend)
+
+        return foreach if kind == "foreach" else loop
+    raise ValueError(f"op must be one of {FOREACH_OPS}, got {op!r}")
+
+
 def bench_outlier(shape: tuple[int, int], repeats: int) -> list[dict]:
     candidates = {"cpp outlier_count": make_outlier_count("cpp", shape),
                   "naive torch": make_outlier_count("naive torch", shape)}

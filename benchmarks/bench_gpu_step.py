@@ -203,6 +203,16 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu_step: no CUDA device; use --tiny --device cpu to run the same code on CPU")
     dtype = getattr(torch, DTYPES[args.dtype])
+    skipped = ""
+    if "galore-torch" in args.optimizers:
+        try:
+            import galore_torch  # noqa: F401
+        except Exception as exc:  # not installed on every GPU machine: say so, time the others
+            skipped = f"galore-torch skipped: galore_torch does not import ({type(exc).__name__}: {exc}). "
+            args.optimizers = [o for o in args.optimizers if o != "galore-torch"]
+            print(skipped, flush=True)
+            if not args.optimizers:
+                raise SystemExit("bench_gpu_step: " + skipped + "and no other optimizer was asked for")
     stamp = machine_stamp()
     print(stamp_line(stamp), flush=True)
     t0 = time.perf_counter()
@@ -227,7 +237,7 @@ def main(argv=None) -> int:
         command = ("python benchmarks/bench_gpu_step.py" + (" --tiny" if args.tiny else "")
                    + f" --device {args.device} --dtype {args.dtype} --rank {args.rank} --gamma {args.gamma}"
                    f" --steps {args.steps} --warmup {args.warmup}")
-        notes = ("galore-torch's first step uses a random orthonormal basis in place of its exact SVD; "
+        notes = skipped + ("galore-torch's first step uses a random orthonormal basis in place of its exact SVD; "
                  "OwLore's first step runs its randomized range finder. Peak memory from each optimizer's "
                  "construction to its last step.")
         paths = append_results(
