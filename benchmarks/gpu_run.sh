@@ -28,12 +28,14 @@
 #
 #   bash benchmarks/gpu_run.sh                  # on the GPU machine
 #   bash benchmarks/gpu_run.sh --cpu-dry-run    # the same plumbing on CPU: tiny sizes, untimed microbenchmarks
+#   LIMIT_SCALE=4 BUDGET_S=2000 bash benchmarks/gpu_run.sh --cpu-dry-run   # ... on a slow, shared CPU
 set -u -o pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
 BUDGET_S=${BUDGET_S:-470}
+LIMIT_SCALE=${LIMIT_SCALE:-1}  # multiplies every step's limit: a slower machine (the CPU dry run)
 DRY=0
 if [ "${1:-}" = "--cpu-dry-run" ]; then
     DRY=1
@@ -50,7 +52,7 @@ printf '%-16s %4s %6s\n' step rc seconds > "$OUT/summary.txt"
 # step NAME LIMIT_S CMD...: run CMD with at most LIMIT_S seconds (less if the budget is short),
 # its output in $OUT/NAME.log, and a line in summary.txt
 step() {
-    local name=$1 limit=$2
+    local name=$1 limit=$(($2 * LIMIT_SCALE))
     shift 2
     local left=$((START + BUDGET_S - $(date +%s) - 10))  # 10 s: the kill grace below
     if [ "$limit" -gt "$left" ]; then limit=$left; fi
