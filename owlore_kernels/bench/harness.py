@@ -272,9 +272,10 @@ def same_machine(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def machine_info() -> dict[str, Any]:
-    """A flat summary of the machine now: platform, python, cpu (model), cpu_count, memory_bytes,
-    torch_threads, gpu, the load average, and ``pytest_benchmark`` (pytest-benchmark's own
-    machine info, py-cpuinfo's CPU details included)."""
+    """A flat summary of the machine now, from pytest-benchmark's machine info and
+    ``extra_machine_info``: platform, python, cpu (model), cpu_count, memory_bytes,
+    torch_threads, gpu and the load average. (``append_results`` saves pytest-benchmark's full
+    machine info, py-cpuinfo's CPU details included, with each run.)"""
     base = _pytest_benchmark_machine_info()
     cpu = base.get("cpu") or {}
     extra = extra_machine_info()
@@ -286,7 +287,6 @@ def machine_info() -> dict[str, Any]:
         info["load_average_1_5_15m"] = [round(x, 2) for x in os.getloadavg()]
     except (OSError, AttributeError):
         pass
-    info["pytest_benchmark"] = base
     return info
 
 
