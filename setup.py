@@ -64,8 +64,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "hf": ["transformers>=4.40"],
-        "bench": ["transformers>=4.40", "peft", "galore-torch==1.0", "bitsandbytes", "gguf", "matplotlib", "tqdm"],
-        "test": ["pytest", "transformers>=4.40", "galore-torch==1.0", "bitsandbytes", "peft"],
+        # the benchmark harness builds on pytest-benchmark (statistics, machine info, saved runs)
+        "bench": ["transformers>=4.40", "peft", "galore-torch==1.0", "bitsandbytes", "gguf", "matplotlib", "tqdm",
+                  "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "transformers>=4.40", "galore-torch==1.0", "bitsandbytes", "peft"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

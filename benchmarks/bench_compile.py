@@ -73,8 +73,8 @@ def main(argv=None) -> None:
     import torch
     import torch._dynamo.testing
 
-    from owlore_kernels.bench.harness import (Timing, append_results, machine_stamp, markdown_table, stamp_line,
-                                              time_interleaved)
+    from owlore_kernels.bench.harness import (Timing, append_results, benchmark_entry, machine_stamp, markdown_table,
+                                              stamp_line, time_interleaved)
 
     stamp = machine_stamp()
     print(stamp_line(stamp))
@@ -119,7 +119,9 @@ def main(argv=None) -> None:
     print(notes)
     if not args.no_save:
         paths = append_results(RESULTS, "compile_bench", rows=rows, stamp=stamp, table=table, notes=notes,
-                               command="python benchmarks/bench_compile.py")
+                               command="python benchmarks/bench_compile.py",
+                               benchmarks=[benchmark_entry("OwLoreAdamW.step SmolLM2-135M", name, t)
+                                           for name, t in timings.items()])
         print("appended to", ", ".join(paths))
 
 

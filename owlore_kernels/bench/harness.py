@@ -1,10 +1,37 @@
-"""The one benchmark harness: a timer, a machine/version stamp, an append-only results writer,
-and a way to keep galore-torch from refreshing its projection while it is being timed.
+"""What pytest-benchmark does not do for this project's benchmarks, as a thin layer over it.
 
-Every benchmark script imports these instead of keeping its own copy::
+pytest-benchmark owns the timing loop, the statistics (``pytest_benchmark.stats.Stats``: min,
+max, mean, stddev, median, quartiles, outliers), the machine and commit info and the JSON
+storage (one file per run, ``pytest-benchmark compare`` reads them); ``benchmarks/test_microbench.py``
+uses it directly (``make microbench``). This module adds only what it cannot do:
 
-    from owlore_kernels.bench.harness import (append_results, frozen_galore_refresh, machine_stamp,
-                                              markdown_table, time_fn, time_interleaved)
+* **Interleaving.** ``time_interleaved(candidates, repeats=, warmup=, device=, flush_l2=)``
+  times several candidates round-robin, the order rotating every round, so a noisy neighbour
+  on a shared machine slows them all alike and their ratios stay meaningful (pytest-benchmark
+  times one candidate after another). Timer: pytest-benchmark's ``default_timer``
+  (``time.perf_counter``), CUDA events on CUDA. Each candidate's samples come back as a
+  :class:`Timing`, whose statistics are pytest-benchmark's ``Stats`` plus p10/p90.
+* **The GPU in a pytest-benchmark test.** ``run_pedantic(benchmark, fn, device=, rounds=,
+  warmup_rounds=)``: on CUDA every round is ``fn`` then ``torch.cuda.synchronize()``, after an
+  untimed setup that overwrites a 256 MiB buffer (flushing the L2 cache) and synchronizes;
+  elsewhere the plain wall clock.
+* **The machine.** ``machine_info()``: pytest-benchmark's machine info (platform, Python,
+  py-cpuinfo's CPU) plus what it leaves out (GPU, memory, torch threads, library versions);
+  ``benchmarks/conftest.py`` adds the same to pytest-benchmark's saved runs.
+  ``machine_stamp()`` adds the date, the commit and the load average, for the scripts.
+* **A readable history.** ``append_results(folder, name, ...)`` saves the run through
+  pytest-benchmark's file storage (``<folder>/<name>/<machine id>/NNNN_<commit>_<time>.json``,
+  with the script's own rows beside pytest-benchmark's fields) and appends a dated markdown
+  section to ``<folder>/<name>.md``; nothing is rewritten. ``unique_stem`` picks a file name
+  that does not exist yet, for outputs that are whole files.
+* **Frozen refresh.** ``frozen_galore_refresh()`` replaces galore-torch's exact-SVD
+  ``get_orthogonal_matrix`` by a seeded random orthonormal basis for the duration of a ``with``
+  block, so a timed galore-torch step has no SVD in it.
+
+Typical script::
+
+    from owlore_kernels.bench.harness import (append_results, benchmark_entry, frozen_galore_refresh,
+                                              machine_stamp, markdown_table, time_interleaved)
 
     stamp = machine_stamp()
     with frozen_galore_refresh():
@@ -12,58 +39,40 @@ Every benchmark script imports these instead of keeping its own copy::
     rows = [{"candidate": k, **t.summary()} for k, t in timings.items()]
     append_results(RESULTS, "my_bench", rows=rows, stamp=stamp, command="python benchmarks/my_bench.py",
                    table=markdown_table(["candidate", "median ms"], [[r["candidate"], f"{r['median']:.2f}"]
-                                                                   for r in rows]))
-
-* **Timer.** ``time_fn(fn, repeats=, warmup=, device=)`` runs ``fn`` ``warmup`` times untimed,
-  then ``repeats`` timed runs, and returns a :class:`Timing` (samples in milliseconds; median,
-  p10/p90, min/max). On CUDA each run is bracketed by CUDA events (optionally after flushing
-  the L2 cache, ``flush_l2=True``); elsewhere by ``time.perf_counter``. ``time_interleaved``
-  times several candidates round-robin, rotating the order every round, so a noisy neighbour
-  on a shared machine slows them all alike and their ratios stay meaningful.
-* **Stamp.** ``machine_stamp()``: date, git commit (``+dirty`` when the package or csrc/ differ
-  from it), CPU model, cores, torch threads, memory, GPU, load average, and the versions of
-  torch, triton, transformers, peft, galore-torch, bitsandbytes, numpy and owlore-kernels.
-* **Results.** ``append_results(folder, name, ...)`` appends one JSON line to
-  ``<folder>/<name>.jsonl`` and one dated markdown section to ``<folder>/<name>.md``; files are
-  only ever opened for appending. ``unique_stem`` picks a file name that does not exist yet,
-  for outputs that are whole files (figures, per-run reports).
-* **Frozen refresh.** ``frozen_galore_refresh()`` replaces galore-torch's exact-SVD
-  ``get_orthogonal_matrix`` by a seeded random orthonormal basis of the same shape for the
-  duration of a ``with`` block: the first step (which refreshes) then costs milliseconds
-  instead of seconds, and with ``update_proj_gap`` larger than the steps run the timed steps
-  never refresh. What is timed -- the projected Adam step -- does not depend on which
-  orthonormal basis it projects onto.
+                                                                   for r in rows]),
+                   benchmarks=[benchmark_entry("my_bench", k, t) for k, t in timings.items()])
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import importlib.metadata
-import json
 import os
 import platform
-import statistics
 import subprocess
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 __all__ = [
-    "Timing", "quantile", "time_fn", "time_interleaved", "machine_info", "versions", "git_commit",
-    "machine_stamp", "stamp_line", "markdown_table", "append_results", "unique_stem", "frozen_galore_refresh",
+    "Timing", "quantile", "time_interleaved", "run_pedantic", "L2Flusher", "machine_info", "extra_machine_info",
+    "same_machine", "versions", "git_commit", "machine_stamp", "stamp_line", "markdown_table", "benchmark_entry",
+    "append_results", "unique_stem", "frozen_galore_refresh",
 ]
 
 # the distributions named in the stamp; None where not installed
-VERSIONED = ("torch", "triton", "transformers", "peft", "galore-torch", "bitsandbytes", "numpy", "owlore-kernels")
+VERSIONED = ("torch", "triton", "transformers", "peft", "galore-torch", "bitsandbytes", "numpy", "pytest-benchmark",
+             "owlore-kernels")
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-# ----------------------------------------------------------------------------- timer
+# ----------------------------------------------------------------------------- statistics
 def quantile(samples: Sequence[float], q: float) -> float:
     """The ``q``-quantile of ``samples`` as the sample at rank ``round(q (n - 1))`` of the sorted list.
 
     A nearest-rank rule: the result is always a measured value. With the 5-50 samples a
     benchmark takes, interpolating between two neighbours would only pretend to more precision.
+    (pytest-benchmark's ``Stats`` has the quartiles but no p10/p90.)
     """
     if not samples:
         raise ValueError("quantile of an empty list of samples")
@@ -75,13 +84,27 @@ def quantile(samples: Sequence[float], q: float) -> float:
 
 @dataclass
 class Timing:
-    """Timed samples of one candidate, in milliseconds, in the order they were taken."""
+    """Timed samples of one candidate, in milliseconds, in the order they were taken.
+
+    The statistics are pytest-benchmark's (``stats``, in seconds as it stores them), built
+    from the samples when read, so samples added later are counted.
+    """
 
     samples_ms: list[float] = field(default_factory=list)
 
     @property
+    def stats(self):
+        """The samples as a ``pytest_benchmark.stats.Stats`` (seconds)."""
+        from pytest_benchmark.stats import Stats
+
+        stats = Stats()
+        for ms in self.samples_ms:
+            stats.update(ms / 1e3)
+        return stats
+
+    @property
     def median(self) -> float:
-        return statistics.median(self.samples_ms)
+        return self.stats.median * 1e3
 
     @property
     def p10(self) -> float:
@@ -93,19 +116,23 @@ class Timing:
 
     @property
     def min(self) -> float:
-        return min(self.samples_ms)
+        return self.stats.min * 1e3
 
     @property
     def max(self) -> float:
-        return max(self.samples_ms)
+        return self.stats.max * 1e3
 
     def summary(self) -> dict[str, Any]:
-        """median, p10, p90, min, max (ms), the number of samples and the samples themselves."""
-        return {"median": self.median, "p10": self.p10, "p90": self.p90, "min": self.min, "max": self.max,
-                "repeats": len(self.samples_ms), "samples_ms": list(self.samples_ms)}
+        """median, p10, p90, min, max, mean, stddev, q1, q3, iqr (ms), the number of samples and the samples."""
+        stats = self.stats
+        out = {"median": stats.median * 1e3, "p10": self.p10, "p90": self.p90}
+        out.update({k: getattr(stats, k) * 1e3 for k in ("min", "max", "mean", "stddev", "q1", "q3", "iqr")})
+        out.update(repeats=len(self.samples_ms), samples_ms=list(self.samples_ms))
+        return out
 
 
-class _L2Flusher:
+# ----------------------------------------------------------------------------- timers
+class L2Flusher:
     """Overwrites a 256 MiB buffer, larger than any current GPU's L2 (50 MiB on an H100/H200),
     so the next timed run reads its inputs from HBM, as a real training step does."""
 
@@ -125,7 +152,8 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], *, repeats:
     Each candidate first runs ``warmup`` times untimed (allocations, lazy state, compiles).
     ``device``: where the candidates run; on CUDA each run is bracketed by CUDA events recorded
     on the current stream (the device is synchronized before the first timed run), elsewhere by
-    ``time.perf_counter``. ``flush_l2`` (CUDA only) clears the L2 cache before every timed run.
+    pytest-benchmark's ``default_timer``. ``flush_l2`` (CUDA only) clears the L2 cache before
+    every timed run. A single candidate is timed the same way (nothing to interleave).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -134,12 +162,13 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], *, repeats:
     if not candidates:
         raise ValueError("no candidates to time")
     import torch
+    from pytest_benchmark.timers import default_timer
 
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     if flush_l2 and not on_cuda:
         raise ValueError(f"flush_l2=True needs a CUDA device, got device={device}")
-    flush = _L2Flusher(device) if flush_l2 else None
+    flush = L2Flusher(device) if flush_l2 else None
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
@@ -161,43 +190,62 @@ def time_interleaved(candidates: Mapping[str, Callable[[], object]], *, repeats:
                 end.synchronize()
                 timings[name].samples_ms.append(start.elapsed_time(end))
             else:
-                t0 = time.perf_counter()
+                t0 = default_timer()
                 fn()
-                timings[name].samples_ms.append((time.perf_counter() - t0) * 1e3)
+                timings[name].samples_ms.append((default_timer() - t0) * 1e3)
     return timings
 
 
-def time_fn(fn: Callable[[], object], *, repeats: int, warmup: int = 1, device: Any = "cpu",
-            flush_l2: bool = False) -> Timing:
-    """Time one callable: ``warmup`` untimed runs, then ``repeats`` timed ones (see ``time_interleaved``)."""
-    return time_interleaved({"fn": fn}, repeats=repeats, warmup=warmup, device=device, flush_l2=flush_l2)["fn"]
+def run_pedantic(benchmark, fn: Callable[[], object], *, device: Any, rounds: int, warmup_rounds: int):
+    """Time ``fn`` with pytest-benchmark's ``benchmark.pedantic`` (one call per round) on ``device``.
+
+    CPU: the wall clock around ``fn``. CUDA: an untimed setup flushes the L2 cache and
+    synchronizes, then the timed round is ``fn`` followed by ``torch.cuda.synchronize()``,
+    so the round ends when the GPU's work does (launch overhead included, as in training).
+    Records the timer used in ``benchmark.extra_info["timer"]``; returns ``fn``'s last result.
+    Under ``--benchmark-disable`` ``fn`` runs once (with the setup), untimed.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        benchmark.extra_info["timer"] = "wall clock (time.perf_counter)"
+        return benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
+    flush = L2Flusher(device)
+
+    def setup():
+        flush()
+        torch.cuda.synchronize(device)
+
+    def synced():
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    benchmark.extra_info["timer"] = "wall clock to torch.cuda.synchronize(), L2 flushed before each round"
+    return benchmark.pedantic(synced, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds, iterations=1)
 
 
-# ----------------------------------------------------------------------------- stamp
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+# ----------------------------------------------------------------------------- machine
+@functools.lru_cache(maxsize=1)
+def _pytest_benchmark_machine_info() -> dict[str, Any]:
+    # py-cpuinfo takes ~1 s; the machine does not change within a process
+    from pytest_benchmark.plugin import pytest_benchmark_generate_machine_info
+
+    return pytest_benchmark_generate_machine_info()
 
 
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, memory, platform, python, torch threads, GPU and the load average now."""
+def extra_machine_info() -> dict[str, Any]:
+    """What pytest-benchmark's machine info leaves out: cores, memory, torch threads, GPU, versions.
+
+    ``benchmarks/conftest.py`` adds this to every saved ``make microbench`` run.
+    """
     mem = None
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         pass
-    info: dict[str, Any] = dict(platform=platform.platform(), python=platform.python_version(), cpu=_cpu_model(),
-                                cpu_count=os.cpu_count(), memory_bytes=mem)
-    try:  # other work on the machine makes timings noisy: record how busy it was
-        info["load_average_1_5_15m"] = [round(x, 2) for x in os.getloadavg()]
-    except (OSError, AttributeError):
-        pass
+    info: dict[str, Any] = dict(cpu_count=os.cpu_count(), memory_bytes=mem, gpu=None)
     try:
         import torch
 
@@ -205,6 +253,39 @@ def machine_info() -> dict[str, Any]:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
+        pass
+    info["versions"] = versions()
+    return info
+
+
+def same_machine(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two pytest-benchmark machine infos (with ``extra_machine_info``) describe the same
+    hardware: CPU model, cores, memory in whole GiB and GPU. Clock readings, kernel and versions
+    may differ (the memory the kernel reports moves by a few hundred KiB between boots of one VM)."""
+    def key(info):
+        cpu = info.get("cpu") or {}
+        mem = info.get("memory_bytes")
+        return (cpu.get("brand_raw") if isinstance(cpu, Mapping) else cpu, info.get("cpu_count"),
+                None if mem is None else round(mem / 2**30), info.get("gpu"))
+
+    return key(a) == key(b)
+
+
+def machine_info() -> dict[str, Any]:
+    """A flat summary of the machine now, from pytest-benchmark's machine info and
+    ``extra_machine_info``: platform, python, cpu (model), cpu_count, memory_bytes,
+    torch_threads, gpu and the load average. (``append_results`` saves pytest-benchmark's full
+    machine info, py-cpuinfo's CPU details included, with each run.)"""
+    base = _pytest_benchmark_machine_info()
+    cpu = base.get("cpu") or {}
+    extra = extra_machine_info()
+    extra.pop("versions")
+    info: dict[str, Any] = dict(platform=f"{base['system']}-{base['release']}-{base['machine']}",
+                                python=base["python_version"], cpu=cpu.get("brand_raw") or platform.machine(),
+                                **extra)
+    try:  # other work on the machine makes timings noisy: record how busy it was
+        info["load_average_1_5_15m"] = [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
         pass
     return info
 
@@ -225,7 +306,11 @@ def versions() -> dict[str, Optional[str]]:
 
 
 def git_commit() -> str:
-    """The checkout's short commit, ``+dirty`` if the package or csrc/ differ from it; "unknown" outside git."""
+    """The checkout's short commit, ``+dirty`` if the package or csrc/ differ from it; "unknown" outside git.
+
+    Narrower than pytest-benchmark's ``dirty`` (any tracked change): appending results to
+    benchmarks/results/ does not make the next run's code look modified.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_ROOT, capture_output=True, text=True,
                               check=True, timeout=10).stdout.strip()
@@ -237,7 +322,7 @@ def git_commit() -> str:
 
 
 def machine_stamp() -> dict[str, Any]:
-    """Where, when and with what a benchmark ran: date, commit, machine and versions."""
+    """Where, when and with what a benchmark ran: date, commit, machine (``machine_info()``) and versions."""
     return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=git_commit(),
                 machine=machine_info(), versions=versions())
 
@@ -262,6 +347,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def benchmark_entry(group: str, name: str, timing: Timing, *, params: Optional[Mapping[str, Any]] = None,
+                    extra_info: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """One timed candidate as an entry of a pytest-benchmark saved run (``"benchmarks"`` list).
+
+    ``fullname`` is ``"<group>::<name>"``: ``pytest-benchmark compare`` matches runs by it.
+    """
+    stats = timing.stats
+    return {"group": group, "name": name, "fullname": f"{group}::{name}", "params": dict(params or {}),
+            "param": None, "extra_info": dict(extra_info or {}), "options": {"timer": "time_interleaved"},
+            "stats": {**stats.as_dict(), "data": list(stats.data), "iterations": 1}}
+
+
 def _load_text(stamp: Mapping[str, Any]) -> str:
     start = stamp["machine"].get("load_average_1_5_15m")
     now = None
@@ -277,24 +374,39 @@ def _load_text(stamp: Mapping[str, Any]) -> str:
 
 def append_results(folder: str, name: str, *, rows: Sequence[Mapping[str, Any]], stamp: Mapping[str, Any],
                    table: str, command: Optional[str] = None, notes: str = "",
-                   extra: Optional[Mapping[str, Any]] = None) -> tuple[str, str]:
-    """Append one run to ``<folder>/<name>.jsonl`` (stamp, command, rows, extra) and ``<folder>/<name>.md``.
+                   extra: Optional[Mapping[str, Any]] = None,
+                   benchmarks: Sequence[Mapping[str, Any]] = ()) -> tuple[str, str]:
+    """Save one run with pytest-benchmark's file storage and append it to ``<folder>/<name>.md``.
 
-    The markdown section is a heading from ``stamp_line``, the command, the load average at the
-    start (from the stamp) and now, ``notes``, then ``table``. Earlier runs are never rewritten.
-    Returns the two paths.
+    The JSON (``<folder>/<name>/<machine id>/NNNN_<tag>.json``) holds pytest-benchmark's
+    fields -- ``machine_info`` (with ``extra_machine_info``), ``commit_info``, ``datetime``,
+    ``version``, ``benchmarks`` (``benchmark_entry`` dicts: ``pytest-benchmark --storage
+    <folder>/<name> compare`` tabulates them across runs) -- plus ``stamp``, ``command``,
+    ``notes``, ``rows`` and ``extra``. The markdown section is a heading from ``stamp_line``,
+    the command, the load average at the start (from the stamp) and now, ``notes``, then
+    ``table``. Earlier runs are never rewritten. Returns the two paths.
     """
+    from pytest_benchmark import __version__ as pytest_benchmark_version
+    from pytest_benchmark.logger import Logger
+    from pytest_benchmark.utils import get_commit_info, get_machine_id, get_tag
+    from pytest_benchmark.storage.file import FileStorage
+
     os.makedirs(folder, exist_ok=True)
-    jsonl, md = os.path.join(folder, name + ".jsonl"), os.path.join(folder, name + ".md")
-    record = dict(stamp=dict(stamp), command=command, rows=list(rows))
+    machine = {**_pytest_benchmark_machine_info(), **extra_machine_info()}
+    record = dict(machine_info=machine, commit_info=get_commit_info(), benchmarks=list(benchmarks),
+                  datetime=datetime.datetime.now(datetime.timezone.utc).isoformat(), version=pytest_benchmark_version,
+                  stamp=dict(stamp), command=command, notes=notes, rows=list(rows))
     if extra:
         record.update(extra)
-    with open(jsonl, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")  # str: dtypes, devices, paths
+    storage = FileStorage(os.path.join(folder, name), logger=Logger(Logger.QUIET), default_machine_id=get_machine_id())
+    before = set(storage.query())
+    storage.save(record, get_tag())
+    (json_path,) = set(storage.query()) - before
+    md = os.path.join(folder, name + ".md")
     head = " ".join(x for x in ((f"`{command}`;" if command else ""), _load_text(stamp), notes) if x)
     with open(md, "a") as f:
         f.write(f"\n## {stamp_line(stamp)}\n\n" + (head + "\n\n" if head else "") + table.rstrip("\n") + "\n")
-    return jsonl, md
+    return str(json_path), md
 
 
 def unique_stem(stem: str, extensions: Sequence[str]) -> str:
