@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401  (loading the library registers the CPU kernels)
-from . import OPS, op_overload, qualname, register
+from ._registry import OPS, op_overload, qualname, register
 
 for _op in OPS:
     if not torch._C._dispatch_has_kernel_for_dispatch_key(qualname(_op), "CPU"):

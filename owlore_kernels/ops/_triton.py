@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..kernels import (adamw_foreach_launch, back_project_update_foreach_launch, back_project_update_launch,
                        outlier_count_launch, project_adam_foreach_launch, project_adam_launch)
-from . import register
+from ._registry import register
 
 
 @register("outlier_count", "triton")

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import call, check_backend, foreach_scalars, register
+from ._registry import call, check_backend, foreach_scalars, register
 from .._checks import check_adamw_foreach_args, row_chunks
 
 torch.library.define(

@@ -20,7 +20,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import call, call_with_scalars, check_backend, foreach_scalars, register
+from ._registry import call, call_with_scalars, check_backend, foreach_scalars, register
 from .._checks import check_back_project_update_args, check_back_project_update_foreach_args, row_chunks
 
 _SCHEMA = "(Tensor(a!) param, Tensor proj, Tensor norm_update, *, str side, {t} beta, {t} alpha) -> ()"

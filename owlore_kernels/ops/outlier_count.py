@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import call, register
+from ._registry import call, register
 from .._checks import FLOAT_DTYPES, check_float, row_chunks
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]

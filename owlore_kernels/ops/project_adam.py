@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import call, call_with_scalars, check_backend, foreach_scalars, register
+from ._registry import call, call_with_scalars, check_backend, foreach_scalars, register
 from .._checks import (check_bias_corrections, check_foreach_bias_correction_values, check_project_adam_args,
                        check_project_adam_foreach_args, row_chunks)
 
