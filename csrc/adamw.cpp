@@ -22,9 +22,10 @@ namespace {
 // Chunk of one weight per work item: 16K elements is 64 KB of each fp32 array, a few us
 // of work, so a 1-element weight and a 100M-element one both split well.
 constexpr int64_t kChunk = 1 << 14;
-// Below this many elements per thread a call runs on one thread: a streaming update does
-// ~1 element per ns per thread, so 256K elements (~0.25 ms) per run outweigh the fork and
-// join of a parallel region (~5-20 us on 2 threads, more on a loaded machine).
+// Below this many elements per thread a call runs on one thread: 256K elements take
+// ~1 ms or more on one thread (224 weights of 6144 elements took 23 ns per element on a
+// loaded 2-core AMD EPYC; a few ns on a quiet core, estimated), far over the fork and join
+// of a parallel region on a quiet machine (a few us; estimated, not measured here).
 constexpr int64_t kMinElemsPerRun = 1 << 18;
 
 struct Coefficients {
