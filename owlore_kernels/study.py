@@ -515,6 +515,33 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux: KiB
 
 
+def missing_runs(report: dict[str, Any]) -> list[tuple[str, int]]:
+    """(arm, seed) pairs the plan calls for that have no finished run."""
+    done = {(r["arm"], r["seed"]) for r in report["runs"]}
+    return [(a["name"], s) for s in report["plan"]["seeds"] for a in report["arms"] if (a["name"], s) not in done]
+
+
+def chosen_lrs(report: dict[str, Any]) -> dict[str, float]:
+    """Each arm's lr: the one its finished runs used (the sweep's pick)."""
+    return {r["arm"]: r["lr"] for r in report["runs"]}
+
+
+def render(path: str, out: Optional[str] = None, stopped: Optional[str] = None) -> dict[str, Any]:
+    """Write the markdown, PNG and final JSON of a study from its JSON (a ``.partial.json`` left by a run
+    that was stopped, or a finished one), recomputing the summary; ``stopped`` says why it ended early."""
+    with open(path) as f:
+        report = json.load(f)
+    report.pop("files", None)
+    report["summary"] = summarize(report)
+    report["stamp"] = machine_stamp()
+    report.setdefault("wall_s", None)
+    report.setdefault("peak_rss_bytes", None)
+    if stopped:
+        report["stopped"] = stopped
+    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["plan"].items()})
+    return _write_all(report, out or os.path.dirname(os.path.abspath(path)), plan)
+
+
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """Per arm: mean and 95% CI of each metric over seeds, memory, training-loss flatness; per comparison:
     the paired per-seed differences and their CI."""
@@ -562,7 +589,8 @@ def _write_json(report: dict[str, Any], out: str, plan: Plan, partial: bool) -> 
     os.makedirs(out, exist_ok=True)
     path = report.get("files", {}).get("json") or (_stem(out, plan) + ".partial.json")
     with open(path, "w") as f:
-        json.dump(dict(report, status="partial" if partial else "complete"), f, indent=1, default=str)
+        status = "running" if partial else "incomplete" if missing_runs(report) else "complete"
+        json.dump(dict(report, status=status), f, indent=1, default=str)
     return path
 
 
@@ -605,10 +633,12 @@ def verdict(entry: dict[str, Any], metric: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     plan, summ, stamp = report["plan"], report["summary"], report["stamp"]
+    wall = "" if report.get("wall_s") is None else f"wall time {report['wall_s'] / 60:.0f} min; "
+    rss = "" if report.get("peak_rss_bytes") is None else f"peak RSS {report['peak_rss_bytes'] / MiB:.0f} MiB; "
     lines = [f"# Quality study: {report['model_source']}", "",
-             f"## {stamp_line(stamp)}", "", f"`{report['command']}` on {report['device']}; "
-             f"wall time {report['wall_s'] / 60:.0f} min; peak RSS {report['peak_rss_bytes'] / MiB:.0f} MiB; "
-             f"load average at the start {stamp['machine'].get('load_average_1_5_15m')}.", "",
+             f"## {stamp_line(stamp)}", "", f"`{report['command']}` on {report['device']}; {wall}{rss}"
+             f"load average when the report was written {stamp['machine'].get('load_average_1_5_15m')} "
+             f"({stamp['machine'].get('cpu_count')} cores).", "",
              "Pre-registered in `owlore_kernels/study.py` (ARMS, COMPARISONS, PLAN) before running:", "",
              f"- data: {report['dataset']}; each run trains on its seed's draw of the training split; "
              f"validation {report['eval_sets']['val']} and test {report['eval_sets']['test']} distinct held-out "
@@ -630,9 +660,11 @@ def markdown(report: dict[str, Any]) -> str:
               f"{mm['owlore_state_bytes'] / MiB:.1f} MiB; LISA "
               + ", ".join(f"gamma={g}: {b / MiB:.1f} MiB" for g, b in mm["lisa_state_bytes"].items())
               + f" -> lisa-matched uses gamma={mm['lisa_gamma']}.", ""]
-    if report["missing"]:
-        lines += [f"**Not run** (time limit {report['time_limit_s']:.0f} s): "
-                  + ", ".join(f"{m['arm']} seed {m['seed']} ({m['stage']})" for m in report["missing"]), ""]
+    missing = missing_runs(report)
+    if missing:
+        why = (f"time limit {report['time_limit_s'] / 60:.0f} min" if report.get("time_limit_s") else "stopped")
+        lines += [f"**Not run** ({why}; {report.get('stopped', 'the report covers the runs that finished')}): "
+                  + ", ".join(f"{arm} seed {seed}" for arm, seed in missing), ""]
     lines += ["### lr sweep (validation, seed %d)" % plan["sweep_seed"], ""]
     lrs = list(plan["lr_grid"])
     rows = []
@@ -642,7 +674,7 @@ def markdown(report: dict[str, Any]) -> str:
             r = next((r for r in report["sweep"] if r["arm"] == a["name"] and r["lr"] == lr), None)
             cells.append("-" if r is None or r["val_loss"] is None
                          else f"{r['val_loss']:.3f} / {100 * r['val_accuracy']:.1f}%")
-        cells.append(f"{report['chosen_lr'].get(a['name'], float('nan')):g}")
+        cells.append(f"{chosen_lrs(report).get(a['name'], float('nan')):g}")
         rows.append(cells)
     lines += [markdown_table(["arm"] + [f"lr {lr:g}: val loss / acc" for lr in lrs] + ["chosen lr"], rows), ""]
     lines += ["### Test results (mean [95% CI] over seeds) and memory", ""]
@@ -752,10 +784,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(a.name for a in ARMS)}")
     p.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                    help="start no run that would end past MIN minutes; the report lists what was not run")
+    p.add_argument("--render", metavar="JSON", default=None,
+                   help="only write the report (md, png, json) of an earlier study's JSON, e.g. the "
+                        ".partial.json of a run that was stopped; runs nothing")
     return p
 
 
 def run_cli(args, parser) -> int:
+    if args.render:
+        if not os.path.isfile(args.render):
+            parser.error(f"argument --render: no such file {args.render!r}")
+        report = render(args.render, stopped="stopped before its end; the runs that finished are reported")
+        print("wrote " + ", ".join(v for v in report["files"].values() if v))
+        return 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():

@@ -133,6 +133,20 @@ def test_quick_study_end_to_end(tmp_path, capsys):
         assert entry["test_loss"]["values"] == pytest.approx([a[s] - b[s] for s in sorted(a)])
     assert "Paired differences" in capsys.readouterr().out
 
+    # a study stopped midway: --render reports the runs that finished and names the missing ones
+    report["runs"] = [r for r in report["runs"] if not (r["arm"] == "galore" and r["seed"] == 2)]
+    stopped = tmp_path / "stopped" / "study_tiny.partial.json"
+    stopped.parent.mkdir()
+    stopped.write_text(json.dumps(report))
+    assert main(["study", "--render", str(stopped)]) == 0
+    assert not stopped.exists()  # replaced by the dated report
+    (md,) = stopped.parent.glob("study_tiny_*.md")
+    assert "**Not run**" in md.read_text() and "galore seed 2" in md.read_text()
+    (rendered,) = stopped.parent.glob("study_tiny_*.json")
+    rendered = json.loads(rendered.read_text())
+    assert rendered["status"] == "incomplete"
+    assert rendered["summary"]["arms"]["galore"]["test_loss"]["n"] == 2
+
 
 def test_bad_flags_are_argparse_errors(capsys):
     for flags, needle in ((["--arms", "owlore,nope"], "--arms: unknown arm 'nope'"),
