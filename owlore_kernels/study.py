@@ -401,12 +401,21 @@ def _gamma_of(arm: Arm, plan: Plan, matched: Optional[int]) -> Optional[int]:
 
 
 def run_study(plan: Plan, *, device: torch.device, out: str, command: str, time_limit_s: Optional[float] = None,
-              arms: Sequence[Arm] = ARMS, log: Callable[[str], None] = print) -> dict[str, Any]:
+              arms: Sequence[Arm] = ARMS, only_seeds: Optional[Sequence[int]] = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the pre-registered study; write ``<out>/study_<model>_<date>.json/.md/.png`` and return the report.
 
     With ``time_limit_s``, no run starts once the time so far plus the longest run yet would pass it;
     the report then says which runs are missing. ``arms``: a subset of :data:`ARMS` (a shrunk study);
-    the report lists every departure from :data:`PLAN` and :data:`ARMS`."""
+    the report lists every departure from :data:`PLAN` and :data:`ARMS`. ``only_seeds``: run only these
+    of ``plan.seeds`` (several processes sharing the seeds; ``render`` merges their JSONs); without the
+    sweep seed the grid must hold one lr, as there is then nothing to choose."""
+    if only_seeds is not None:
+        if not set(only_seeds) <= set(plan.seeds):
+            raise ValueError(f"only_seeds={list(only_seeds)} must be a subset of plan.seeds={list(plan.seeds)}")
+        if plan.sweep_seed not in only_seeds and len(plan.lr_grid) != 1:
+            raise ValueError(f"only_seeds={list(only_seeds)} leaves out the sweep seed {plan.sweep_seed}, so the lr "
+                             f"cannot be chosen from lr_grid={list(plan.lr_grid)}: give one lr")
     import owlore_kernels as ok
 
     t_start = time.perf_counter()
@@ -441,7 +450,9 @@ def run_study(plan: Plan, *, device: torch.device, out: str, command: str, time_
         scores=scores, memory_match=dict(owlore_state_bytes=owlore_state,
                                          lisa_state_bytes={str(g): b for g, b in lisa_states.items()},
                                          lisa_gamma=matched),
-        sweep=[], runs=[], missing=[], time_limit_s=time_limit_s)
+        sweep=[], runs=[], missing=[], time_limit_s=time_limit_s,
+        only_seeds=None if only_seeds is None else list(only_seeds))
+    seeds_here = [s for s in plan.seeds if only_seeds is None or s in only_seeds]
     gammas = {a.name: _gamma_of(a, plan, matched) for a in arms}
     durations: list[float] = []
 
@@ -452,7 +463,7 @@ def run_study(plan: Plan, *, device: torch.device, out: str, command: str, time_
 
     # lr sweep on the sweep seed; the best run's weights are kept for its test evaluation
     chosen: dict[str, float] = {}
-    for arm in arms:
+    for arm in arms if plan.sweep_seed in seeds_here else ():
         best_state, best = None, None
         for lr in plan.lr_grid:
             if out_of_time():
@@ -476,9 +487,11 @@ def run_study(plan: Plan, *, device: torch.device, out: str, command: str, time_
         report["runs"].append(best)
         del best_state
         _write_json(report, out, plan, partial=True)
+    if plan.sweep_seed not in seeds_here:
+        chosen = {arm.name: plan.lr_grid[0] for arm in arms}
     report["chosen_lr"] = chosen
 
-    for seed in plan.seeds:
+    for seed in seeds_here:
         if seed == plan.sweep_seed:
             continue
         for arm in arms:
@@ -526,17 +539,37 @@ def chosen_lrs(report: dict[str, Any]) -> dict[str, float]:
     return {r["arm"]: r["lr"] for r in report["runs"]}
 
 
-def render(path: str, out: Optional[str] = None, stopped: Optional[str] = None) -> dict[str, Any]:
+def render(paths: Sequence[str], out: Optional[str] = None, stopped: Optional[str] = None) -> dict[str, Any]:
     """Write the markdown, PNG and final JSON of a study from its JSON (a ``.partial.json`` left by a run
-    that was stopped, or a finished one), recomputing the summary; ``stopped`` says why it ended early."""
-    with open(path) as f:
-        report = json.load(f)
+    that was stopped, or a finished one), recomputing the summary; ``stopped`` says why it ended early.
+    Several JSONs (processes that each ran some seeds, ``only_seeds``) are merged: their runs and sweeps
+    are pooled; the plan, arms and memory match must agree."""
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    report = reports[0]
+    for other in reports[1:]:
+        for key in ("plan", "arms", "memory_match", "scores"):
+            if other[key] != report[key]:
+                raise ValueError(f"{paths[0]} and another JSON differ in {key!r}: not parts of one study")
+        report["runs"] = report["runs"] + other["runs"]
+        report["sweep"] = report["sweep"] + other["sweep"]
+        report["parts"] = report.get("parts", [report.get("command")]) + [other.get("command")]
+    seen = set()
+    for r in report["runs"]:
+        if (r["arm"], r["seed"]) in seen:
+            raise ValueError(f"two runs of arm {r['arm']!r} seed {r['seed']} in {list(paths)}")
+        seen.add((r["arm"], r["seed"]))
+    if len(reports) > 1:
+        report["only_seeds"] = None
+    path = paths[0]
     report.pop("files", None)
     report["summary"] = summarize(report)
     report["stamp"] = machine_stamp()
     report.setdefault("wall_s", None)
     report.setdefault("peak_rss_bytes", None)
-    if stopped:
+    if stopped and missing_runs(report):
         report["stopped"] = stopped
     plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["plan"].items()})
     return _write_all(report, out or os.path.dirname(os.path.abspath(path)), plan)
@@ -665,8 +698,22 @@ def markdown(report: dict[str, Any]) -> str:
         why = (f"time limit {report['time_limit_s'] / 60:.0f} min" if report.get("time_limit_s") else "stopped")
         lines += [f"**Not run** ({why}; {report.get('stopped', 'the report covers the runs that finished')}): "
                   + ", ".join(f"{arm} seed {seed}" for arm, seed in missing), ""]
-    lines += ["### lr sweep (validation, seed %d)" % plan["sweep_seed"], ""]
+    if report.get("parts"):
+        lines += [f"Run as {len(report['parts'])} processes, merged with `--render`: "
+                  + "; ".join(f"`{c}`" for c in report["parts"]) + ".", ""]
     lrs = list(plan["lr_grid"])
+    if len(lrs) == 1:
+        lines += [f"No lr sweep: every arm at lr {lrs[0]:g}.", ""]
+    else:
+        lines += _sweep_table(report, lrs)
+    lines += _results_tables(report, summ)
+    if report["files"].get("png"):
+        lines += [f"![curves and metrics]({os.path.basename(report['files']['png'])})", ""]
+    return "\n".join(lines)
+
+
+def _sweep_table(report: dict[str, Any], lrs: list[float]) -> list[str]:
+    lines = ["### lr sweep (validation, seed %d)" % report["plan"]["sweep_seed"], ""]
     rows = []
     for a in report["arms"]:
         cells = [a["name"]]
@@ -676,8 +723,11 @@ def markdown(report: dict[str, Any]) -> str:
                          else f"{r['val_loss']:.3f} / {100 * r['val_accuracy']:.1f}%")
         cells.append(f"{chosen_lrs(report).get(a['name'], float('nan')):g}")
         rows.append(cells)
-    lines += [markdown_table(["arm"] + [f"lr {lr:g}: val loss / acc" for lr in lrs] + ["chosen lr"], rows), ""]
-    lines += ["### Test results (mean [95% CI] over seeds) and memory", ""]
+    return lines + [markdown_table(["arm"] + [f"lr {lr:g}: val loss / acc" for lr in lrs] + ["chosen lr"], rows), ""]
+
+
+def _results_tables(report: dict[str, Any], summ: dict[str, Any]) -> list[str]:
+    lines = ["### Test results (mean [95% CI] over seeds) and memory", ""]
     rows = []
     for a in report["arms"]:
         s = summ["arms"].get(a["name"])
@@ -707,9 +757,7 @@ def markdown(report: dict[str, Any]) -> str:
               "The test set is the same for every seed, so the intervals are over training randomness only; "
               f"with {report['eval_sets']['test']} questions one accuracy also has a binomial standard error of up "
               f"to {50 / math.sqrt(report['eval_sets']['test']):.1f} points (p = 0.5).", ""]
-    if report["files"].get("png"):
-        lines += [f"![curves and metrics]({os.path.basename(report['files']['png'])})", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _smooth(xs: Sequence[float], window: int) -> list[float]:
@@ -784,17 +832,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(a.name for a in ARMS)}")
     p.add_argument("--time-limit", type=float, default=None, metavar="MIN",
                    help="start no run that would end past MIN minutes; the report lists what was not run")
-    p.add_argument("--render", metavar="JSON", default=None,
-                   help="only write the report (md, png, json) of an earlier study's JSON, e.g. the "
-                        ".partial.json of a run that was stopped; runs nothing")
+    p.add_argument("--seeds", default=None, help="comma-separated subset of the plan's seeds for this process "
+                                                   "(merge the processes' JSONs with --render)")
+    p.add_argument("--render", metavar="JSON", nargs="+", default=None,
+                   help="only write the report (md, png, json) of earlier study JSONs -- a .partial.json of a "
+                        "run that was stopped, or the parts of one study run as several processes; runs nothing")
     return p
 
 
 def run_cli(args, parser) -> int:
     if args.render:
-        if not os.path.isfile(args.render):
-            parser.error(f"argument --render: no such file {args.render!r}")
-        report = render(args.render, stopped="stopped before its end; the runs that finished are reported")
+        absent = [p for p in args.render if not os.path.isfile(p)]
+        if absent:
+            parser.error(f"argument --render: no such file {absent[0]!r}")
+        report = render(args.render, args.out, stopped="stopped before its end; the runs that finished are reported")
         print("wrote " + ", ".join(v for v in report["files"].values() if v))
         return 0
     if args.device == "auto":
@@ -826,12 +877,24 @@ def run_cli(args, parser) -> int:
             parser.error(f"argument --arms: unknown arm {unknown[0] if unknown else args.arms!r} "
                          f"(choose from {', '.join(a.name for a in ARMS)})")
         arms = tuple(a for a in ARMS if a.name in names)
+    only_seeds = None
+    if args.seeds is not None:
+        try:
+            only_seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            parser.error(f"argument --seeds: expected comma-separated ints, got {args.seeds!r}")
+        if not only_seeds or not set(only_seeds) <= set(plan.seeds):
+            parser.error(f"argument --seeds: must be a subset of the plan's seeds {list(plan.seeds)}, got {args.seeds!r}")
+        if plan.sweep_seed not in only_seeds and len(plan.lr_grid) != 1:
+            parser.error(f"argument --seeds: without the sweep seed {plan.sweep_seed} the lr cannot be chosen: "
+                         "give --lr-grid one lr")
     if args.time_limit is not None and not args.time_limit > 0:
         parser.error(f"argument --time-limit: must be > 0 minutes, got {args.time_limit}")
     command = "python -m owlore_kernels " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
         "python -m owlore_kernels study" + (" --quick" if args.quick else "")
     report = run_study(plan, device=torch.device(args.device), out=args.out, command=command,
                        time_limit_s=None if args.time_limit is None else 60 * args.time_limit, arms=arms,
+                       only_seeds=only_seeds,
                        log=lambda m: print(m, file=sys.stderr, flush=True))
     print(markdown(report))
     print("wrote " + ", ".join(v for v in report["files"].values() if v))

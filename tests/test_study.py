@@ -138,7 +138,7 @@ def test_quick_study_end_to_end(tmp_path, capsys):
     stopped = tmp_path / "stopped" / "study_tiny.partial.json"
     stopped.parent.mkdir()
     stopped.write_text(json.dumps(report))
-    assert main(["study", "--render", str(stopped)]) == 0
+    assert main(["study", "--render", str(stopped), "--out", str(stopped.parent)]) == 0
     assert not stopped.exists()  # replaced by the dated report
     (md,) = stopped.parent.glob("study_tiny_*.md")
     assert "**Not run**" in md.read_text() and "galore seed 2" in md.read_text()
