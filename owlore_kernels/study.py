@@ -542,27 +542,32 @@ def chosen_lrs(report: dict[str, Any]) -> dict[str, float]:
 def render(paths: Sequence[str], out: Optional[str] = None, stopped: Optional[str] = None) -> dict[str, Any]:
     """Write the markdown, PNG and final JSON of a study from its JSON (a ``.partial.json`` left by a run
     that was stopped, or a finished one), recomputing the summary; ``stopped`` says why it ended early.
-    Several JSONs (processes that each ran some seeds, ``only_seeds``) are merged: their runs and sweeps
-    are pooled; the plan, arms and memory match must agree."""
+    Several JSONs (processes that each ran some seeds or arms) are merged: their runs and sweeps are
+    pooled, their arms united; the plan, scores and memory match must agree. A run (arm, seed) present in
+    two parts is kept from the first part given and listed under ``duplicates_dropped``."""
     reports = []
     for path in paths:
         with open(path) as f:
             reports.append(json.load(f))
     report = reports[0]
     for other in reports[1:]:
-        for key in ("plan", "arms", "memory_match", "scores"):
+        for key in ("plan", "memory_match", "scores"):
             if other[key] != report[key]:
                 raise ValueError(f"{paths[0]} and another JSON differ in {key!r}: not parts of one study")
         report["runs"] = report["runs"] + other["runs"]
         report["sweep"] = report["sweep"] + other["sweep"]
         report["parts"] = report.get("parts", [report.get("command")]) + [other.get("command")]
-    seen = set()
-    for r in report["runs"]:
-        if (r["arm"], r["seed"]) in seen:
-            raise ValueError(f"two runs of arm {r['arm']!r} seed {r['seed']} in {list(paths)}")
-        seen.add((r["arm"], r["seed"]))
     if len(reports) > 1:
-        report["only_seeds"] = None
+        names = {a["name"] for r in reports for a in r["arms"]}
+        arms = [a for a in ARMS if a.name in names]
+        kept, dropped, seen = [], [], set()
+        for r in report["runs"]:
+            (dropped if (r["arm"], r["seed"]) in seen else kept).append(r)
+            seen.add((r["arm"], r["seed"]))
+        report.update(arms=[dataclasses.asdict(a) for a in arms], runs=kept, only_seeds=None,
+                      duplicates_dropped=[dict(arm=r["arm"], seed=r["seed"]) for r in dropped],
+                      comparisons=[c for c in COMPARISONS if {c[0], c[1]} <= names],
+                      deviations=deviations(Plan(**_plan_fields(report["plan"])), arms))
     path = paths[0]
     report.pop("files", None)
     report["summary"] = summarize(report)
@@ -571,8 +576,11 @@ def render(paths: Sequence[str], out: Optional[str] = None, stopped: Optional[st
     report.setdefault("peak_rss_bytes", None)
     if stopped and missing_runs(report):
         report["stopped"] = stopped
-    plan = Plan(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["plan"].items()})
-    return _write_all(report, out or os.path.dirname(os.path.abspath(path)), plan)
+    return _write_all(report, out or os.path.dirname(os.path.abspath(path)), Plan(**_plan_fields(report["plan"])))
+
+
+def _plan_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
 
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
@@ -701,6 +709,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("parts"):
         lines += [f"Run as {len(report['parts'])} processes, merged with `--render`: "
                   + "; ".join(f"`{c}`" for c in report["parts"]) + ".", ""]
+        if report.get("duplicates_dropped"):
+            lines += ["Runs done by two parts, kept from the first: "
+                      + ", ".join(f"{d['arm']} seed {d['seed']}" for d in report["duplicates_dropped"]) + ".", ""]
     lrs = list(plan["lr_grid"])
     if len(lrs) == 1:
         lines += [f"No lr sweep: every arm at lr {lrs[0]:g}.", ""]
