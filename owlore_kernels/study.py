@@ -44,7 +44,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ import torch.nn.functional as F
 from .bench import data as bench_data
 from .bench.driver import TINY_CONFIG
 from .bench.harness import machine_stamp, markdown_table, stamp_line, unique_stem
-from .bench.worker import lr_factor
+from .bench.worker import _peak_rss, _rss_now, lr_factor
 from .outliers import DEFAULT_THRESHOLD
 
 __all__ = ["Arm", "Plan", "ARMS", "COMPARISONS", "PLAN", "QUICK_PLAN", "t_quantile_975", "mean_ci",
@@ -331,14 +330,6 @@ def measured_state_bytes(model, init_state, arm: Arm, gamma: Optional[int], plan
     return used
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux
-        return 0
-
-
 def train_run(model, init_state, arm: Arm, gamma: Optional[int], lr: float, seed: int, plan: Plan, data: dict,
               device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
     """One run: reset, train ``plan.steps`` steps on the seed's training draw, evaluate on validation.
@@ -368,7 +359,7 @@ def train_run(model, init_state, arm: Arm, gamma: Optional[int], lr: float, seed
         peak["state"] = max(peak["state"], opt.state_bytes())
         peak["grads"] = max(peak["grads"], sum(p.grad.numel() * p.grad.element_size()
                                                for p in model.parameters() if p.grad is not None))
-        peak["rss"] = max(peak["rss"], _rss_bytes())
+        peak["rss"] = max(peak["rss"], _rss_now())
         opt.zero_grad(set_to_none=True)
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -521,11 +512,6 @@ def deviations(plan: Plan, arms: Sequence[Arm]) -> list[str]:
     if dropped:
         out.append(f"arms not run: {', '.join(dropped)}")
     return out
-
-
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux: KiB
 
 
 def missing_runs(report: dict[str, Any]) -> list[tuple[str, int]]:
