@@ -550,6 +550,10 @@ def render(paths: Sequence[str], out: Optional[str] = None, stopped: Optional[st
         for r in report["runs"]:
             (dropped if (r["arm"], r["seed"]) in seen else kept).append(r)
             seen.add((r["arm"], r["seed"]))
+        # the parts ran side by side: the longest wall time, the largest process
+        walls = [r.get("wall_s") for r in reports if r.get("wall_s") is not None]
+        peaks = [r.get("peak_rss_bytes") for r in reports if r.get("peak_rss_bytes") is not None]
+        report.update(wall_s=max(walls) if walls else None, peak_rss_bytes=max(peaks) if peaks else None)
         report.update(arms=[dataclasses.asdict(a) for a in arms], runs=kept, only_seeds=None,
                       duplicates_dropped=[dict(arm=r["arm"], seed=r["seed"]) for r in dropped],
                       comparisons=[c for c in COMPARISONS if {c[0], c[1]} <= names],
@@ -622,6 +626,7 @@ def _write_json(report: dict[str, Any], out: str, plan: Plan, partial: bool) -> 
 
 
 def _write_all(report: dict[str, Any], out: str, plan: Plan) -> dict[str, Any]:
+    os.makedirs(out, exist_ok=True)
     date = report["stamp"]["date"][:10]
     stem = unique_stem(f"{_stem(out, plan)}_{date}", (".json", ".md", ".png"))
     report["files"] = dict(json=stem + ".json", md=stem + ".md", png=stem + ".png")
@@ -660,7 +665,8 @@ def verdict(entry: dict[str, Any], metric: str) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     plan, summ, stamp = report["plan"], report["summary"], report["stamp"]
-    wall = "" if report.get("wall_s") is None else f"wall time {report['wall_s'] / 60:.0f} min; "
+    per = " (the longest / largest of its processes)" if report.get("parts") else ""
+    wall = "" if report.get("wall_s") is None else f"wall time {report['wall_s'] / 60:.0f} min{per}; "
     rss = "" if report.get("peak_rss_bytes") is None else f"peak RSS {report['peak_rss_bytes'] / MiB:.0f} MiB; "
     lines = [f"# Quality study: {report['model_source']}", "",
              f"## {stamp_line(stamp)}", "", f"`{report['command']}` on {report['device']}; {wall}{rss}"
