@@ -797,11 +797,23 @@ def plot(report: dict[str, Any], path: str) -> str:
            title="learning curves at the chosen lr (band: 95% CI over seeds)")
     ax.legend(fontsize=8)
     ax = axes[0][1]
-    for name in names:
-        pts = sorted((r["lr"], r["val_loss"]) for r in report["sweep"] if r["arm"] == name and r["val_loss"] is not None)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[name], label=name)
-    ax.set(xscale="log", xlabel="lr", ylabel="validation answer loss", title=f"lr sweep (seed {plan['sweep_seed']})")
-    ax.legend(fontsize=8)
+    if len(plan["lr_grid"]) > 1:
+        for name in names:
+            pts = sorted((r["lr"], r["val_loss"]) for r in report["sweep"]
+                         if r["arm"] == name and r["val_loss"] is not None)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=colors[name], label=name)
+        ax.set(xscale="log", xlabel="lr", ylabel="validation answer loss", title=f"lr sweep (seed {plan['sweep_seed']})")
+        ax.legend(fontsize=8)
+    else:  # no sweep to show: the paired differences instead
+        pairs = [d for d in summ["paired"] if d["test_loss"]["n"]]
+        for i, d in enumerate(pairs):
+            ci = d["test_loss"]
+            err = None if ci["half"] is None else [[ci["half"]], [ci["half"]]]
+            ax.errorbar([i], [ci["mean"]], yerr=err, fmt="o", color="k", capsize=6)
+            ax.plot([i] * len(ci["values"]), ci["values"], "x", color="gray")
+        ax.axhline(0.0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(pairs)), [f"{d['a']}\n- {d['b']}" for d in pairs], fontsize=8)
+        ax.set(ylabel="test answer loss difference", title="paired per-seed differences, 95% CI (x: seeds)")
     for ax, metric, scale, label in ((axes[1][0], "test_loss", 1.0, "test answer loss"),
                                      (axes[1][1], "test_accuracy", 100.0, "test exact match %")):
         for i, name in enumerate(names):
@@ -811,7 +823,7 @@ def plot(report: dict[str, Any], path: str) -> str:
             ax.plot([i] * len(ci["values"]), [v * scale for v in ci["values"]], "x", color="gray")
         ax.set_xticks(range(len(names)), names, rotation=20)
         ax.set(ylabel=label, title=f"{label}: mean and 95% CI (x: seeds)")
-    fig.suptitle(f"Quality study on {report['model_source']}", fontsize=11)
+    fig.suptitle(f"Quality study on {report['model_source'][:90]}", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
