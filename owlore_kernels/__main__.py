@@ -183,7 +183,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = _bench_parser(sub)
     estimate = _estimate_parser(sub)
+    from owlore_kernels import study as study_cli
+
+    study = study_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "study":
+        return study_cli.run_cli(args, study)
     if args.command == "bench":
         return _run_bench(args, bench)
     return _run_estimate(args, estimate)
