@@ -315,22 +315,28 @@ def _materialize(model, device, make) -> None:
                 table[name] = memo[id(t)]
 
 
-def build_model(config, dtype: str = "bf16", device: str = "cpu", fake: bool = True, seed: int = 0):
-    """The causal LM of ``config`` in ``dtype``: on fake tensors (``fake=True``: built on the meta
-    device, then given fake storages; the caller enters ``fake_mode``), or real (random init)."""
+def build_model(config, cfg: dict[str, Any], method: str, device: str = "cpu", fake_mode: Any = None):
+    """The causal LM of ``config`` in ``cfg["dtype"]``, prepared for training (``methods.prepare_model``)
+    and, for lora, wrapped (``methods.wrap_lora``). With a ``fake_mode`` it is built on the meta
+    device, prepared and wrapped there (a module's ``.to()`` cannot convert fake params), then given
+    fake storages on ``device``; otherwise it is real, randomly initialised with ``cfg["seed"]``."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from owlore_kernels.bench import methods
+
     _register_attention()
-    torch_dtype = getattr(torch, DTYPES[dtype])
-    if not fake:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=ATTENTION)
-        return model
-    with torch.device("meta"):
+    torch_dtype = getattr(torch, DTYPES[cfg["dtype"]])
+    if fake_mode is None:
+        torch.manual_seed(cfg["seed"])
+    with torch.device("meta" if fake_mode is not None else device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=ATTENTION)
-    _materialize(model, device, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    methods.prepare_model(model, cfg)
+    if method == "lora":
+        model = methods.wrap_lora(model, cfg)
+    if fake_mode is not None:
+        with fake_mode:
+            _materialize(model, device, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     return model
 
 
@@ -463,10 +469,9 @@ def estimate_memory(
         cfg["state_dtype"] = getattr(torch, DTYPES[state_dtype])
     notes: list[str] = []
     tracker = MemoryTracker()
-    fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
-    with fake_mode, _skip_value_checks_under_fake():
-        net = build_model(config, dtype, device, fake=fake, seed=cfg["seed"])
-        methods.prepare_model(net, cfg)
+    fake_mode = FakeTensorMode() if fake else None
+    net = build_model(config, cfg, method, device, fake_mode)
+    with fake_mode or contextlib.nullcontext(), _skip_value_checks_under_fake():
         net.train()
         setup = methods.build(method, net, cfg)
         net = setup.model

@@ -77,6 +77,16 @@ def _torch_adamw(params, lr: float) -> tuple[torch.optim.Optimizer, str]:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True), "torch.optim.AdamW(foreach=True)"
 
 
+def wrap_lora(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    """The lora method's model: peft LoRA (rank ``cfg["lora_rank"]``, alpha 2r, no dropout) on
+    q/k/v/o/gate/up/down. ``build("lora", ...)`` calls it unless the model is wrapped already
+    (the estimator wraps its meta-device model before giving it fake storages)."""
+    peft = _require("peft", "pip install peft")
+    config = peft.LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
+                             target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
 def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
     lr = cfg["lr"]
     if method == "full":
@@ -84,9 +94,8 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
         return Setup(model, opt, None, lib)
     if method == "lora":
         peft = _require("peft", "pip install peft")
-        config = peft.LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
-                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, config)
+        if not isinstance(model, peft.PeftModel):
+            model = wrap_lora(model, cfg)
         opt, lib = _torch_adamw((p for p in model.parameters() if p.requires_grad), lr)
         return Setup(model, opt, None, f"peft {peft.__version__} LoRA r={cfg['lora_rank']} + {lib}")
     if method == "galore":
