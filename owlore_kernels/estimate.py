@@ -29,7 +29,8 @@ What is traced where it cannot read values:
   scores (its ``scores=`` argument). Every block of a LLaMA-style model has the same shapes, so
   which blocks are drawn does not change the memory;
 * OwLoreAdamW's NaN/inf check at a subspace refresh reads the gradient: under fake tensors it is
-  skipped (``_skip_value_checks_under_fake``), on real tensors it runs;
+  skipped, on real tensors it runs (``_fake_trace_seams``, which also traces only the first and
+  last row chunk of its chunked AdamW update: the others repeat the first's memory);
 * Hugging Face's causal-mask builder reads the position ids to detect packed sequences, which
   fake tensors cannot answer, and would then build an explicit ``B x 1 x T x T`` mask. The trace
   registers transformers' own SDPA attention under the name ``ATTENTION`` with no mask function,
@@ -265,27 +266,38 @@ class MemoryTracker:
 
 
 # ----------------------------------------------------------------------------- the traced step
+def _first_and_last(chunks: Iterator[slice]) -> list[slice]:
+    chunks = list(chunks)
+    return chunks[:1] + chunks[1:][-1:]
+
+
 @contextlib.contextmanager
-def _skip_value_checks_under_fake() -> Iterator[None]:
-    """OwLoreAdamW's NaN/inf check of a gradient at a subspace refresh reads its values
-    (``bool(torch.isfinite(grad).all())``), which a fake tensor does not have: skip it for fake
-    gradients only; real ones are checked as always. Restored on exit."""
+def _fake_trace_seams() -> Iterator[None]:
+    """Two things a fake trace of OwLoreAdamW must not do as a real step does; restored on exit.
+
+    * Its NaN/inf check of a gradient at a subspace refresh reads the values
+      (``bool(torch.isfinite(grad).all())``), which a fake tensor does not have: skipped for fake
+      gradients only (``torch._subclasses.fake_tensor.is_fake``); real ones are checked as always.
+    * Its plain AdamW update runs a row chunk (~1M elements) at a time; every full chunk makes and
+      frees the same temporaries, so the trace runs the first and the last chunk of each tensor
+      (a LLaMA-2-7B embedding has 125): the same peak, a tenth of the ops to trace.
+    """
     from torch._subclasses.fake_tensor import is_fake
 
-    from owlore_kernels.optim import OwLoreAdamW
+    from owlore_kernels import optim
 
-    original = OwLoreAdamW._check_refresh_gradient
+    check, chunks = optim.OwLoreAdamW._check_refresh_gradient, optim.row_chunks
 
-    def check(self, p, group, index):
-        if is_fake(p.grad):
-            return
-        original(self, p, group, index)
+    def check_real_only(self, p, group, index):
+        if not is_fake(p.grad):
+            check(self, p, group, index)
 
-    OwLoreAdamW._check_refresh_gradient = check
+    optim.OwLoreAdamW._check_refresh_gradient = check_real_only
+    optim.row_chunks = lambda rows, cols: _first_and_last(chunks(rows, cols))
     try:
         yield
     finally:
-        OwLoreAdamW._check_refresh_gradient = original
+        optim.OwLoreAdamW._check_refresh_gradient, optim.row_chunks = check, chunks
 
 
 def _register_attention() -> None:
@@ -355,7 +367,9 @@ class MemoryEstimate:
     activations: int  # activations and temporaries: everything else alive at the peak
     trainable_params: int
     total_params: int
-    accounted: int = 0  # weights + gradients + state right after an optimizer step (unrounded), the bench's p+g+s
+    # params + gradients + state + projections right after an optimizer step (unrounded, the largest of
+    # the two steps, buffers left out): what the bench counts as "p+g+s" at the same moment
+    accounted: int = 0
     phase_peaks: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -471,7 +485,7 @@ def estimate_memory(
     tracker = MemoryTracker()
     fake_mode = FakeTensorMode() if fake else None
     net = build_model(config, cfg, method, device, fake_mode)
-    with fake_mode or contextlib.nullcontext(), _skip_value_checks_under_fake():
+    with fake_mode or contextlib.nullcontext(), _fake_trace_seams() if fake else contextlib.nullcontext():
         net.train()
         setup = methods.build(method, net, cfg)
         net = setup.model
@@ -480,8 +494,10 @@ def estimate_memory(
             tracker.track(p, "weights")
             if p.requires_grad:  # registered before any in-backward hook: it sees each gradient before a step frees it
                 p.register_post_accumulate_grad_hook(lambda q: tracker.track(q.grad, "gradients"))
+        buffer_bytes = 0  # counted as weights at the peak, but not in the bench's params + grads + state
         for b in net.buffers():
             tracker.track(b, "weights")
+            buffer_bytes += b.untyped_storage().nbytes()
         if in_backward:
             methods.enable_in_backward(setup)
         trainable = 0
@@ -525,4 +541,4 @@ def estimate_memory(
     phase_peaks = {p: result["phase_peaks"][p] for p in PHASES if p in result["phase_peaks"]}
     return MemoryEstimate(config_name(config), method, result["peak"], result["phase"], at["weights"],
                           at["gradients"], at["optimizer_state"], at["projection"], at["activations"],
-                          trainable, total_params, result["accounted"], phase_peaks, settings, notes)
+                          trainable, total_params, result["accounted"] - buffer_bytes, phase_peaks, settings, notes)

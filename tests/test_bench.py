@@ -173,6 +173,20 @@ def test_state_bytes_counts_galore_projector_objects():
     assert bench_methods.state_bytes(opt) == (2 * 16 * 4, 8 * 4)
 
 
+def test_state_bytes_counts_the_storage_behind_a_view_once():
+    # galore-torch keeps U[:, :rank] of an fp32 SVD: a view that holds all of U
+    class Projector:
+        def __init__(self, u):
+            self.ortho_matrix = u[:, :2]
+
+    u = torch.zeros(4, 4)
+    p, q = torch.nn.Parameter(torch.zeros(4, 8)), torch.nn.Parameter(torch.zeros(4, 8))
+    opt = torch.optim.SGD([p, q], lr=0.1)
+    opt.state[p] = {"exp_avg": torch.zeros(2, 8), "projector": Projector(u)}
+    opt.state[q] = {"exp_avg": torch.zeros(2, 8), "projector": Projector(u)}  # the same U: counted once
+    assert bench_methods.state_bytes(opt) == (2 * 16 * 4, 16 * 4)
+
+
 # ------------------------------------------------------------------ harness
 def test_quantile_is_a_measured_sample_at_the_nearest_rank():
     samples = [5.0, 1.0, 4.0, 2.0, 3.0]  # sorted 1..5: rank round(q * 4)

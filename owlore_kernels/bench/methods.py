@@ -244,19 +244,29 @@ def is_projection_key(key: str) -> bool:
     return "proj" in key.lower()
 
 
+def storage_bytes(tensors, seen: Optional[set[int]] = None) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once: what memory holds. A view counts
+    its whole base (galore-torch keeps ``U[:, :rank]`` of an fp32 SVD, a view of all of U)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """(moment and step-counter bytes, projection-matrix bytes) held in ``optimizer.state``.
+    """(moment and step-counter bytes, projection-matrix bytes) held in ``optimizer.state``, by storage.
 
     A state entry whose key contains "proj" (OwLoreAdamW's ``proj_left``/``proj_right``,
     galore-torch's ``projector``) counts as projection.
     """
-    moments = projection = 0
-    for key, t in state_tensors(optimizer):
-        if is_projection_key(key):
-            projection += t.numel() * t.element_size()
-        else:
-            moments += t.numel() * t.element_size()
-    return moments, projection
+    held = list(state_tensors(optimizer))
+    seen: set[int] = set()
+    projection = storage_bytes((t for key, t in held if is_projection_key(key)), seen)
+    return storage_bytes((t for key, t in held if not is_projection_key(key)), seen), projection
 
 
 def unique_params(model: nn.Module) -> list[nn.Parameter]:
@@ -264,13 +274,12 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in unique_params(model))
+    return storage_bytes(unique_params(model))
 
 
 def grad_bytes(model: nn.Module) -> int:
-    return sum(p.grad.numel() * p.grad.element_size() for p in unique_params(model) if p.grad is not None)
+    return storage_bytes(p.grad for p in unique_params(model) if p.grad is not None)
 
 
 def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in unique_params(model) if p.requires_grad)
-
