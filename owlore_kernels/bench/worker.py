@@ -113,8 +113,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         t1 = time.perf_counter()
         # Accounting at the moment of the step's peak: gradients still alive, state just grown.
         g = methods.grad_bytes(model)
-        held = [methods.state_bytes(o) for o in setup.optimizers()]  # (moments, projections) per optimizer
-        moments, proj = sum(h[0] for h in held), sum(h[1] for h in held)
+        per_optimizer = [methods.state_bytes(o) for o in setup.optimizers()]  # (moments, projections)
+        moments, proj = sum(s[0] for s in per_optimizer), sum(s[1] for s in per_optimizer)
         last = dict(trainable=methods.trainable_params(model), grads=g, state=moments, projection=proj,
                     accounted=p_bytes + g + moments + proj)
         for k, v in last.items():
