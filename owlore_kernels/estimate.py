@@ -286,18 +286,26 @@ def _fake_trace_seams() -> Iterator[None]:
 
     from owlore_kernels import optim
 
-    check, chunks = optim.OwLoreAdamW._check_refresh_gradient, optim.row_chunks
+    # each seam is applied only where optim.py has it (a restructured optim.py that skips the check
+    # for fake gradients itself needs neither)
+    check = vars(optim.OwLoreAdamW).get("_check_refresh_gradient")
+    chunks = getattr(optim, "row_chunks", None)
 
     def check_real_only(self, p, group, index):
         if not is_fake(p.grad):
             check(self, p, group, index)
 
-    optim.OwLoreAdamW._check_refresh_gradient = check_real_only
-    optim.row_chunks = lambda rows, cols: _first_and_last(chunks(rows, cols))
+    if check is not None:
+        optim.OwLoreAdamW._check_refresh_gradient = check_real_only
+    if chunks is not None:
+        optim.row_chunks = lambda rows, cols: _first_and_last(chunks(rows, cols))
     try:
         yield
     finally:
-        optim.OwLoreAdamW._check_refresh_gradient, optim.row_chunks = check, chunks
+        if check is not None:
+            optim.OwLoreAdamW._check_refresh_gradient = check
+        if chunks is not None:
+            optim.row_chunks = chunks
 
 
 def _register_attention() -> None:
