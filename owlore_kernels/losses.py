@@ -27,6 +27,8 @@ Plain loop::
 
     class ChunkedLossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if return_outputs:  # evaluation wants the logits too
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             return causal_lm_loss(model, **inputs, num_items_in_batch=num_items_in_batch)
 """
 from __future__ import annotations
