@@ -41,7 +41,7 @@ def _installed_methods():
     return available
 
 
-def _bench(tmp_path, *args, env=None, timeout=300):
+def _bench(tmp_path, *args, env=None, timeout=900):
     cmd = [sys.executable, "-m", "owlore_kernels", "bench", "--model", "tiny", "--steps", "2", "--batch", "2",
            "--seq-len", "32", "--eval-seqs", "2", "--rank", "8", "--lora-rank", "4", "--gamma", "2",
            "--interval", "1", "--out", str(tmp_path), *args]
