@@ -1,7 +1,8 @@
 """Command line: ``python -m owlore_kernels bench ...`` and ``python -m owlore_kernels estimate ...``.
 
-``bench`` runs the end-to-end benchmark (see ``owlore_kernels.bench``); ``estimate`` prints the
-memory breakdown of one or all methods (see ``owlore_kernels.estimate``). Bad flags are
+``bench`` runs the end-to-end benchmark (see ``owlore_kernels.bench``); ``estimate`` traces a
+training step of one or all methods on fake tensors and prints its memory peak and breakdown
+(see ``owlore_kernels.estimate``). Bad flags are
 argparse errors that name the flag and the value.
 """
 from __future__ import annotations
@@ -60,6 +61,14 @@ def _add_shared(p: argparse.ArgumentParser, d: dict) -> None:
     p.add_argument("--lora-rank", type=_positive_int, default=d["lora_rank"], help="LoRA rank")
     p.add_argument("--batch", type=_positive_int, default=d["batch"], help="sequences per step")
     p.add_argument("--seq-len", type=_positive_int, default=d["seq_len"], help="tokens per sequence")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--chunked-loss", action="store_true",
+                   help="owlore_kernels.losses: the loss a chunk of tokens at a time, never full-vocabulary logits "
+                        "for the whole batch")
+    p.add_argument("--chunk-size", type=_positive_int, default=None,
+                   help="tokens per chunk of --chunked-loss (default: owlore_kernels.losses.DEFAULT_CHUNK_SIZE)")
+    p.add_argument("--in-backward", action="store_true",
+                   help="step each parameter inside backward and free its gradient at once")
 
 
 def _bench_parser(sub) -> argparse.ArgumentParser:
@@ -68,8 +77,10 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the end-to-end fine-tuning benchmark", formatter_class=FORMATTER,
                        description="Fine-tune with full AdamW, LoRA, GaLore, LISA and OwLore on the same data; "
                                    "report memory, throughput and loss.")
-    p.add_argument("--model", default=D["model"], help="smollm2 (SmolLM2-135M-Instruct), tiny (random-init, for "
-                                                       "tests) or a path to an HF model folder")
+    p.add_argument("--model", default=D["model"],
+                   help="smollm2 (SmolLM2-135M-Instruct), tiny (random-init, for tests), a built-in config "
+                        "(llama2-7b, llama3-8b, mistral-7b: random-init, built in each worker on the device), a "
+                        "config.json file (the same) or a path to an HF model folder")
     _add_shared(p, D)
     p.add_argument("--steps", type=_positive_int, default=D["steps"], help="optimizer steps per method (>= 2)")
     p.add_argument("--eval-seqs", type=_positive_int, default=D["eval_seqs"], help="held-out sequences")
@@ -87,6 +98,8 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
                    help="auto: cuda when available")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=D["dtype"], help="weight dtype")
     p.add_argument("--seed", type=int, default=D["seed"], help="model init, data and sampling seed")
+    p.add_argument("--no-trace", dest="trace", action="store_false",
+                   help="skip the traced peak (owlore_kernels.estimate) printed beside the measured one")
     p.add_argument("--out", default=D["out"], help="folder for bench_<model>_<date>.json/.md/.png; a later run on "
                                                    "the same day writes bench_<model>_<date>_2.* and so on")
     p.add_argument("--_worker", metavar="SPEC", default=None, help=argparse.SUPPRESS)
@@ -99,40 +112,44 @@ def _estimate_parser(sub) -> argparse.ArgumentParser:
     # the command line's defaults are estimate_memory's own
     D = {name: p.default for name, p in inspect.signature(estimate_memory).parameters.items()}
     D["methods"] = D["method"]
-    p = sub.add_parser("estimate", help="print a training-memory breakdown", formatter_class=FORMATTER,
-                       description="Estimate weights, gradients, optimizer state, projections and activations.")
+    p = sub.add_parser("estimate", help="trace a training step on fake tensors and print its memory peak",
+                       formatter_class=FORMATTER,
+                       description="Trace two training steps of the model (the bench's methods, on fake tensors: "
+                                   "nothing is allocated) and print the peak, its phase and the bytes of weights, "
+                                   "gradients, optimizer state, projections, activations and temporaries there.")
     p.add_argument("--model", default=D["model"],
                    help="llama2-7b, llama3-8b, mistral-7b, smollm2-135m or a path to an HF config.json (or folder)")
     _add_shared(p, D)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=D["dtype"], help="weight dtype")
     p.add_argument("--state-dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="optimizer-moment dtype; None: what each method's implementation uses")
-    p.add_argument("--grad-checkpointing", action="store_true", help="keep only each block's input for backward")
-    p.add_argument("--fused-loss", action="store_true",
-                   help="the loss never materialises full-vocabulary logits (chunked/fused cross-entropy)")
-    p.add_argument("--in-backward", action="store_true",
-                   help="the optimizer steps each parameter inside backward and frees its gradient at once")
+                   help="OwLoreAdamW's moment dtype (lisa, owlore); None: fp32")
+    p.add_argument("--proj-method", choices=("svd", "randomized"), default=D["proj_method"],
+                   help="OwLore's projection refresh")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
 def _run_estimate(args, parser) -> int:
-    from owlore_kernels.estimate import estimate_memory, model_shape
+    from owlore_kernels.estimate import config_name, estimate_memory, model_config, num_blocks
 
     try:
-        shape = model_shape(args.model)
+        config = model_config(args.model)
     except (ValueError, OSError) as exc:
         parser.error(f"argument --model: {exc}")
-    if args.gamma > shape.num_layers:
-        parser.error(f"argument --gamma: must be <= {shape.num_layers} (blocks of {shape.name}), got {args.gamma}")
-    largest_min = max(min(m, n) for m, n in shape.block_linear_shapes().values())
-    if args.rank > largest_min and {"galore", "owlore"} & set(args.methods):
-        parser.error(f"argument --rank: must be in [1, {largest_min}] (the largest min(m, n) of {shape.name}'s "
-                     f"block weights), got {args.rank}")
-    estimates = [estimate_memory(shape, m, gamma=args.gamma, rank=args.rank, lora_rank=args.lora_rank,
+    name, blocks = config_name(config), num_blocks(config)
+    if args.gamma > blocks and {"lisa", "owlore"} & set(args.methods):
+        parser.error(f"argument --gamma: must be <= {blocks} (blocks of {name}), got {args.gamma}")
+    hidden = config.get_text_config().hidden_size
+    if args.rank > hidden and {"galore", "owlore"} & set(args.methods):
+        parser.error(f"argument --rank: must be in [1, {hidden}] (the hidden size of {name}), got {args.rank}")
+    if args.state_dtype and set(args.methods) - {"lisa", "owlore"}:
+        parser.error(f"argument --state-dtype: {args.state_dtype} is an OwLoreAdamW option: use it with "
+                     "--methods lisa,owlore")
+    estimates = [estimate_memory(config, m, gamma=args.gamma, rank=args.rank, lora_rank=args.lora_rank,
                                  batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
-                                 grad_checkpointing=args.grad_checkpointing, state_dtype=args.state_dtype,
-                                 fused_loss=args.fused_loss, in_backward=args.in_backward) for m in args.methods]
+                                 grad_checkpointing=args.grad_checkpointing, chunked_loss=args.chunked_loss,
+                                 chunk_size=args.chunk_size, in_backward=args.in_backward,
+                                 state_dtype=args.state_dtype, proj_method=args.proj_method) for m in args.methods]
     if args.json:
         print(json.dumps([e.to_dict() for e in estimates], indent=1))
     else:

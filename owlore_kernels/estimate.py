@@ -1,226 +1,393 @@
-"""Training-memory estimator for LLaMA-style decoders: full AdamW, LoRA, GaLore, LISA, OwLore.
+"""Training-memory estimator: trace one real training step of the model on fake tensors.
 
-``estimate_memory(model, method, ...)`` returns a :class:`MemoryEstimate` with the bytes of
-each component (weights, gradients, optimizer state, projection matrices, activations) and
-their total. ``python -m owlore_kernels estimate ...`` prints the same figures.
+``estimate_memory(model, method, ...)`` builds the model from its Hugging Face config on fake
+tensors (``torch._subclasses.fake_tensor.FakeTensorMode``: shapes, dtypes and storages, no
+data, so LLaMA-2-7B costs no memory), wraps it with the benchmark's own method builder
+(``owlore_kernels.bench.methods.build``: one definition of full, lora, galore, lisa and
+owlore), and runs the benchmark's own training step (``methods.train_step``) twice -- sampler,
+forward with or without gradient checkpointing, the model's own loss (or the chunked loss of
+``owlore_kernels.losses``), backward, optimizer step (or in-backward steps) -- so that the
+second step runs with the optimizer state in place. A :class:`MemoryTracker` (a
+``TorchDispatchMode``) records every storage an op returns and drops it when the storage dies.
 
-Assumptions (each is a choice; change them with the keyword arguments):
+Counting. Each storage counts ``512 * ceil(nbytes / 512)`` bytes, the block size the CUDA
+caching allocator hands out (``torch.cuda.max_memory_allocated`` counts those blocks), from
+the op that creates it until its last reference goes (a weakref finalizer on the untyped
+storage). Views share their base's storage and cost nothing. Allocations inside a kernel that
+are not returned to Python (cuBLAS workspaces, the CUDA context) are not seen.
 
-* **Shapes.** A LLaMA block holds q, k, v, o (``h x h``, ``h_kv x h`` for k and v with
-  grouped-query attention), gate, up (``i x h``), down (``h x i``) and two RMSNorm weights of
-  size ``h``. Embedding ``V x h``; the LM head is another ``V x h`` unless the embeddings are
-  tied; the final norm is ``h``. Linear layers have no bias.
-* **Weights** are stored in ``dtype``. LoRA adapters are fp32, because peft's
-  ``get_peft_model(autocast_adapter_dtype=True)`` (its default) upcasts bf16/fp16 adapters.
-* **Gradients** exist for the trainable parameters only, in the dtype of the parameter, all
-  alive together after backward. ``in_backward=True`` models a per-parameter optimizer step
-  inside backward that frees each gradient once it is used: then only the largest trainable
-  parameter's gradient is alive at a time, plus, with tied embeddings, the LM head's partial
-  gradient of the shared matrix (formula in ``estimate_memory``).
-* **Optimizer state** is two Adam moments per trainable element, or per element of the
-  ``max(m, n) x r`` subspace for a projected matrix. Their dtype (``state_dtype=None``) follows
-  the implementation each method runs with in ``owlore_kernels.bench``: torch AdamW and
-  galore-torch keep the moments in the parameter's dtype (``zeros_like``), OwLoreAdamW (LISA
-  and OwLore) keeps them in fp32. The scalar step counters are left out (a few bytes a tensor).
-* **Projection matrices** (GaLore, OwLore): one ``min(m, n) x r`` matrix per projected weight,
-  with ``r = min(rank, m, n)``; galore-torch stores it in the parameter's dtype, OwLoreAdamW in
-  fp32. Both project a weight with ``rank >= min(m, n)`` onto a full basis of ``min(m, n)``
-  directions (saving no memory; listed in ``MemoryEstimate.notes``). GaLore projects every 2-D
-  linear weight of every block; OwLore those of the ``gamma`` sampled blocks. Embeddings, LM head
-  and all norms use plain Adam.
-* **LISA / OwLore** train ``gamma`` decoder blocks plus the embeddings, the LM head and the
-  final norm, which always train (as in the LISA paper); every other block is frozen, with no
-  gradient and no optimizer state. The figures are for one sample of ``gamma`` blocks.
-* **Activations** (what backward keeps, per token, in bytes; ``e`` = bytes of ``dtype``):
-  each block stores its residual input and the normed input of attention and of the MLP
-  (``4 h``: two RMSNorm inputs and outputs), q, k, v after RoPE and the attention output
-  (``2 h_q + 2 h_kv``; SDPA/flash attention, so no ``s x s`` score matrix), and gate, up,
-  silu(gate) and the down-projection input (``4 i``): ``e (4 h + 2 h_q + 2 h_kv + 4 i)``.
-  RMSNorm computes in fp32, so with a 16-bit ``dtype`` each of the two norms also keeps an fp32
-  copy of its input (``+ 8 h``). The loss keeps the logits (``e V``), their fp32 upcast when
-  ``e < 4`` (``4 V``), the fp32 log-softmax (``4 V``) and the fp32 logits gradient (``4 V``).
-  ``fused_loss=True`` drops the logits term (a chunked/fused linear cross-entropy, e.g. Liger's).
-  With gradient checkpointing only each block's input (``e h`` per block) is kept, plus one
-  block's full activations while it is recomputed. Frozen blocks still need their
-  activations (the gradient passes through them), so sampling does not reduce this term,
-  except that LISA/OwLore/LoRA never need the activations of a weight they do not train
-  -- a second-order saving that is ignored here.
-* Everything else (CUDA context, allocator fragmentation, temporary buffers of the optimizer
-  step) is left out; add 1--2 GB on a GPU.
+The answer (:class:`MemoryEstimate`): the peak of the live bytes over both steps, the phase it
+falls in (forward, loss, backward, optimizer step), and the live bytes at that moment by role:
+weights (params and buffers), gradients (every storage that became a ``.grad``), optimizer
+state (Adam moments, step counters), projections (GaLore/OwLore bases), and activations and
+temporaries (everything else). A storage's role is learned when it is seen as such (a
+post-accumulate-grad hook, the optimizer state after a step) and applies to its whole life.
 
-Bytes are bytes; :func:`format_bytes` prints GiB (2**30) because that is what GPU tools
-report.
+What is traced where it cannot read values:
+
+* the outlier scores of ``prob_mode="owl"`` would read the weights: the sampler gets uniform
+  scores (its ``scores=`` argument). Every block of a LLaMA-style model has the same shapes, so
+  which blocks are drawn does not change the memory;
+* OwLoreAdamW's NaN/inf check at a subspace refresh reads the gradient: under fake tensors it is
+  skipped, on real tensors it runs (``_fake_trace_seams``, which also traces only the first and
+  last row chunk of its chunked AdamW update: the others repeat the first's memory);
+* Hugging Face's causal-mask builder reads the position ids to detect packed sequences, which
+  fake tensors cannot answer, and would then build an explicit ``B x 1 x T x T`` mask. The trace
+  registers transformers' own SDPA attention under the name ``ATTENTION`` with no mask function,
+  which is what an unpadded, unpacked batch gets from ``sdpa``: ``is_causal=True``, no mask.
+
+Fake tensors live on the CPU here (a CPU-only torch cannot create fake CUDA tensors), so the
+trace runs the CPU kernels' choices where they differ from CUDA (SDPA: the CPU flash kernel,
+which also keeps ``out`` and an fp32 log-sum-exp; OwLoreAdamW's fused ops: their fake
+implementations, which allocate what the Triton launchers allocate). ``device="cuda"`` traces
+on fake CUDA tensors where torch is built with CUDA.
+
+``state_dtype`` (bf16 Adam moments for OwLoreAdamW): passed to OwLoreAdamW when it has that
+option; otherwise *modelled*: the moments (``exp_avg``, ``exp_avg_sq``) are counted at
+``element_size(state_dtype) / 4`` of their fp32 bytes for their whole life, everything else as
+traced, and ``MemoryEstimate.notes`` says so.
+
+Bytes are bytes; :func:`format_bytes` prints GiB (2**30), as GPU tools do.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
-import sys
+import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 METHODS = ("full", "lora", "galore", "lisa", "owlore")
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PHASES = ("forward", "loss", "backward", "optimizer step")
+ROLES = ("weights", "gradients", "optimizer_state", "projection", "activations")
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+BLOCK = 512  # the CUDA caching allocator's rounding: every block is a multiple of 512 bytes
+ATTENTION = "sdpa_unpadded"
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes of a LLaMA-style decoder that memory depends on."""
-
-    name: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    tie_word_embeddings: bool = False
-    head_dim: Optional[int] = None
-
-    @property
-    def q_dim(self) -> int:
-        return self.num_heads * (self.head_dim or self.hidden_size // self.num_heads)
-
-    @property
-    def kv_dim(self) -> int:
-        return self.num_kv_heads * (self.head_dim or self.hidden_size // self.num_heads)
-
-    def block_linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(out_features, in_features) of each linear layer in one decoder block."""
-        h, i = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (self.q_dim, h), "k_proj": (self.kv_dim, h), "v_proj": (self.kv_dim, h),
-            "o_proj": (h, self.q_dim), "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i),
-        }
-
-    @property
-    def block_norm_params(self) -> int:
-        return 2 * self.hidden_size
-
-    @property
-    def block_params(self) -> int:
-        return sum(m * n for m, n in self.block_linear_shapes().values()) + self.block_norm_params
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def head_params(self) -> int:
-        return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-
-    @property
-    def always_trained_params(self) -> int:
-        """Embeddings, LM head and final norm: trained by every full-rank method."""
-        return self.embedding_params + self.head_params + self.hidden_size
-
-    @property
-    def total_params(self) -> int:
-        return self.num_layers * self.block_params + self.always_trained_params
-
-
-BUILTIN_MODELS: dict[str, ModelShape] = {
-    # meta-llama/Llama-2-7b-hf config.json; 6.74e9 parameters
-    "llama2-7b": ModelShape("llama2-7b", 32000, 4096, 11008, 32, 32, 32),
-    # meta-llama/Meta-Llama-3-8B config.json (GQA, 8 kv heads); 8.03e9 parameters
-    "llama3-8b": ModelShape("llama3-8b", 128256, 4096, 14336, 32, 32, 8),
-    # mistralai/Mistral-7B-v0.1 config.json (GQA, 8 kv heads); 7.24e9 parameters
-    "mistral-7b": ModelShape("mistral-7b", 32000, 4096, 14336, 32, 32, 8),
+# Hugging Face config.json fields of the built-in models (no download): LLaMA-style decoders
+BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-2-7b-hf; 6.74e9 parameters
+    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # meta-llama/Meta-Llama-3-8B (GQA, 8 kv heads); 8.03e9 parameters
+    "llama3-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+                      tie_word_embeddings=False),
+    # mistralai/Mistral-7B-v0.1 (GQA, 8 kv heads); 7.24e9 parameters
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=10000.0, sliding_window=None,
+                       tie_word_embeddings=False),
     # HuggingFaceTB/SmolLM2-135M(-Instruct): the benchmark's default model; tied embeddings
-    "smollm2-135m": ModelShape("smollm2-135m", 49152, 576, 1536, 30, 9, 3, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True),
 }
 
 
-def _is_module(model: Any) -> bool:
-    """An nn.Module? (If torch is not imported, ``model`` cannot be one: the estimator never imports it.)"""
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(model, torch.nn.Module)
-
-
-def model_shape(model: Union[str, ModelShape, Mapping[str, Any], Any]) -> ModelShape:
-    """Resolve a built-in name, a config.json path (file or folder), a dict, an HF config, or a model.
-
-    A model (an ``nn.Module``, e.g. a transformers ``LlamaForCausalLM`` or a peft wrapper of one)
-    is read through its ``config``; ``estimate_memory`` also counts its parameters and notes any
-    difference from the LLaMA-shape count.
-    """
-    if isinstance(model, ModelShape):
-        return model
-    if isinstance(model, str):
-        key = model.lower()
-        if key in BUILTIN_MODELS:
-            return BUILTIN_MODELS[key]
-        path = os.path.join(model, "config.json") if os.path.isdir(model) else model
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"unknown model {model!r}: expected one of {sorted(BUILTIN_MODELS)} or a path to an HF config.json"
-            )
-        with open(path) as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") \
-                    from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{path} holds a JSON {type(config).__name__}, expected an object (an HF config)")
-        return _shape_from_config(config, name=model)
+# ----------------------------------------------------------------------------- configs
+def load_config_dict(model: Union[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """A built-in name, a config.json path (file or folder) or a dict -> the config as a dict."""
     if isinstance(model, Mapping):
-        return _shape_from_config(dict(model), name=str(model.get("_name_or_path") or "config"))
-    if _is_module(model):
+        return dict(model)
+    key = model.lower()
+    if key in BUILTIN_CONFIGS:
+        return dict(BUILTIN_CONFIGS[key], _name_or_path=key)
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if not os.path.isfile(path):
+        raise ValueError(f"unknown model {model!r}: expected one of {sorted(BUILTIN_CONFIGS)} or a path to an "
+                         "HF config.json")
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, expected an object (an HF config)")
+    config.setdefault("_name_or_path", model)
+    return config
+
+
+def model_config(model: Any):
+    """A ``transformers.PretrainedConfig`` from a built-in name, a config.json path, a dict, a config or a model."""
+    import torch
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if isinstance(model, torch.nn.Module):
         config = getattr(model, "config", None)
-        if config is None or not hasattr(config, "to_dict"):
+        if not isinstance(config, PretrainedConfig):
             raise TypeError(f"model is a {type(model).__name__} without a Hugging Face `config`; pass its config "
-                            "(a dict or a config.json path) or a ModelShape")
-        name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
-        return _shape_from_config(config.to_dict(), name=name)
-    if hasattr(model, "to_dict"):  # transformers.PretrainedConfig
-        return _shape_from_config(model.to_dict(), name=str(getattr(model, "_name_or_path", "") or "config"))
-    raise TypeError("model must be a name, a config path, a dict, an HF config or an nn.Module with a config, "
-                    f"got {type(model).__name__}")
+                            "(a dict or a config.json path) or a built-in name")
+        return config
+    if not isinstance(model, (str, Mapping)):
+        raise TypeError("model must be a name, a config path, a dict, an HF config or an nn.Module with a config, "
+                        f"got {type(model).__name__}")
+    d = load_config_dict(model)
+    if "model_type" not in d:
+        d["model_type"] = "llama"  # the LLaMA-style configs this project was written for
+    d = dict(d)
+    model_type = d.pop("model_type")
+    try:
+        return AutoConfig.for_model(model_type, **d)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"config {d.get('_name_or_path', '?')!r}: {exc}") from None
 
 
-def _shape_from_config(cfg: dict[str, Any], name: str) -> ModelShape:
-    if "text_config" in cfg and "hidden_size" not in cfg:  # multimodal wrappers
-        cfg = cfg["text_config"]
-    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads") if k not in cfg]
-    if missing:
-        raise ValueError(f"config {name!r} lacks {missing}; only LLaMA-style decoders are supported")
-    return ModelShape(
-        name=name,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=int(cfg["num_attention_heads"]),
-        num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        head_dim=cfg.get("head_dim"),
-    )
+def config_name(config) -> str:
+    return str(getattr(config, "_name_or_path", "") or config.model_type)
+
+
+def num_blocks(config) -> int:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.num_hidden_layers)
+
+
+# ----------------------------------------------------------------------------- tracker
+class MemoryTracker:
+    """Records the storages that ops return, and when each dies, as CUDA's allocator would count them.
+
+    Use ``with tracker:`` around the traced code; ``track(tensor)`` adds storages that exist
+    already (the model's params). The record is a list of events (``+serial`` when a storage is
+    first seen, ``-serial`` when it dies) with phase marks between them; ``replay`` turns it into
+    the peak and the bytes by role at the peak. Storage identities are serial numbers: the
+    address of a freed storage may be reused by the next one.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    tracker._see(t)
+                return out
+
+        self._mode = _Mode()
+        self._live: dict[int, int] = {}  # storage address -> serial
+        self.nbytes: dict[int, int] = {}  # serial -> storage bytes (unrounded)
+        self.events: list[int] = []
+        self.marks: list[tuple[int, str, int]] = []  # (event index, phase, step)
+        self.roles: dict[int, str] = {}  # serial -> role, once known
+        self.moments: set[int] = set()  # serials of Adam moments (for a modelled state dtype)
+        self.step = 0
+        self.accounted_at: list[int] = []  # event indices right after each optimizer step
+
+    def __enter__(self) -> "MemoryTracker":
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
+
+    def _see(self, t: Any) -> Optional[int]:
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            return None
+        storage = t.untyped_storage()
+        address = storage._cdata
+        serial = self._live.get(address)
+        if serial is None:
+            serial = len(self.nbytes) + 1
+            self._live[address] = serial
+            self.nbytes[serial] = storage.nbytes()
+            self.events.append(serial)
+            weakref.finalize(storage, self._free, address, serial)
+        return serial
+
+    def _free(self, address: int, serial: int) -> None:
+        if self._live.get(address) == serial:
+            del self._live[address]
+        self.events.append(-serial)
+
+    def track(self, t: Any, role: Optional[str] = None) -> None:
+        """Count ``t``'s storage from now on (if not yet counted) and, with ``role``, give it that role."""
+        serial = self._see(t)
+        if serial is not None and role is not None:
+            self.roles[serial] = role
+
+    def mark(self, phase: str) -> None:
+        self.marks.append((len(self.events), phase, self.step))
+
+    def replay(self, scale: Optional[dict[int, float]] = None) -> dict[str, Any]:
+        """The peak of the rounded live bytes, its phase and step, the bytes by role there, each
+        phase's peak, and the unrounded bytes of weights + gradients + state right after each
+        optimizer step (the benchmark's "p+g+s"), the largest of them. ``scale``: serial -> factor
+        on its bytes (a modelled dtype)."""
+        scale = scale or {}
+
+        def size(serial: int, rounded: bool) -> int:
+            n = int(self.nbytes[serial] * scale.get(serial, 1.0))
+            return -(-n // BLOCK) * BLOCK if rounded else n
+
+        by_role = dict.fromkeys(ROLES, 0)
+        raw_by_role = dict.fromkeys(ROLES, 0)
+        live = peak = 0
+        at_peak: dict[str, int] = dict(by_role)
+        peak_phase, peak_step = "setup", 0
+        phase_peaks: dict[str, int] = {}
+        marks = sorted(self.marks)
+        accounted = set(self.accounted_at)
+        accounted_max = 0
+        mi, phase, step = 0, "setup", 0
+        for i in range(len(self.events) + 1):
+            while mi < len(marks) and marks[mi][0] == i:
+                _, phase, step = marks[mi]
+                mi += 1
+            if i in accounted:
+                accounted_max = max(accounted_max, sum(raw_by_role[r] for r in ROLES if r != "activations"))
+            if i == len(self.events):
+                break
+            e = self.events[i]
+            serial, sign = abs(e), (1 if e > 0 else -1)
+            role = self.roles.get(serial, "activations")
+            n = sign * size(serial, True)
+            by_role[role] += n
+            raw_by_role[role] += sign * size(serial, False)
+            live += n
+            if live > phase_peaks.get(phase, -1):
+                phase_peaks[phase] = live
+            if live > peak:
+                peak, at_peak, peak_phase, peak_step = live, dict(by_role), phase, step
+        return dict(peak=peak, at_peak=at_peak, phase=peak_phase, step=peak_step, phase_peaks=phase_peaks,
+                    accounted=accounted_max)
+
+
+# ----------------------------------------------------------------------------- the traced step
+def _first_and_last(chunks: Iterator[slice]) -> list[slice]:
+    chunks = list(chunks)
+    return chunks[:1] + chunks[1:][-1:]
+
+
+@contextlib.contextmanager
+def _fake_trace_seams() -> Iterator[None]:
+    """Two things a fake trace of OwLoreAdamW must not do as a real step does; restored on exit.
+
+    * Its NaN/inf check of a gradient at a subspace refresh reads the values
+      (``bool(torch.isfinite(grad).all())``), which a fake tensor does not have: skipped for fake
+      gradients only (``torch._subclasses.fake_tensor.is_fake``); real ones are checked as always.
+    * Its plain AdamW update runs a row chunk (~1M elements) at a time; every full chunk makes and
+      frees the same temporaries, so the trace runs the first and the last chunk of each tensor
+      (a LLaMA-2-7B embedding has 125): the same peak, a tenth of the ops to trace.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    from owlore_kernels import optim
+
+    # each seam is applied only where optim.py has it (a restructured optim.py that skips the check
+    # for fake gradients itself needs neither)
+    check = vars(optim.OwLoreAdamW).get("_check_refresh_gradient")
+    chunks = getattr(optim, "row_chunks", None)
+
+    def check_real_only(self, p, group, index):
+        if not is_fake(p.grad):
+            check(self, p, group, index)
+
+    if check is not None:
+        optim.OwLoreAdamW._check_refresh_gradient = check_real_only
+    if chunks is not None:
+        optim.row_chunks = lambda rows, cols: _first_and_last(chunks(rows, cols))
+    try:
+        yield
+    finally:
+        if check is not None:
+            optim.OwLoreAdamW._check_refresh_gradient = check
+        if chunks is not None:
+            optim.row_chunks = chunks
+
+
+def _register_attention() -> None:
+    """transformers' SDPA attention under the name ``ATTENTION``, without a mask function: the
+    mask builder then returns None and SDPA runs with ``is_causal=True`` (see the module docstring)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION, ALL_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _materialize(model, device, make) -> None:
+    """Replace every param and buffer of a meta-device ``model`` by ``make(meta_tensor)`` on ``device``,
+    keeping shared (tied) tensors shared."""
+    import torch
+
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for table, is_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in list(table.items()):
+                if t is None:
+                    continue
+                if id(t) not in memo:
+                    new = make(t)
+                    memo[id(t)] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+                table[name] = memo[id(t)]
+
+
+def build_model(config, cfg: dict[str, Any], method: str, device: str = "cpu", fake_mode: Any = None):
+    """The causal LM of ``config`` in ``cfg["dtype"]``, prepared for training (``methods.prepare_model``)
+    and, for lora, wrapped (``methods.wrap_lora``). With a ``fake_mode`` it is built on the meta
+    device, prepared and wrapped there (a module's ``.to()`` cannot convert fake params), then given
+    fake storages on ``device``; otherwise it is real, randomly initialised with ``cfg["seed"]``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from owlore_kernels.bench import methods
+
+    _register_attention()
+    torch_dtype = getattr(torch, DTYPES[cfg["dtype"]])
+    if fake_mode is None:
+        torch.manual_seed(cfg["seed"])
+    with torch.device("meta" if fake_mode is not None else device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=ATTENTION)
+    methods.prepare_model(model, cfg)
+    if method == "lora":
+        model = methods.wrap_lora(model, cfg)
+    if fake_mode is not None:
+        with fake_mode:
+            _materialize(model, device, lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
+    return model
 
 
 @dataclass
 class MemoryEstimate:
-    """Bytes per component of one training step's memory, and their total."""
+    """The traced peak of one training step, its phase, and the live bytes by role at the peak."""
 
     model: str
     method: str
+    peak: int
+    phase: str
     weights: int
     gradients: int
     optimizer_state: int
     projection: int
-    activations: int
+    activations: int  # activations and temporaries: everything else alive at the peak
     trainable_params: int
     total_params: int
+    # params + gradients + state + projections right after an optimizer step (unrounded, the largest of
+    # the two steps, buffers left out): what the bench counts as "p+g+s" at the same moment
+    accounted: int = 0
+    phase_peaks: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # what the figures assume beyond the settings
+    notes: list[str] = field(default_factory=list)
 
-    COMPONENTS = ("weights", "gradients", "optimizer_state", "projection", "activations")
+    COMPONENTS = ROLES
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, c) for c in self.COMPONENTS)
+        """The peak: the sum of the components at that moment."""
+        return self.peak
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -230,53 +397,35 @@ class MemoryEstimate:
     def table(self) -> str:
         """A printable breakdown, GiB and bytes."""
         s = self.settings
+        flags = [f"{k}" for k in ("grad_checkpointing", "chunked_loss", "in_backward") if s.get(k)]
         lines = [
             f"model {self.model}  method {self.method}  dtype {s.get('dtype')}  batch {s.get('batch')}  "
-            f"seq-len {s.get('seq_len')}  grad-checkpointing {s.get('grad_checkpointing')}"
-            + ("  in-backward" if s.get("in_backward") else "")
+            f"seq-len {s.get('seq_len')}"
             + (f"  gamma {s['gamma']}" if self.method in ("lisa", "owlore") else "")
             + (f"  rank {s['rank']}" if self.method in ("galore", "owlore") else "")
-            + (f"  lora-rank {s['lora_rank']}" if self.method == "lora" else ""),
+            + (f"  lora-rank {s['lora_rank']}" if self.method == "lora" else "")
+            + (f"  state-dtype {s['state_dtype']}" if s.get("state_dtype") else "")
+            + ("  " + " ".join(flags) if flags else ""),
             f"trainable params {self.trainable_params:,} of {self.total_params:,}",
+            f"peak {format_bytes(self.peak)} ({self.peak:,} B) in the {self.phase}; at the peak:",
         ]
-        for c in self.COMPONENTS + ("total",):
-            value = self.total if c == "total" else getattr(self, c)
-            lines.append(f"  {c:<16} {format_bytes(value):>12}  {value:>16,} B")
+        for c in self.COMPONENTS:
+            value = getattr(self, c)
+            label = "activations+tmp" if c == "activations" else c
+            lines.append(f"  {label:<16} {format_bytes(value):>12}  {value:>16,} B")
+        lines.append("  peak per phase: " + ", ".join(f"{p} {format_bytes(v)}" for p, v in self.phase_peaks.items()))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
 def format_bytes(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
-def _bytes_of(dtype: str) -> int:
-    try:
-        return DTYPE_BYTES[dtype.lower()]
-    except KeyError:
-        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}") from None
-
-
-def activation_bytes(shape: ModelShape, batch: int, seq_len: int, dtype: str = "bf16",
-                     grad_checkpointing: bool = False, fused_loss: bool = False) -> int:
-    """Bytes backward keeps alive at its peak (see the module docstring for the formula)."""
-    e = _bytes_of(dtype)
-    h, i, V = shape.hidden_size, shape.intermediate_size, shape.vocab_size
-    tokens = batch * seq_len
-    per_block = e * (4 * h + 2 * shape.q_dim + 2 * shape.kv_dim + 4 * i) + (8 * h if e < 4 else 0)
-    # final norm (input + fp32 copy) and the LM-head input
-    final = e * 2 * h + (4 * h if e < 4 else 0)
-    # fused_loss: a chunked / fused linear-cross-entropy never holds full-vocabulary logits
-    loss = 0 if fused_loss else e * V + (4 * V if e < 4 else 0) + 4 * V + 4 * V
-    if grad_checkpointing:
-        layers = shape.num_layers * e * h + per_block  # block inputs + one block recomputed
-    else:
-        layers = shape.num_layers * per_block
-    return tokens * (layers + final + loss)
+    if n >= 2**28:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 def estimate_memory(
-    model: Union[str, ModelShape, Mapping[str, Any], Any] = "llama2-7b",
+    model: Any = "llama2-7b",
     method: str = "owlore",
     *,
     gamma: int = 5,
@@ -286,134 +435,120 @@ def estimate_memory(
     seq_len: int = 512,
     dtype: str = "bf16",
     grad_checkpointing: bool = False,
-    fused_loss: bool = False,
+    chunked_loss: bool = False,
+    chunk_size: Optional[int] = None,
     in_backward: bool = False,
     state_dtype: Optional[str] = None,
-    lora_targets: tuple[str, ...] = LORA_TARGETS,
+    proj_method: str = "randomized",
+    device: str = "cpu",
+    fake: bool = True,
+    method_options: Optional[Mapping[str, Any]] = None,
 ) -> MemoryEstimate:
-    """Estimate the bytes of weights, gradients, optimizer state, projections and activations.
+    """Trace two training steps of ``model`` with ``method`` and return the peak and its breakdown.
 
     ``model``: a built-in name (``llama2-7b``, ``llama3-8b``, ``mistral-7b``, ``smollm2-135m``),
-    a path to an HF ``config.json`` (or its folder), a dict, an HF config object, or a model
-    (an ``nn.Module`` with an HF ``config``: its parameters are counted and a difference from the
-    LLaMA-shape count is noted). ``method``: one of ``full``, ``lora``, ``galore``, ``lisa``,
-    ``owlore``. ``gamma`` sampled blocks (LISA, OwLore); ``rank`` of the GaLore projection
-    (GaLore, OwLore); ``lora_rank``. ``state_dtype=None`` uses each method's implementation's
-    own choice (module docstring). ``fused_loss``: the loss never materialises full-vocabulary
-    logits.
-
-    ``rank``: a weight with ``rank >= min(m, n)`` is noted in ``MemoryEstimate.notes`` (galore-torch
-    and OwLoreAdamW project it onto all ``min(m, n)`` directions and still apply ``scale``); a rank
-    above every block weight's ``min(m, n)`` (the hidden size, for LLaMA shapes) is a
-    ``ValueError`` for ``galore`` and ``owlore``, since no weight could use it.
-
-    ``in_backward``: the optimizer steps each parameter inside backward, as soon as its gradient
-    is accumulated (``OwLoreAdamW.register_step_hooks``, or any step run from
-    ``Tensor.register_post_accumulate_grad_hook``), and frees that gradient right after. autograd
-    runs a parameter's gradient accumulation as soon as it is ready, so in one process at most
-    one trainable parameter's gradient is alive at a time, and the gradient term is
-
-        ``e * max_p numel(p)``  over the trainable parameters ``p`` (``e`` = bytes of a gradient)
-
-    instead of ``e * sum_p numel(p)``. With tied embeddings that train, the LM head's partial
-    gradient of the shared ``V x h`` matrix is computed first in backward and held (in flight)
-    until the embedding's backward adds its own part at the very end, so ``e * V * h`` is added:
-    ``e * (V h + max_p numel(p))``. Weights, optimizer state, projections and activations do not
-    change. (Under FSDP2 the gradients of one unit, typically a block, share a reduce-scatter
-    buffer and are alive together; these figures are for one unsharded process.)
+    a path to an HF ``config.json`` (or its folder), a dict, an HF config, or a model (its
+    ``config`` is used; the traced model is a fresh one built from it). ``method``: ``full``,
+    ``lora``, ``galore``, ``lisa``, ``owlore``, built by ``owlore_kernels.bench.methods.build``
+    with the benchmark's defaults (``method_options`` overrides them: lr, scales,
+    update_proj_gap, interval, seed, ...). ``gamma`` sampled blocks (lisa, owlore); ``rank`` of
+    the projection (galore, owlore); ``lora_rank``; ``batch`` sequences of ``seq_len`` tokens;
+    ``dtype`` of the weights; ``grad_checkpointing``; ``chunked_loss`` (the loss of
+    ``owlore_kernels.losses``, ``chunk_size`` tokens at a time); ``in_backward``
+    (``methods.enable_in_backward``: each param steps inside backward and frees its gradient);
+    ``state_dtype`` of OwLoreAdamW's moments (lisa, owlore; see the module docstring);
+    ``proj_method`` of OwLore's refresh. ``fake=False`` runs the same step on real, randomly
+    initialised tensors (small models: it allocates everything).
     """
-    shape = model_shape(model)
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from owlore_kernels.bench import driver, methods
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in ("lisa", "owlore") and not 1 <= gamma <= shape.num_layers:
-        raise ValueError(f"gamma must be in [1, {shape.num_layers}] for {shape.name}, got {gamma}")
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    if lora_rank < 1:
-        raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
-    if batch < 1 or seq_len < 1:
-        raise ValueError(f"batch and seq_len must be >= 1, got batch={batch}, seq_len={seq_len}")
-    e = _bytes_of(dtype)
-    if state_dtype is None:
-        s = 4 if method in ("lisa", "owlore") else e
-    else:
-        s = _bytes_of(state_dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if state_dtype is not None:
+        if state_dtype not in DTYPES:
+            raise ValueError(f"state_dtype must be one of {sorted(DTYPES)} or None, got {state_dtype!r}")
+        if method not in ("lisa", "owlore"):
+            raise ValueError(f"state_dtype={state_dtype!r} is an OwLoreAdamW option (lisa, owlore), not of "
+                             f"method {method!r}")
+    for name, value in (("batch", batch), ("seq_len", seq_len), ("rank", rank), ("lora_rank", lora_rank)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    config = model_config(model)
+    n_blocks = num_blocks(config)
+    if method in ("lisa", "owlore") and not 1 <= gamma <= n_blocks:
+        raise ValueError(f"gamma must be in [1, {n_blocks}] for {config_name(config)}, got {gamma}")
+    cfg = dict(driver.DEFAULTS, gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len,
+               dtype=dtype, grad_checkpointing=grad_checkpointing, chunked_loss=chunked_loss, chunk_size=chunk_size,
+               in_backward=in_backward, proj_method=proj_method, block_scores=[1.0] * n_blocks,
+               **dict(method_options or {}))
+    import owlore_kernels as ok
 
-    linears = shape.block_linear_shapes()
+    modelled_state = state_dtype is not None and "state_dtype" not in inspect.signature(ok.OwLoreAdamW).parameters
+    if state_dtype is not None and not modelled_state:
+        cfg["state_dtype"] = getattr(torch, DTYPES[state_dtype])
     notes: list[str] = []
-    if method in ("galore", "owlore"):
-        largest_min = max(min(m, n) for m, n in linears.values())
-        if rank > largest_min:
-            raise ValueError(f"rank must be <= {largest_min} (the largest min(m, n) of {shape.name}'s block weights) "
-                             f"for method {method!r}, got {rank}: no weight could be projected to it")
-        capped = [(name, min(m, n)) for name, (m, n) in linears.items() if rank >= min(m, n)]  # block order
-        if capped:
-            which = ", ".join(f"{name} ({k})" for name, k in capped)
-            library = "galore-torch" if method == "galore" else "OwLoreAdamW"
-            notes.append(f"rank {rank} >= min(m, n) for {which}: {library} projects these onto all min(m, n) "
-                         "directions (a full orthonormal basis, the update still multiplied by scale); counted at "
-                         "that size")
-    if _is_module(model):
-        counted = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        if counted != shape.total_params:
-            notes.append(f"the model has {counted:,} parameters, the LLaMA-shape count of its config is "
-                         f"{shape.total_params:,}: the figures are for the latter")
+    tracker = MemoryTracker()
+    fake_mode = FakeTensorMode() if fake else None
+    net = build_model(config, cfg, method, device, fake_mode)
+    with fake_mode or contextlib.nullcontext(), _fake_trace_seams() if fake else contextlib.nullcontext():
+        net.train()
+        setup = methods.build(method, net, cfg)
+        net = setup.model
+        params = methods.unique_params(net)
+        for p in params:
+            tracker.track(p, "weights")
+            if p.requires_grad:  # registered before any in-backward hook: it sees each gradient before a step frees it
+                p.register_post_accumulate_grad_hook(lambda q: tracker.track(q.grad, "gradients"))
+        buffer_bytes = 0  # counted as weights at the peak, but not in the bench's params + grads + state
+        for b in net.buffers():
+            tracker.track(b, "weights")
+            buffer_bytes += b.untyped_storage().nbytes()
+        if in_backward:
+            methods.enable_in_backward(setup)
+        trainable = 0
 
-    total = shape.total_params
-    weights = total * e
-    projection = 0
+        def learn_state() -> None:
+            for opt in setup.optimizers():
+                for key, t in methods.state_tensors(opt):
+                    tracker.track(t, "projection" if methods.is_projection_key(key) else "optimizer_state")
+                    if key in ("exp_avg", "exp_avg_sq"):
+                        tracker.moments.add(tracker._live[t.untyped_storage()._cdata])
 
-    def galore_block(proj_bytes: int) -> tuple[int, int]:
-        """(moment elements, projection bytes) of one block whose linears are projected onto
-        ``min(rank, m, n)`` directions (galore-torch and OwLoreAdamW alike)."""
-        moments = proj = 0
-        for m, n in linears.values():
-            r = min(rank, m, n)
-            moments += 2 * max(m, n) * r
-            proj += min(m, n) * r * proj_bytes
-        return moments + 2 * shape.block_norm_params, proj  # norms: plain Adam
-
-    # the largest single trainable tensor (in_backward), among those of a trained block and the
-    # always-trained embeddings, LM head and final norm
-    largest_block = max(m * n for m, n in linears.values())
-    largest_always = max(shape.embedding_params, shape.head_params, shape.hidden_size)
-    if method == "full":
-        trainable = total
-        gradients = trainable * e
-        state = 2 * trainable * s
-        largest = max(largest_block, largest_always)
-    elif method == "lora":
-        adapters = {name: lora_rank * (m + n) for name, (m, n) in linears.items() if name in lora_targets}
-        trainable = shape.num_layers * sum(adapters.values())
-        weights += trainable * 4  # fp32 adapters (peft autocast_adapter_dtype)
-        gradients = trainable * 4
-        state = 2 * trainable * 4  # torch AdamW: moments in the adapters' dtype (fp32)
-        # the larger of A (r x n) and B (m x r) of the widest adapted weight
-        largest = max((lora_rank * max(linears[name]) for name in adapters), default=0)
-    elif method == "galore":
-        trainable = total
-        gradients = trainable * e
-        moments, proj = galore_block(e)  # galore-torch keeps P in the param dtype
-        state = (shape.num_layers * moments + 2 * shape.always_trained_params) * s
-        projection = shape.num_layers * proj
-        largest = max(largest_block, largest_always)
-    else:  # lisa, owlore
-        trainable = gamma * shape.block_params + shape.always_trained_params
-        gradients = trainable * e
-        if method == "lisa":
-            state = 2 * trainable * s
-        else:
-            moments, proj = galore_block(4)  # OwLoreAdamW keeps P in fp32
-            state = (gamma * moments + 2 * shape.always_trained_params) * s
-            projection = gamma * proj
-        largest = max(largest_block, largest_always)
-    if in_backward:
-        grad_e = 4 if method == "lora" else e
-        held = shape.embedding_params if shape.tie_word_embeddings and method != "lora" else 0
-        gradients = grad_e * (held + largest)
-    activations = activation_bytes(shape, batch, seq_len, dtype, grad_checkpointing, fused_loss)
+        with tracker:
+            for step in range(2):
+                tracker.step = step + 1
+                ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+                labels = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+                methods.train_step(setup, ids, labels, cfg, mark=tracker.mark)
+                for p in params:
+                    if p.grad is not None:
+                        tracker.track(p.grad, "gradients")
+                learn_state()
+                tracker.accounted_at.append(len(tracker.events))
+                trainable = max(trainable, methods.trainable_params(net))
+                tracker.mark("zero_grad")
+                for opt in setup.optimizers():
+                    opt.zero_grad(set_to_none=True)
+                del ids, labels
+        total_params = sum(p.numel() for p in params)
+    scale = None
+    if modelled_state:
+        factor = torch.empty(0, dtype=getattr(torch, DTYPES[state_dtype])).element_size() / 4
+        scale = {serial: factor for serial in tracker.moments}
+        notes.append(f"state_dtype={state_dtype} modelled: this OwLoreAdamW keeps fp32 moments; each moment counted "
+                     f"at {factor:g} x its fp32 bytes")
+    result = tracker.replay(scale)
+    at = result["at_peak"]
     settings = dict(gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len, dtype=dtype,
-                    grad_checkpointing=grad_checkpointing, fused_loss=fused_loss, in_backward=in_backward,
-                    state_bytes_per_element=s)
-    return MemoryEstimate(shape.name, method, weights, gradients, state, projection, activations,
-                          trainable, total, settings, notes)
+                    grad_checkpointing=grad_checkpointing, chunked_loss=chunked_loss, chunk_size=chunk_size,
+                    in_backward=in_backward, state_dtype=state_dtype, proj_method=proj_method, device=device,
+                    fake=fake, peak_step=result["step"])
+    phase_peaks = {p: result["phase_peaks"][p] for p in PHASES if p in result["phase_peaks"]}
+    return MemoryEstimate(config_name(config), method, result["peak"], result["phase"], at["weights"],
+                          at["gradients"], at["optimizer_state"], at["projection"], at["activations"],
+                          trainable, total_params, result["accounted"] - buffer_bytes, phase_peaks, settings, notes)

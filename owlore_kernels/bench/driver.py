@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = dict(
     lr=1e-4, rank=128, lora_rank=16, gamma=5, interval=8, update_proj_gap=200,
     galore_scale=0.25, owlore_scale=1.0,  # each method at its reference: galore-torch 0.25, the OwLore paper 1.0
     proj_method="svd", device="auto", dtype="fp32", seed=0, out=os.path.join("benchmarks", "results"),
+    grad_checkpointing=False, chunked_loss=False, chunk_size=None, in_backward=False, trace=True,
 )
 
 # the random-init fallback and the "tiny" model: LLaMA architecture, seeded init
@@ -54,12 +55,26 @@ def _random_llama(shape: dict[str, Any], vocab_size: int, seed: int):
     return LlamaForCausalLM(config)
 
 
+def random_init_config(model_arg: str) -> Optional[dict[str, Any]]:
+    """The config of a model the workers build with random weights on the device, or None:
+    a built-in name of ``owlore_kernels.estimate.BUILTIN_CONFIGS`` (llama2-7b, ...) or a
+    config.json file (not a folder: a folder is a pretrained model)."""
+    from owlore_kernels.estimate import BUILTIN_CONFIGS, load_config_dict
+
+    if model_arg.lower() in BUILTIN_CONFIGS or (model_arg.endswith(".json") and os.path.isfile(model_arg)):
+        return load_config_dict(model_arg)
+    return None
+
+
 def model_config_dict(model_arg: str) -> Optional[dict[str, Any]]:
     """The config a model argument will have, without loading weights (for flag checks)."""
     if model_arg == "tiny":
         return dict(TINY_CONFIG, vocab_size=len(bench_data.CharTokenizer()))
     if model_arg == "smollm2":
         return dict(SMOLLM2_SHAPE, vocab_size=49152)
+    config = random_init_config(model_arg)
+    if config is not None:
+        return config
     path = os.path.join(model_arg, "config.json")
     if os.path.isfile(path):
         with open(path) as f:
@@ -108,6 +123,17 @@ def prepare_model(model_arg: str, workdir: str, seed: int, log) -> dict[str, Any
             return dict(model_dir=folder, name="smollm2-shapes-random-init", encode=char.encode,
                         pad_id=char.pad_token_id, config=model.config.to_dict(),
                         source=f"RANDOM-INIT LLaMA with SmolLM2-135M shapes (SmolLM2 not loadable: {why})")
+    config = random_init_config(model_arg)
+    if config is not None:  # built by each worker on its device, in its dtype: never saved, never in this process
+        if config.get("vocab_size", 0) < len(char):
+            raise ValueError(f"{model_arg} has a vocabulary ({config.get('vocab_size')}) smaller than the character "
+                             f"tokenizer's ({len(char)})")
+        name = os.path.basename(model_arg)[:-len(".json")] if model_arg.endswith(".json") else model_arg.lower()
+        return dict(model_dir=None, name=name, encode=char.encode, pad_id=char.pad_token_id, config=config,
+                    random_init=True,
+                    source=f"RANDOM-INIT {name} ({config.get('num_hidden_layers')} blocks, hidden "
+                           f"{config.get('hidden_size')}, vocab {config.get('vocab_size')}), built in each worker on "
+                           "the device; character tokenizer (losses are not those of a pretrained model)")
     # a path to an HF model folder
     from transformers import AutoConfig, AutoTokenizer
 
@@ -126,15 +152,25 @@ def prepare_model(model_arg: str, workdir: str, seed: int, log) -> dict[str, Any
                 source=source, config=config.to_dict())
 
 
-def _estimate(config: dict[str, Any], method: str, cfg: dict[str, Any]) -> Optional[dict[str, int]]:
+# the bench options the traced step takes from the run (the rest are the method's own, from cfg)
+TRACED_OPTIONS = ("gamma", "rank", "lora_rank", "batch", "seq_len", "dtype", "grad_checkpointing", "chunked_loss",
+                  "chunk_size", "in_backward", "proj_method")
+METHOD_OPTIONS = ("lr", "interval", "update_proj_gap", "galore_scale", "owlore_scale", "seed")
+
+
+def traced_estimate(config: dict[str, Any], method: str, cfg: dict[str, Any], log=print) -> Optional[dict[str, Any]]:
+    """The run's training step traced on fake tensors (``owlore_kernels.estimate``): the peak, its
+    phase, the bytes by role at the peak and the p+g+s after a step; None (logged) if it fails."""
     try:
         from owlore_kernels.estimate import estimate_memory
 
-        est = estimate_memory(config, method, gamma=cfg["gamma"], rank=cfg["rank"], lora_rank=cfg["lora_rank"],
-                              batch=cfg["batch"], seq_len=cfg["seq_len"], dtype=cfg["dtype"])
-    except Exception:  # a config the estimator cannot read: no comparison, not a failure
+        est = estimate_memory(config, method, **{k: cfg[k] for k in TRACED_OPTIONS},
+                              method_options={k: cfg[k] for k in METHOD_OPTIONS})
+    except Exception as exc:  # a config the tracer cannot build: no comparison, not a failed run
+        log(f"trace of {method} failed: {type(exc).__name__}: {exc}")
         return None
-    return dict(weights=est.weights, gradients=est.gradients, state=est.optimizer_state + est.projection,
+    return dict(peak=est.peak, phase=est.phase, accounted=est.accounted, weights=est.weights,
+                gradients=est.gradients, optimizer_state=est.optimizer_state, projection=est.projection,
                 activations=est.activations, trainable_params=est.trainable_params)
 
 
@@ -167,7 +203,8 @@ def run_bench(cfg: dict[str, Any], log=print) -> dict[str, Any]:
         for method in methods:
             bar.set_description(method)
             spec = dict(method=method, cfg=worker_cfg, model_dir=prepared["model_dir"], data_path=data_path,
-                        result_path=os.path.join(workdir, f"result_{method}.json"))
+                        result_path=os.path.join(workdir, f"result_{method}.json"),
+                        config=prepared["config"] if prepared.get("random_init") else None)
             spec_path = os.path.join(workdir, f"spec_{method}.json")
             with open(spec_path, "w") as f:
                 json.dump(spec, f)
@@ -198,12 +235,13 @@ def run_bench(cfg: dict[str, Any], log=print) -> dict[str, Any]:
                 result["peak_memory_bytes"] = result.get("cuda_max_memory_allocated_bytes", result["peak_rss_bytes"])
                 result["peak_memory_kind"] = ("cuda max_memory_allocated" if "cuda_max_memory_allocated_bytes" in result
                                               else "peak RSS of the worker process")
-                est = _estimate(prepared["config"], method, cfg)
+                est = traced_estimate(prepared["config"], method, cfg, log) if cfg.get("trace", True) else None
                 if est:
                     result["estimate"] = est
-                    pairs = ((result["param_bytes"], est["weights"]), (result["grad_bytes"], est["gradients"]),
-                             (result["optimizer_state_bytes"], est["state"]))
-                    result["estimate_max_rel_error"] = max(abs(m - e) / max(m, 1) for m, e in pairs)
+                    result["traced_peak_bytes"] = est["peak"]
+                    # the measured params + grads + state after a step against the trace's, same moment
+                    result["estimate_max_rel_error"] = (abs(result["accounted_peak_bytes"] - est["accounted"])
+                                                        / max(result["accounted_peak_bytes"], 1))
             results.append(result)
         bar.close()
     finally:
@@ -243,6 +281,9 @@ NOTES = [
     "peak MiB: on CUDA torch.cuda.max_memory_allocated over the whole run (warm-up step included); on CPU the "
     "worker process's peak RSS (ru_maxrss), which also holds the Python/torch/transformers runtime "
     "(rss_after_load_bytes in the JSON is the RSS after the model was loaded).",
+    "traced peak MiB: the same two training steps (same method builder, options and loss) traced on fake tensors "
+    "by owlore_kernels.estimate_memory, each storage rounded up to 512 B as CUDA's caching allocator does; it "
+    "compares with the CUDA peak (the CPU's peak RSS also holds the runtime).",
     "tokens/s: batch x seq-len (padding included) over the wall time of sampler.step + forward + backward + "
     "optimizer.step + zero_grad, median over the steps after the first (warm-up); p10-p90 in brackets.",
     "final loss: the last step's training loss on answer tokens; eval: held-out answer-token loss and the share "

@@ -11,11 +11,18 @@ optimizer and, for the sampled methods, the sampler whose ``step()`` runs before
 * ``owlore`` -- ``OwLoreSampler(prob_mode="owl")`` + ``OwLoreAdamW`` on ``owlore_param_groups``.
 
 A missing library raises :class:`MethodUnavailable` carrying the command that installs it.
+``prepare_model`` applies the training options to a loaded model (gradient checkpointing),
+``enable_in_backward`` moves the optimizer step into backward, and ``train_step`` runs one
+step: sampler, forward with the model's own or the chunked loss, backward, optimizer step. The
+benchmark's worker and the memory estimator (``owlore_kernels.estimate``) both run these, so
+what is measured and what is traced is one definition.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -37,6 +44,12 @@ class Setup:
     optimizer: torch.optim.Optimizer
     sampler: Any = None
     library: str = ""  # what really runs, for the report
+    # in-backward steps (enable_in_backward): the optimizers stepped from the hooks
+    in_backward: list[torch.optim.Optimizer] = field(default_factory=list)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """Every optimizer whose state holds this method's state (the per-param ones in-backward)."""
+        return [self.optimizer] + [o for o in self.in_backward if o is not self.optimizer]
 
 
 def _require(module: str, install: str):
@@ -64,6 +77,16 @@ def _torch_adamw(params, lr: float) -> tuple[torch.optim.Optimizer, str]:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True), "torch.optim.AdamW(foreach=True)"
 
 
+def wrap_lora(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    """The lora method's model: peft LoRA (rank ``cfg["lora_rank"]``, alpha 2r, no dropout) on
+    q/k/v/o/gate/up/down. ``build("lora", ...)`` calls it unless the model is wrapped already
+    (the estimator wraps its meta-device model before giving it fake storages)."""
+    peft = _require("peft", "pip install peft")
+    config = peft.LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
+                             target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
 def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
     lr = cfg["lr"]
     if method == "full":
@@ -71,9 +94,8 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
         return Setup(model, opt, None, lib)
     if method == "lora":
         peft = _require("peft", "pip install peft")
-        config = peft.LoraConfig(r=cfg["lora_rank"], lora_alpha=2 * cfg["lora_rank"], lora_dropout=0.0,
-                                 target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM")
-        model = peft.get_peft_model(model, config)
+        if not isinstance(model, peft.PeftModel):
+            model = wrap_lora(model, cfg)
         opt, lib = _torch_adamw((p for p in model.parameters() if p.requires_grad), lr)
         return Setup(model, opt, None, f"peft {peft.__version__} LoRA r={cfg['lora_rank']} + {lib}")
     if method == "galore":
@@ -90,18 +112,105 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
         import owlore_kernels as ok  # the public names, wherever they live inside the package
 
         backend = cfg.get("backend")
+        extra = {}
+        if cfg.get("state_dtype") is not None:  # bf16 Adam moments, where OwLoreAdamW offers them
+            if "state_dtype" not in inspect.signature(ok.OwLoreAdamW).parameters:
+                raise ValueError(f"state_dtype={cfg['state_dtype']!r}: this OwLoreAdamW has no state_dtype option")
+            extra["state_dtype"] = cfg["state_dtype"]
         if method == "lisa":
-            opt = ok.OwLoreAdamW(model.parameters(), lr=lr, weight_decay=0.0, backend=backend)
+            opt = ok.OwLoreAdamW(model.parameters(), lr=lr, weight_decay=0.0, backend=backend, **extra)
             prob_mode, lib = "uniform", "OwLoreSampler(uniform) + OwLoreAdamW (no projection)"
         else:
             groups = ok.owlore_param_groups(model, rank=cfg["rank"], update_proj_gap=cfg["update_proj_gap"],
                                             scale=cfg["owlore_scale"])
-            opt = ok.OwLoreAdamW(groups, lr=lr, weight_decay=0.0, proj_method=cfg["proj_method"], backend=backend)
+            opt = ok.OwLoreAdamW(groups, lr=lr, weight_decay=0.0, proj_method=cfg["proj_method"], backend=backend,
+                                 **extra)
             prob_mode, lib = "owl", f"OwLoreSampler(owl) + OwLoreAdamW rank={cfg['rank']} ({cfg['proj_method']})"
+        # block_scores: the sampler's public seam for given outlier scores (the estimator passes
+        # uniform ones: its fake weights have no values to score); None computes them
+        scores = cfg.get("block_scores") if prob_mode == "owl" else None
         sampler = ok.OwLoreSampler(model, opt, gamma=cfg["gamma"], interval=cfg["interval"],
-                                   prob_mode=prob_mode, seed=cfg["seed"])
+                                   prob_mode=prob_mode, seed=cfg["seed"], scores=scores)
         return Setup(model, opt, sampler, lib)
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def prepare_model(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    """Training options on a loaded model, before ``build``: no KV cache; gradient checkpointing
+    (non-reentrant, transformers' default) when ``cfg["grad_checkpointing"]``."""
+    model.config.use_cache = False
+    if cfg.get("grad_checkpointing"):
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
+
+
+def enable_in_backward(setup: Setup) -> None:
+    """Step each parameter inside backward, as soon as its gradient is accumulated, and free the gradient.
+
+    OwLoreAdamW (lisa, owlore): its ``register_step_hooks``. Any other optimizer (torch AdamW for
+    full and lora, galore-torch's GaLoreAdamW): one optimizer of the same class per parameter with
+    that parameter's group options, stepped from a ``register_post_accumulate_grad_hook`` (the
+    recipe of PyTorch's "optimizer step in backward" tutorial). ``setup.optimizer.step()`` then
+    finds no gradient and does nothing; the per-param optimizers go in ``setup.in_backward``.
+    """
+    opt = setup.optimizer
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if hasattr(opt, "register_step_hooks"):
+        opt.register_step_hooks(params)
+        return
+    for group in opt.param_groups:
+        options = {k: v for k, v in group.items() if k != "params"}
+        for p in group["params"]:
+            with warnings.catch_warnings():  # galore-torch's deprecation notice, once per param
+                warnings.simplefilter("ignore")
+                single = type(opt)([{**options, "params": [p]}], lr=options["lr"])
+            setup.in_backward.append(single)
+
+            def step_now(param: torch.Tensor, single: torch.optim.Optimizer = single, group: dict = group) -> None:
+                single.param_groups[0]["lr"] = group["lr"]  # an LR scheduler drives the main optimizer's groups
+                single.step()
+                param.grad = None
+
+            p.register_post_accumulate_grad_hook(step_now)
+
+
+def train_step(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor, cfg: dict[str, Any],
+               mark: Optional[Callable[[str], None]] = None) -> torch.Tensor:
+    """One training step: ``sampler.step()``, forward and loss, ``backward()``, ``optimizer.step()``.
+
+    The loss is the model's own (``model(input_ids=..., labels=...).loss``), or with
+    ``cfg["chunked_loss"]`` ``owlore_kernels.losses.causal_lm_loss`` (chunks of
+    ``cfg["chunk_size"]`` tokens). ``mark(phase)`` is called as each phase starts: "forward",
+    "loss" (as the LM head starts), "backward", "optimizer step". Returns the loss; the caller
+    zeroes the gradients.
+    """
+    mark = mark or (lambda phase: None)
+    model = setup.model
+    if setup.sampler is not None:
+        setup.sampler.step()
+    mark("forward")
+    if cfg.get("chunked_loss"):
+        from owlore_kernels.losses import DEFAULT_CHUNK_SIZE, chunked_causal_lm_loss
+
+        hidden = model.get_decoder()(input_ids=input_ids).last_hidden_state
+        mark("loss")
+        loss = chunked_causal_lm_loss(hidden, model.get_output_embeddings(), labels,
+                                      chunk_size=cfg.get("chunk_size") or DEFAULT_CHUNK_SIZE)
+    else:
+        handle = model.get_output_embeddings().register_forward_pre_hook(lambda module, args: mark("loss"))
+        try:
+            loss = model(input_ids=input_ids, labels=labels).loss
+        finally:
+            handle.remove()
+    mark("backward")
+    loss.backward()
+    mark("optimizer step")
+    setup.optimizer.step()
+    return loss
 
 
 # ----------------------------------------------------------------- accounting
@@ -121,22 +230,43 @@ def _tensors_in(obj: Any, seen: set[int]):
         yield from _tensors_in(vars(obj), seen)
 
 
+def state_tensors(optimizer: torch.optim.Optimizer):
+    """Yield ``(key, tensor)`` for every tensor held in ``optimizer.state``, each once."""
+    seen: set[int] = set()
+    for st in optimizer.state.values():
+        for key, value in st.items():
+            for t in _tensors_in(value, seen):
+                yield str(key), t
+
+
+def is_projection_key(key: str) -> bool:
+    """OwLoreAdamW's ``proj_left``/``proj_right`` and galore-torch's ``projector`` hold projections."""
+    return "proj" in key.lower()
+
+
+def storage_bytes(tensors, seen: Optional[set[int]] = None) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once: what memory holds. A view counts
+    its whole base (galore-torch keeps ``U[:, :rank]`` of an fp32 SVD, a view of all of U)."""
+    seen = set() if seen is None else seen
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            total += storage.nbytes()
+    return total
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, int]:
-    """(moment and step-counter bytes, projection-matrix bytes) held in ``optimizer.state``.
+    """(moment and step-counter bytes, projection-matrix bytes) held in ``optimizer.state``, by storage.
 
     A state entry whose key contains "proj" (OwLoreAdamW's ``proj_left``/``proj_right``,
     galore-torch's ``projector``) counts as projection.
     """
-    moments = projection = 0
+    held = list(state_tensors(optimizer))
     seen: set[int] = set()
-    for st in optimizer.state.values():
-        for key, value in st.items():
-            n = sum(t.numel() * t.element_size() for t in _tensors_in(value, seen))
-            if "proj" in str(key).lower():
-                projection += n
-            else:
-                moments += n
-    return moments, projection
+    projection = storage_bytes((t for key, t in held if is_projection_key(key)), seen)
+    return storage_bytes((t for key, t in held if not is_projection_key(key)), seen), projection
 
 
 def unique_params(model: nn.Module) -> list[nn.Parameter]:
@@ -144,13 +274,12 @@ def unique_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 def param_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in unique_params(model))
+    return storage_bytes(unique_params(model))
 
 
 def grad_bytes(model: nn.Module) -> int:
-    return sum(p.grad.numel() * p.grad.element_size() for p in unique_params(model) if p.grad is not None)
+    return storage_bytes(p.grad for p in unique_params(model) if p.grad is not None)
 
 
 def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in unique_params(model) if p.requires_grad)
-

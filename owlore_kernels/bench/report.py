@@ -15,6 +15,7 @@ COLUMNS = (
     ("opt state MiB", "optimizer_state_bytes", lambda v: f"{v / MiB:.1f}"),
     ("p+g+s peak MiB", "accounted_peak_bytes", lambda v: f"{v / MiB:.1f}"),
     ("peak MiB", "peak_memory_bytes", lambda v: f"{v / MiB:.0f}"),
+    ("traced peak MiB", "traced_peak_bytes", lambda v: f"{v / MiB:.0f}"),
     ("tokens/s [p10-p90]", "tokens_per_s", None),
     ("final loss", "final_train_loss", lambda v: f"{v:.3f}"),
     ("eval loss", "eval_loss", lambda v: f"{v:.3f}"),
@@ -78,18 +79,19 @@ def markdown(report: dict[str, Any]) -> str:
         "|" + "---|" * len(headers),
     ]
     out += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-    out += ["", "## Measured vs estimated (owlore_kernels.estimate_memory)", "",
-            "| method | params MiB meas/est | grads MiB meas/est | opt state MiB meas/est | max deviation |",
-            "|---|---|---|---|---|"]
+    out += ["", "## Measured vs traced (owlore_kernels.estimate_memory, the same step on fake tensors)", "",
+            "| method | p+g+s after a step MiB meas/traced | deviation | peak MiB meas/traced | traced peak in | "
+            "traced at the peak: weights / grads / state / proj / activations+tmp MiB |",
+            "|---|---|---|---|---|---|"]
     for r in report["results"]:
         est = r.get("estimate")
         if r.get("status") != "ok" or not est:
             continue
-        cells = [r["method"]]
-        for mk, ek in (("param_bytes", "weights"), ("grad_bytes", "gradients"), ("optimizer_state_bytes", "state")):
-            cells.append(f"{r[mk] / MiB:.2f} / {est[ek] / MiB:.2f}")
-        cells.append(f"{100 * r['estimate_max_rel_error']:.2f}%")
-        out.append("| " + " | ".join(cells) + " |")
+        parts = " / ".join(f"{est[k] / MiB:.1f}" for k in ("weights", "gradients", "optimizer_state", "projection",
+                                                           "activations"))
+        out.append(f"| {r['method']} | {r['accounted_peak_bytes'] / MiB:.2f} / {est['accounted'] / MiB:.2f} | "
+                   f"{100 * r['estimate_max_rel_error']:.2f}% | {r['peak_memory_bytes'] / MiB:.0f} "
+                   f"({r['peak_memory_kind']}) / {est['peak'] / MiB:.0f} | {est['phase']} | {parts} |")
     out += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(out) + "\n"
 

@@ -71,10 +71,16 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
     device = torch.device(cfg["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["dtype"]]
     torch.manual_seed(cfg["seed"])
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(device)
-    model.config.use_cache = False
+    if spec.get("config") is not None:  # random init of a config (e.g. llama2-7b), built on the device in dtype
+        config = dict(spec["config"])
+        config = AutoConfig.for_model(config.pop("model_type", "llama"), **config)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype).to(device)
+    methods.prepare_model(model, cfg)
     data = torch.load(spec["data_path"], weights_only=True)
     train_ids, train_labels = data["train_input_ids"], data["train_labels"]
     held = {k[len("eval_"):]: v for k, v in data.items() if k.startswith("eval_")}
@@ -84,6 +90,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
 
     eval_loss_before, eval_acc_before = evaluate(model, held, cfg["batch"], device)
     setup = methods.build(method, model, cfg)
+    if cfg.get("in_backward"):
+        methods.enable_in_backward(setup)
     model, opt, sampler = setup.model, setup.optimizer, setup.sampler
     model.train()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg["steps"]))
@@ -97,19 +105,16 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        if sampler is not None:
-            sampler.step()
         ids = train_ids[step * batch:(step + 1) * batch].to(device)
         labels = train_labels[step * batch:(step + 1) * batch].to(device)
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
+        loss = methods.train_step(setup, ids, labels, cfg)
         sched.step()
         sync()
         t1 = time.perf_counter()
         # Accounting at the moment of the step's peak: gradients still alive, state just grown.
         g = methods.grad_bytes(model)
-        moments, proj = methods.state_bytes(opt)
+        per_optimizer = [methods.state_bytes(o) for o in setup.optimizers()]  # (moments, projections)
+        moments, proj = sum(s[0] for s in per_optimizer), sum(s[1] for s in per_optimizer)
         last = dict(trainable=methods.trainable_params(model), grads=g, state=moments, projection=proj,
                     accounted=p_bytes + g + moments + proj)
         for k, v in last.items():
@@ -117,7 +122,8 @@ def train(spec: dict[str, Any]) -> dict[str, Any]:
         if sampler is not None:
             active.append(list(sampler.active_layers))
         t2 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        for o in setup.optimizers():
+            o.zero_grad(set_to_none=True)
         step_times.append(t1 - t0 + (time.perf_counter() - t2))
         losses.append(float(loss))
         print(f"@@step {step} {losses[-1]:.6f}", flush=True)
