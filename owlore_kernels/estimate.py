@@ -28,9 +28,8 @@ What is traced where it cannot read values:
 * the outlier scores of ``prob_mode="owl"`` would read the weights: the sampler gets uniform
   scores (its ``scores=`` argument). Every block of a LLaMA-style model has the same shapes, so
   which blocks are drawn does not change the memory;
-* OwLoreAdamW's NaN/inf check at a subspace refresh reads the gradient: under fake tensors it is
-  skipped, on real tensors it runs (``_fake_trace_seams``, which also traces only the first and
-  last row chunk of its chunked AdamW update: the others repeat the first's memory);
+* OwLoreAdamW's NaN/inf check at a subspace refresh reads the gradient: OwLoreAdamW skips it for
+  fake gradients (``torch._subclasses.fake_tensor.is_fake``) and runs it on real ones;
 * Hugging Face's causal-mask builder reads the position ids to detect packed sequences, which
   fake tensors cannot answer, and would then build an explicit ``B x 1 x T x T`` mask. The trace
   registers transformers' own SDPA attention under the name ``ATTENTION`` with no mask function,
@@ -266,48 +265,6 @@ class MemoryTracker:
 
 
 # ----------------------------------------------------------------------------- the traced step
-def _first_and_last(chunks: Iterator[slice]) -> list[slice]:
-    chunks = list(chunks)
-    return chunks[:1] + chunks[1:][-1:]
-
-
-@contextlib.contextmanager
-def _fake_trace_seams() -> Iterator[None]:
-    """Two things a fake trace of OwLoreAdamW must not do as a real step does; restored on exit.
-
-    * Its NaN/inf check of a gradient at a subspace refresh reads the values
-      (``bool(torch.isfinite(grad).all())``), which a fake tensor does not have: skipped for fake
-      gradients only (``torch._subclasses.fake_tensor.is_fake``); real ones are checked as always.
-    * Its plain AdamW update runs a row chunk (~1M elements) at a time; every full chunk makes and
-      frees the same temporaries, so the trace runs the first and the last chunk of each tensor
-      (a LLaMA-2-7B embedding has 125): the same peak, a tenth of the ops to trace.
-    """
-    from torch._subclasses.fake_tensor import is_fake
-
-    from owlore_kernels import optim
-
-    # each seam is applied only where optim.py has it (a restructured optim.py that skips the check
-    # for fake gradients itself needs neither)
-    check = vars(optim.OwLoreAdamW).get("_check_refresh_gradient")
-    chunks = getattr(optim, "row_chunks", None)
-
-    def check_real_only(self, p, group, index):
-        if not is_fake(p.grad):
-            check(self, p, group, index)
-
-    if check is not None:
-        optim.OwLoreAdamW._check_refresh_gradient = check_real_only
-    if chunks is not None:
-        optim.row_chunks = lambda rows, cols: _first_and_last(chunks(rows, cols))
-    try:
-        yield
-    finally:
-        if check is not None:
-            optim.OwLoreAdamW._check_refresh_gradient = check
-        if chunks is not None:
-            optim.row_chunks = chunks
-
-
 def _register_attention() -> None:
     """transformers' SDPA attention under the name ``ATTENTION``, without a mask function: the
     mask builder then returns None and SDPA runs with ``is_causal=True`` (see the module docstring)."""
@@ -495,7 +452,7 @@ def estimate_memory(
     tracker = MemoryTracker()
     fake_mode = FakeTensorMode() if fake else None
     net = build_model(config, cfg, method, device, fake_mode)
-    with fake_mode or contextlib.nullcontext(), _fake_trace_seams() if fake else contextlib.nullcontext():
+    with fake_mode or contextlib.nullcontext():
         net.train()
         setup = methods.build(method, net, cfg)
         net = setup.model

@@ -8,6 +8,7 @@ from itertools import chain
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 from torch.optim import Optimizer
 
 from ._dtensor import is_dtensor, local_tensor
@@ -342,7 +343,8 @@ class OwLoreAdamW(Optimizer):
         stepping = [(p, group, index) for p, group, _, index in entries if p.grad is not None]
         for p, group, index in stepping:
             if _is_galore(group) and not is_dtensor(p) and refresh_due(self.state.get(p, {}), group):
-                if not bool(torch.isfinite(p.grad).all()):  # one pass over G per refresh, not per step
+                # one pass over G per refresh, not per step; a fake tensor (a memory trace) has no values
+                if not is_fake(p.grad) and not bool(torch.isfinite(p.grad).all()):
                     raise nonfinite_refresh_error(index, p.shape, updates_done(self.state.get(p, {})) + 1)
         for p, group, index in stepping:
             if _is_galore(group) and is_dtensor(p):
