@@ -56,7 +56,7 @@ import json
 import os
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 METHODS = ("full", "lora", "galore", "lisa", "owlore")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
