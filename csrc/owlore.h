@@ -6,21 +6,29 @@
 // shapes) for direct callers of torch.ops.owlore.*; the argument checks with the
 // user-facing messages run once, in Python.
 //
-// Threading: the outer tile loops use at::parallel_for (torch's own OpenMP
-// runtime; setup.py links the same libgomp that torch ships). BLAS calls made
-// inside a parallel region run single-threaded, so each thread owns whole tiles
-// and there is no synchronisation per tile. Worker threads do not inherit the
-// caller's thread-local state (grad mode, inference mode), so the tile loops
+// Threading: each op cuts its work into items (tiles of one weight, or element
+// chunks), lays the items of all the weights of a call end to end, and splits that
+// list across threads in contiguous runs of about equal cost (parallel_over_items
+// below, on at::parallel_for: torch's own OpenMP runtime; setup.py links the same
+// libgomp that torch ships). Many small weights thus go one per task with each
+// weight's tiles serial inside, and one big weight splits by its tiles. BLAS calls
+// made inside a parallel region run single-threaded, so each thread owns whole
+// items and there is no synchronisation per item. Worker threads do not inherit the
+// caller's thread-local state (grad mode, inference mode), so the item loops
 // restore it with at::ThreadLocalStateGuard before calling ATen ops.
+//
+// The single-weight ops are the foreach ops' code run on a list of one weight.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace owlore {
 
@@ -50,6 +58,36 @@ void back_project_update_(
     const at::Scalar& beta,
     const at::Scalar& alpha);
 
+void project_adam_foreach_(
+    at::TensorList grads,
+    at::TensorList projs,
+    at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs,
+    at::TensorList outs,
+    c10::string_view side,
+    double beta1,
+    double beta2,
+    double eps,
+    const at::Tensor& bias_corrections);
+
+void back_project_update_foreach_(
+    at::TensorList params,
+    at::TensorList projs,
+    at::TensorList norm_updates,
+    c10::string_view side,
+    const at::Tensor& coefficients);
+
+void adamw_foreach_(
+    at::TensorList params,
+    at::TensorList grads,
+    at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs,
+    c10::string_view variant,
+    double beta1,
+    double beta2,
+    double eps,
+    const at::Tensor& coefficients);
+
 // ---------------------------------------------------------------------------
 // helpers shared by the kernels
 
@@ -72,14 +110,93 @@ inline bool is_left_side(c10::string_view side) {
   return side == "left";
 }
 
-inline void check_cpu_float(const at::Tensor& t, const char* name, bool fp32_only) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
-  if (fp32_only) {
-    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", t.scalar_type());
-  } else {
-    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-                name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
+inline bool is_16bit(at::ScalarType t) {
+  return t == at::kBFloat16 || t == at::kHalf;
+}
+
+// Memory-safety checks of the kernels (the user-facing ones run once, in Python).
+// `what` names the tensor, e.g. "grads[3]".
+inline void check_cpu(const at::Tensor& t, const std::string& what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor, got ", t.device());
+}
+
+// grad or param: fp32, bf16 or fp16
+inline void check_cpu_float(const at::Tensor& t, const std::string& what) {
+  check_cpu(t, what);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || is_16bit(t.scalar_type()), what,
+              " must be float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+// a tensor of exactly one dtype
+inline void check_cpu_dtype(const at::Tensor& t, at::ScalarType dtype, const std::string& what) {
+  check_cpu(t, what);
+  TORCH_CHECK(t.scalar_type() == dtype, what, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// P or Q next to a grad/param of dtype `full`: fp32, or that 16-bit dtype
+inline void check_cpu_proj(const at::Tensor& t, at::ScalarType full, const std::string& what) {
+  check_cpu(t, what);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == full, what, " must be float32 or ", full,
+              ", got ", t.scalar_type());
+}
+
+// Adam moments: fp32 or bf16 (fp64 too where `allow_fp64`), the two of a weight alike
+inline void check_cpu_moments(const at::Tensor& m, const at::Tensor& v, const std::string& where, bool allow_fp64) {
+  check_cpu(m, "exp_avg" + where);
+  check_cpu(v, "exp_avg_sq" + where);
+  const auto t = m.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || (allow_fp64 && t == at::kDouble), "exp_avg", where,
+              " must be float32 or bfloat16, got ", t);
+  TORCH_CHECK(v.scalar_type() == t, "exp_avg_sq", where, " must have exp_avg's dtype ", t, ", got ",
+              v.scalar_type());
+}
+
+// "[i]" for a foreach call, "" for a single-weight one (for messages)
+inline std::string index_suffix(int64_t i, bool foreach) {
+  return foreach ? "[" + std::to_string(i) + "]" : std::string();
+}
+
+// The per-weight numbers of a foreach call: a float64 CPU tensor of shape (count, >= columns).
+inline void check_foreach_scalars(const at::Tensor& t, int64_t count, int64_t columns, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kDouble && t.dim() == 2 && t.size(0) == count &&
+                  t.size(1) >= columns,
+              name, " must be a float64 CPU tensor of shape (", count, ", ", columns, "), got ", t.scalar_type(),
+              " ", t.sizes(), " on ", t.device());
+}
+
+// Splits items 0..n-1 (laid end to end, item i costing costs[i] > 0) across threads in
+// contiguous runs of about equal total cost and calls body(begin, end) once per run.
+// Only as many runs as give each at least `min_cost_per_run`: below that the fork and
+// join of a parallel region (a few us, far more when the machine is loaded) costs more
+// than the split saves, so a small call runs on the calling thread with no parallel region.
+template <typename Body>
+void parallel_over_items(const std::vector<int64_t>& costs, int64_t min_cost_per_run, const Body& body) {
+  const int64_t n = static_cast<int64_t>(costs.size());
+  if (n == 0) return;
+  int64_t total = 0;
+  for (int64_t c : costs) total += c;
+  const int64_t runs = std::clamp<int64_t>(total / std::max<int64_t>(min_cost_per_run, 1), 1,
+                                           std::min<int64_t>(at::get_num_threads(), n));
+  if (runs == 1 || at::in_parallel_region()) {
+    body(int64_t{0}, n);
+    return;
   }
+  // item i goes to the run in whose share of the total cost its midpoint lies; that is
+  // monotone in i, so each run is a contiguous range [bounds[k], bounds[k + 1])
+  std::vector<int64_t> bounds(runs + 1, n);
+  bounds[0] = 0;
+  int64_t before = 0, run = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t owner = std::min<int64_t>(runs - 1, static_cast<int64_t>(
+        (static_cast<double>(before) + 0.5 * costs[i]) * runs / static_cast<double>(total)));
+    while (run < owner) bounds[++run] = i;
+    before += costs[i];
+  }
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (bounds[r] < bounds[r + 1]) body(bounds[r], bounds[r + 1]);
+    }
+  });
 }
 
 }  // namespace owlore

@@ -11,10 +11,14 @@
 //
 // A bf16/fp16 G is upcast per tile and per K-block, at most 2 MB of fp32 at a time,
 // never as a full-size fp32 copy (an fp32 G too, when its row stride would make
-// BLAS slow; see tile_gemm).
+// BLAS slow; see tile_gemm); a 16-bit P or Q is upcast with it, the matching K-block.
+// bf16 moments are upcast per element, updated in fp32, used for N, and stored back
+// rounded to nearest even.
+//
+// The foreach op lays the tiles of all its weights end to end and splits them across
+// threads by cost (parallel_over_items in owlore.h); project_adam_ is that code run on
+// one weight.
 #include "owlore.h"
-
-#include <ATen/Parallel.h>
 
 #include <cmath>
 
@@ -35,46 +39,67 @@ constexpr int64_t kMaxTileElems = 1 << 18;
 // kernels block K by ~256 anyway), and at most 256 x 2048 floats = 2 MB.
 constexpr int64_t kStageDepth = 256;
 
+// Below this many multiply-adds per thread a call runs on one thread: the fork and join
+// of a parallel region cost ~5-20 us on 2 threads (more on a loaded machine), and one
+// thread does ~2 multiply-adds per ns in a small single-threaded sgemm, so 1M of them
+// (~0.5 ms) per run keeps the overhead under a few percent. See README (grain size).
+constexpr int64_t kMinMacsPerRun = 1 << 20;
+
 struct AdamScalars {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, bias1, bias2, eps;
 };
 
-// A 2-D fp32 tensor as pointer + strides, for the epilogue's element loop.
+// A 2-D tensor as pointer + strides, for the epilogue's element loop.
+template <typename T>
 struct Strided {
-  float* data;
+  T* data;
   int64_t s0, s1;
-  float& at(int64_t i, int64_t j) const { return data[i * s0 + j * s1]; }
+  T& at(int64_t i, int64_t j) const { return data[i * s0 + j * s1]; }
 };
+
+template <typename T>
+Strided<T> strided(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
+}
 
 // The epilogue: Adam on one rows x cols tile of R (contiguous, leading dim cols),
 // whose top-left element is at (i0, j0) of the moments and out. Same operation
-// order as the reference, in fp32.
-template <bool kUnitStride>
-void adam_tile(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
-               const Strided& m, const Strided& v, const Strided& out, const AdamScalars& a) {
+// order as the reference, in fp32; moments of type state_t (fp32, or bf16 upcast on
+// load and rounded to nearest even on store, after N is computed from the fp32 values).
+template <typename state_t, bool kUnitStride>
+void adam_tile(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const Strided<state_t>& m,
+               const Strided<state_t>& v, const Strided<float>& out, const AdamScalars& a) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* r_row = R + i * cols;
-    float* m_row = &m.at(i0 + i, j0);
-    float* v_row = &v.at(i0 + i, j0);
+    state_t* m_row = &m.at(i0 + i, j0);
+    state_t* v_row = &v.at(i0 + i, j0);
     float* o_row = &out.at(i0 + i, j0);
     const int64_t ms = kUnitStride ? 1 : m.s1, vs = kUnitStride ? 1 : v.s1, os = kUnitStride ? 1 : out.s1;
     for (int64_t j = 0; j < cols; ++j) {
       const float g = r_row[j];
-      const float mj = a.beta1 * m_row[j * ms] + a.one_minus_beta1 * g;
-      const float vj = a.beta2 * v_row[j * vs] + a.one_minus_beta2 * (g * g);
-      m_row[j * ms] = mj;
-      v_row[j * vs] = vj;
+      const float mj = a.beta1 * static_cast<float>(m_row[j * ms]) + a.one_minus_beta1 * g;
+      const float vj = a.beta2 * static_cast<float>(v_row[j * vs]) + a.one_minus_beta2 * (g * g);
+      m_row[j * ms] = static_cast<state_t>(mj);
+      v_row[j * vs] = static_cast<state_t>(vj);
       o_row[j * os] = (mj / a.bias1) / (std::sqrt(vj / a.bias2) + a.eps);
     }
   }
 }
 
-void adam_epilogue(const at::Tensor& R, int64_t i0, int64_t j0, const Strided& m, const Strided& v,
-                   const Strided& out, const AdamScalars& a) {
-  const bool unit = m.s1 == 1 && v.s1 == 1 && out.s1 == 1;
+template <typename state_t>
+void adam_epilogue_as(const at::Tensor& R, int64_t i0, int64_t j0, const at::Tensor& m, const at::Tensor& v,
+                      const at::Tensor& out, const AdamScalars& a) {
+  const Strided<state_t> m_s = strided<state_t>(m), v_s = strided<state_t>(v);
+  const Strided<float> o_s = strided<float>(out);
   const float* r = R.const_data_ptr<float>();
-  if (unit) adam_tile<true>(r, R.size(0), R.size(1), i0, j0, m, v, out, a);
-  else adam_tile<false>(r, R.size(0), R.size(1), i0, j0, m, v, out, a);
+  if (m_s.s1 == 1 && v_s.s1 == 1 && o_s.s1 == 1) adam_tile<state_t, true>(r, R.size(0), R.size(1), i0, j0, m_s, v_s, o_s, a);
+  else adam_tile<state_t, false>(r, R.size(0), R.size(1), i0, j0, m_s, v_s, o_s, a);
+}
+
+void adam_epilogue(const at::Tensor& R, int64_t i0, int64_t j0, const at::Tensor& m, const at::Tensor& v,
+                   const at::Tensor& out, const AdamScalars& a) {
+  if (m.scalar_type() == at::kBFloat16) adam_epilogue_as<c10::BFloat16>(R, i0, j0, m, v, out, a);
+  else adam_epilogue_as<float>(R, i0, j0, m, v, out, a);
 }
 
 // Leading dimension of a staged block with `cols` floats per row: rounded up to 16
@@ -85,45 +110,182 @@ inline int64_t padded_ld(int64_t cols) {
   return ld % 1024 == 0 ? ld + 16 : ld;
 }
 
-// R_tile (h x w, fp32) = A (h x K) @ B (K x w), where one of A, B is a block of G
-// and the other is fp32. With `stage`, G is copied into `staging` kStageDepth deep
-// along K at a time (upcast if bf16/fp16) and the products are accumulated into R;
-// otherwise (fp32 G) BLAS reads G in place. Staging costs ~8% for fp32 G, but it
-// pays when G's row stride is a multiple of 4 KB (4096 or 14336 floats) and the
-// tile is a narrow column block (side="left"): BLAS packing it then hits the same
-// cache sets over and over.
+// Floats of staging for an operand block of `rows` x kStageDepth (A) or kStageDepth x
+// `cols` (B): padded_ld adds at most 32 floats per row.
+inline int64_t staging_floats_a(int64_t rows) { return rows * (kStageDepth + 32); }
+inline int64_t staging_floats_b(int64_t cols) { return kStageDepth * (cols + 32); }
+
+// R_tile (h x w, fp32) = A (h x K) @ B (K x w), where one of A, B is a block of G and
+// the other is the projection. An operand marked for staging is copied into its
+// staging buffer kStageDepth deep along K at a time (upcast if bf16/fp16) and the
+// products are accumulated into R; otherwise BLAS reads it in place. G is staged when
+// it is 16-bit, and an fp32 G too where its row stride would make BLAS slow: staging
+// costs ~8% for fp32 G, but it pays when G's row stride is a multiple of 4 KB (4096 or
+// 14336 floats) and the tile is a narrow column block (side="left"): BLAS packing it
+// then hits the same cache sets over and over. A 16-bit projection is staged with G
+// (it is 16-bit only next to a 16-bit G).
 // Measured on 2 threads, rank 128, against one whole-matrix GEMM: 4096 x 16384 took
 // 174 ms in place, 152 staged, 140 whole; 4096 x 16000 took 144 in place, 152 staged.
-void tile_gemm(at::Tensor& R, const at::Tensor& A, const at::Tensor& B, bool g_is_a, bool stage,
-               at::Tensor& staging) {
-  if (!stage) {
+void tile_gemm(at::Tensor& R, const at::Tensor& A, const at::Tensor& B, bool stage_a, bool stage_b,
+               at::Tensor& staging_a, at::Tensor& staging_b) {
+  if (!stage_a && !stage_b) {
     at::mm_out(R, A, B);
     return;
   }
-  const int64_t K = A.size(1);
-  const int64_t g_other = g_is_a ? A.size(0) : B.size(1);  // the non-K extent of the G block
+  const int64_t h = A.size(0), K = A.size(1), w = B.size(1);
   for (int64_t k0 = 0; k0 < K; k0 += kStageDepth) {
     const int64_t kh = std::min(kStageDepth, K - k0);
     const double beta = k0 == 0 ? 0.0 : 1.0;  // beta = 0 ignores R's old contents
-    if (g_is_a) {
+    at::Tensor a = A.narrow(1, k0, kh), b = B.narrow(0, k0, kh);
+    if (stage_a) {
       const int64_t ld = padded_ld(kh);
-      at::Tensor g32 = staging.narrow(0, 0, g_other * ld).view({g_other, ld}).narrow(1, 0, kh);
-      g32.copy_(A.narrow(1, k0, kh));
-      R.addmm_(g32, B.narrow(0, k0, kh), beta);
-    } else {
-      const int64_t ld = padded_ld(g_other);
-      at::Tensor g32 = staging.narrow(0, 0, kh * ld).view({kh, ld}).narrow(1, 0, g_other);
-      g32.copy_(B.narrow(0, k0, kh));
-      R.addmm_(A.narrow(1, k0, kh), g32, beta);
+      at::Tensor a32 = staging_a.narrow(0, 0, h * ld).view({h, ld}).narrow(1, 0, kh);
+      a32.copy_(a);
+      a = a32;
     }
+    if (stage_b) {
+      const int64_t ld = padded_ld(w);
+      at::Tensor b32 = staging_b.narrow(0, 0, kh * ld).view({kh, ld}).narrow(1, 0, w);
+      b32.copy_(b);
+      b = b32;
+    }
+    R.addmm_(a, b, beta);
   }
+}
+
+// One weight of a call, checked, with its tiling.
+struct Weight {
+  at::Tensor grad, proj, exp_avg, exp_avg_sq, out;  // detached
+  float bias1, bias2;
+  int64_t r, extent, width, tiles;
+  bool stage_g, stage_p;
+};
+
+// The memory-safety checks of one weight (the argument checks with the user-facing
+// messages run in Python); returns it detached, its tiling still unset.
+Weight checked_weight(const at::Tensor& grad_in, const at::Tensor& proj_in, const at::Tensor& exp_avg,
+                      const at::Tensor& exp_avg_sq, const at::Tensor& out, bool left, double bias1, double bias2,
+                      const std::string& where) {
+  check_cpu_float(grad_in, "grad" + where);
+  check_cpu_proj(proj_in, grad_in.scalar_type(), "proj" + where);
+  check_cpu_moments(exp_avg, exp_avg_sq, where, /*allow_fp64=*/false);
+  check_cpu_dtype(out, at::kFloat, "out" + where);
+  TORCH_CHECK(grad_in.dim() == 2 && proj_in.dim() == 2, "project_adam_: grad", where, " and proj", where,
+              " must be 2-D");
+  // detach: nothing here is differentiable, so the ATen calls below never record
+  // autograd history, whatever the caller's grad mode
+  Weight w{grad_in.detach(), proj_in.detach(), exp_avg.detach(), exp_avg_sq.detach(), out.detach(),
+           static_cast<float>(bias1), static_cast<float>(bias2), 0, 0, 0, 0, false, false};
+  const int64_t m = w.grad.size(0), n = w.grad.size(1);
+  w.r = left ? w.proj.size(1) : w.proj.size(0);
+  TORCH_CHECK(left ? w.proj.size(0) == m : w.proj.size(1) == n, "project_adam_: proj", where, " shape ",
+              w.proj.sizes(), " does not match grad", where, " ", w.grad.sizes(), " for side=",
+              left ? "left" : "right");
+  const std::vector<int64_t> low_shape = left ? std::vector<int64_t>{w.r, n} : std::vector<int64_t>{m, w.r};
+  for (const at::Tensor* t : {&w.exp_avg, &w.exp_avg_sq, &w.out})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(low_shape), "project_adam_: moments and out", where, " must be ",
+                low_shape, ", got ", t->sizes());
+  TORCH_CHECK(bias1 > 0.0 && bias1 <= 1.0 && bias2 > 0.0 && bias2 <= 1.0, "project_adam_: bias corrections",
+              where, " must be in (0, 1], got ", bias1, " and ", bias2);
+  w.extent = left ? n : m;  // left tiles split the columns of G, right tiles its rows
+  return w;
+}
+
+// Tile width and count of a weight. At most 2048 wide and 256K floats (1 MB) of R per
+// tile; a weight that alone is worth a thread or more (`split`) gets a tile count that is
+// a multiple of the thread count, so a static split gives every thread the same number.
+void plan_tiles(Weight& w, bool left, bool split) {
+  if (w.extent == 0 || w.r == 0) return;  // an empty subspace: nothing to update
+  const int64_t max_width = std::clamp<int64_t>(kMaxTileElems / w.r, 16, kMaxTileWidth);
+  w.width = balanced_tile_width(w.extent, max_width, split ? at::get_num_threads() : 1);
+  w.tiles = ceil_div(w.extent, w.width);
+  const int64_t row_bytes = std::max(w.grad.stride(0), w.grad.stride(1)) * w.grad.element_size();
+  // fp32 G is staged only for left tiles (narrow column blocks); right tiles take whole
+  // rows of G, which BLAS packs well at any stride (4096^2, rank 128: 40 ms in place,
+  // 47.5 ms staged). See tile_gemm.
+  w.stage_g = w.grad.scalar_type() != at::kFloat || (left && row_bytes % 4096 == 0);
+  w.stage_p = w.proj.scalar_type() != at::kFloat;
+}
+
+// Work of one tile, in multiply-adds: the GEMM's K x width x r (the epilogue's width x r
+// elementwise work is small next to it for K >= 16).
+inline int64_t tile_cost(const Weight& w, bool left) {
+  const int64_t depth = left ? w.grad.size(0) : w.grad.size(1);
+  return std::max<int64_t>(1, (depth + 1) * w.width * w.r);
+}
+
+// Every tile of every weight, end to end, split across threads by cost.
+void run_weights(const std::vector<Weight>& weights, bool left, const AdamScalars& base) {
+  std::vector<int64_t> costs, weight_of, tile_of;
+  int64_t r_floats = 0, stage_a_floats = 0, stage_b_floats = 0;
+  for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
+    const Weight& w = weights[i];
+    for (int64_t t = 0; t < w.tiles; ++t) {
+      costs.push_back(tile_cost(w, left));
+      weight_of.push_back(i);
+      tile_of.push_back(t);
+    }
+    if (w.tiles == 0) continue;
+    r_floats = std::max(r_floats, w.r * w.width);
+    // left: A = P^T (r x K), B = G block (K x width); right: A = G block (width x K), B = Q^T (K x r)
+    const bool stage_a = left ? w.stage_p : w.stage_g, stage_b = left ? w.stage_g : w.stage_p;
+    if (stage_a) stage_a_floats = std::max(stage_a_floats, staging_floats_a(left ? w.r : w.width));
+    if (stage_b) stage_b_floats = std::max(stage_b_floats, staging_floats_b(left ? w.width : w.r));
+  }
+  if (costs.empty()) return;
+  const auto f32 = weights[0].grad.options().dtype(at::kFloat);
+  const at::ThreadLocalState caller_state;  // grad/inference mode of the calling thread
+  parallel_over_items(costs, kMinMacsPerRun, [&](int64_t begin, int64_t end) {
+    const at::ThreadLocalStateGuard same_state_as_caller(caller_state);
+    at::Tensor r_buf = at::empty({r_floats}, f32);
+    // hold a block of up to (r or width) x padded_ld(kStageDepth) (A) or kStageDepth x padded_ld(width or r) (B)
+    at::Tensor staging_a = stage_a_floats ? at::empty({stage_a_floats}, f32) : at::Tensor();
+    at::Tensor staging_b = stage_b_floats ? at::empty({stage_b_floats}, f32) : at::Tensor();
+    for (int64_t item = begin; item < end; ++item) {
+      const Weight& w = weights[weight_of[item]];
+      AdamScalars a = base;
+      a.bias1 = w.bias1;
+      a.bias2 = w.bias2;
+      const int64_t start = tile_of[item] * w.width, width = std::min(w.width, w.extent - start);
+      if (left) {
+        at::Tensor R = r_buf.narrow(0, 0, w.r * width).view({w.r, width});  // R[:, cols] = P^T G[:, cols]
+        tile_gemm(R, w.proj.t(), w.grad.narrow(1, start, width), w.stage_p, w.stage_g, staging_a, staging_b);
+        adam_epilogue(R, 0, start, w.exp_avg, w.exp_avg_sq, w.out, a);
+      } else {
+        at::Tensor R = r_buf.narrow(0, 0, width * w.r).view({width, w.r});  // R[rows, :] = G[rows, :] Q^T
+        tile_gemm(R, w.grad.narrow(0, start, width), w.proj.t(), w.stage_g, w.stage_p, staging_a, staging_b);
+        adam_epilogue(R, start, 0, w.exp_avg, w.exp_avg_sq, w.out, a);
+      }
+    }
+  });
+}
+
+AdamScalars adam_scalars(double beta1, double beta2, double eps) {
+  return AdamScalars{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+                     static_cast<float>(1.0 - beta2), 1.0f, 1.0f, static_cast<float>(eps)};
+}
+
+// Plan the tiles of checked weights and run them.
+void plan_and_run(std::vector<Weight>& weights, bool left, const AdamScalars& a) {
+  // a weight worth a thread or more (of the call's total work) is cut into a multiple of the thread count
+  int64_t total = 0;
+  std::vector<int64_t> work(weights.size());
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const Weight& w = weights[i];
+    work[i] = w.grad.numel() * w.r;
+    total += work[i];
+  }
+  const int64_t threads = at::get_num_threads();
+  for (size_t i = 0; i < weights.size(); ++i)
+    plan_tiles(weights[i], left, work[i] * threads >= total && work[i] >= kMinMacsPerRun * 2);
+  run_weights(weights, left, a);
 }
 
 }  // namespace
 
 void project_adam_(
-    const at::Tensor& grad_in,
-    const at::Tensor& proj_in,
+    const at::Tensor& grad,
+    const at::Tensor& proj,
     const at::Tensor& exp_avg,
     const at::Tensor& exp_avg_sq,
     const at::Tensor& out,
@@ -134,69 +296,37 @@ void project_adam_(
     const at::Scalar& bias_correction1,
     const at::Scalar& bias_correction2) {
   const bool left = is_left_side(side);
-  check_cpu_float(grad_in, "grad", false);
-  check_cpu_float(proj_in, "proj", true);
-  check_cpu_float(exp_avg, "exp_avg", true);
-  check_cpu_float(exp_avg_sq, "exp_avg_sq", true);
-  check_cpu_float(out, "out", true);
-  TORCH_CHECK(grad_in.dim() == 2 && proj_in.dim() == 2, "project_adam_: grad and proj must be 2-D");
-  // detach: nothing here is differentiable, so the ATen calls below never record
-  // autograd history, whatever the caller's grad mode
-  const at::Tensor grad = grad_in.detach(), proj = proj_in.detach();
-  const int64_t m = grad.size(0), n = grad.size(1);
-  const int64_t r = left ? proj.size(1) : proj.size(0);
-  TORCH_CHECK(left ? proj.size(0) == m : proj.size(1) == n, "project_adam_: proj shape ", proj.sizes(),
-              " does not match grad ", grad.sizes(), " for side=", std::string(side));
-  const std::vector<int64_t> low_shape = left ? std::vector<int64_t>{r, n} : std::vector<int64_t>{m, r};
-  for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &out})
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(low_shape), "project_adam_: moments and out must be ", low_shape,
-                ", got ", t->sizes());
+  std::vector<Weight> weights{checked_weight(grad, proj, exp_avg, exp_avg_sq, out, left,
+                                             bias_correction1.to<double>(), bias_correction2.to<double>(), "")};
+  plan_and_run(weights, left, adam_scalars(beta1.to<double>(), beta2.to<double>(), eps.to<double>()));
+}
 
-  const double b1 = beta1.to<double>(), b2 = beta2.to<double>();
-  const AdamScalars a{
-      static_cast<float>(b1),
-      static_cast<float>(b2),
-      static_cast<float>(1.0 - b1),
-      static_cast<float>(1.0 - b2),
-      static_cast<float>(bias_correction1.to<double>()),
-      static_cast<float>(bias_correction2.to<double>()),
-      static_cast<float>(eps.to<double>()),
-  };
-  const Strided m_s{exp_avg.data_ptr<float>(), exp_avg.stride(0), exp_avg.stride(1)};
-  const Strided v_s{exp_avg_sq.data_ptr<float>(), exp_avg_sq.stride(0), exp_avg_sq.stride(1)};
-  const Strided o_s{out.data_ptr<float>(), out.stride(0), out.stride(1)};
-
-  const int64_t extent = left ? n : m;  // left tiles split the columns of G, right tiles its rows
-  if (extent == 0 || r == 0) return;  // an empty subspace: nothing to update (and no tiles to size)
-  const int64_t max_width = std::clamp<int64_t>(kMaxTileElems / std::max<int64_t>(r, 1), 16, kMaxTileWidth);
-  const int64_t width = balanced_tile_width(extent, max_width, at::get_num_threads());
-  const int64_t tiles = ceil_div(extent, width);
-  const auto f32 = grad.options().dtype(at::kFloat);
-  const int64_t row_bytes = std::max(grad.stride(0), grad.stride(1)) * grad.element_size();
-  // fp32 G is staged only for left tiles (narrow column blocks); right tiles take whole
-  // rows of G, which BLAS packs well at any stride (4096^2, rank 128: 40 ms in place,
-  // 47.5 ms staged). See tile_gemm.
-  const bool stage = grad.scalar_type() != at::kFloat || (left && row_bytes % 4096 == 0);
-
-  const at::ThreadLocalState caller_state;  // grad/inference mode of the calling thread
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-    const at::ThreadLocalStateGuard same_state_as_caller(caller_state);
-    at::Tensor r_buf = at::empty({r * width}, f32);
-    // holds a width x padded_ld(kStageDepth) or kStageDepth x padded_ld(width) block
-    at::Tensor staging = stage ? at::empty({(kStageDepth + 16) * (width + 16)}, f32) : at::Tensor();
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t start = t * width, w = std::min(width, extent - start);
-      if (left) {
-        at::Tensor R = r_buf.narrow(0, 0, r * w).view({r, w});  // R[:, start:start+w] = P^T G[:, cols]
-        tile_gemm(R, proj.t(), grad.narrow(1, start, w), /*g_is_a=*/false, stage, staging);
-        adam_epilogue(R, 0, start, m_s, v_s, o_s, a);
-      } else {
-        at::Tensor R = r_buf.narrow(0, 0, w * r).view({w, r});  // R[rows, :] = G[rows, :] Q^T
-        tile_gemm(R, grad.narrow(0, start, w), proj.t(), /*g_is_a=*/true, stage, staging);
-        adam_epilogue(R, start, 0, m_s, v_s, o_s, a);
-      }
-    }
-  });
+void project_adam_foreach_(
+    at::TensorList grads,
+    at::TensorList projs,
+    at::TensorList exp_avgs,
+    at::TensorList exp_avg_sqs,
+    at::TensorList outs,
+    c10::string_view side,
+    double beta1,
+    double beta2,
+    double eps,
+    const at::Tensor& bias_corrections) {
+  const bool left = is_left_side(side);
+  const int64_t count = static_cast<int64_t>(grads.size());
+  TORCH_CHECK(projs.size() == grads.size() && exp_avgs.size() == grads.size() &&
+                  exp_avg_sqs.size() == grads.size() && outs.size() == grads.size(),
+              "project_adam_foreach_: the lists must have one tensor per weight, got ", grads.size(), ", ",
+              projs.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", outs.size());
+  check_foreach_scalars(bias_corrections, count, 2, "bias_corrections");
+  const auto bc = bias_corrections.accessor<double, 2>();
+  // every weight is checked before the first one is written
+  std::vector<Weight> weights;
+  weights.reserve(count);
+  for (int64_t i = 0; i < count; ++i)
+    weights.push_back(checked_weight(grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], outs[i], left, bc[i][0],
+                                     bc[i][1], index_suffix(i, true)));
+  plan_and_run(weights, left, adam_scalars(beta1, beta2, eps));
 }
 
 }  // namespace owlore

@@ -10,6 +10,9 @@ TORCH_LIBRARY_IMPL(owlore, CPU, m) {
   m.impl("outlier_count", &owlore::outlier_count);
   m.impl("project_adam_", &owlore::project_adam_);
   m.impl("back_project_update_", &owlore::back_project_update_);
+  m.impl("project_adam_foreach_", &owlore::project_adam_foreach_);
+  m.impl("back_project_update_foreach_", &owlore::back_project_update_foreach_);
+  m.impl("adamw_foreach_", &owlore::adamw_foreach_);
 }
 
 // A Python module with no functions: importing it loads this library, whose

@@ -1,4 +1,4 @@
-"""OwLoreAdamW on sharded params: FSDP2 (``torch.distributed.fsdp.fully_shard``) and in-backward steps.
+"""OwLoreAdamW on sharded params: FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 FSDP2 hands the optimizer DTensor params, each sharded over a 1-D device mesh
 of W ranks by rows (``Shard(0)``, the default, uneven shards included) or by
@@ -41,35 +41,23 @@ gradient is 180 MB; with 8 ranks each holds 22 MB of it).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import sys
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from ._dtensor import is_dtensor
 from .ops.back_project_update import back_project_update_
 from .ops.project_adam import adam_normalized_, project_adam_, project_reference
 from .projector import projection_side, randomized_svd_of_operator, refresh_seed, subspace_shape
+from .update_rule import galore_coefficients, new_galore_state, nonfinite_refresh_error, refresh_due
 
-# imported where a DTensor is at hand, not here: torch.distributed.tensor takes ~0.5 s to import
-_DTENSOR_MODULE = "torch.distributed.tensor"
+# torch.distributed.tensor is imported where a DTensor is at hand, not here: it takes ~0.5 s
 
-__all__ = ["owlore_shard_placement", "InBackwardSteps", "is_dtensor", "local_tensor"]
-
-
-def is_dtensor(t: Any) -> bool:
-    # a DTensor can exist only once its module is imported, so an unimported module means "no"
-    module = sys.modules.get(_DTENSOR_MODULE)
-    return module is not None and isinstance(t, module.DTensor)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (no copy), or ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
+__all__ = ["owlore_shard_placement", "check_param_layout", "galore_update_sharded"]
 
 
 # ------------------------------------------------------------------ checks
@@ -227,19 +215,11 @@ def sharded_randomized_projection(
 
 
 # -------------------------------------------------------------- the step
-def _galore_coefficients(group: dict[str, Any], step: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Keyword arguments of project_adam_ (``adam``) and back_project_update_ (``update``) at update ``step``,
-    exactly as OwLoreAdamW's one-process GaLore update builds them."""
-    from .optim import _galore_coefficients as coefficients  # optim imports this module
-
-    return coefficients(group, step)
-
-
-def galore_update_sharded(optimizer: torch.optim.Optimizer, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-    """One GaLore update of a Shard(0)/Shard(1) DTensor weight (see the module docstring's table)."""
+def galore_update_sharded(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+    """One GaLore update of a Shard(0)/Shard(1) DTensor weight ``p`` whose optimizer state is ``state``
+    (created here when empty; see the module docstring's table). ``index`` seeds the refreshes."""
     from torch.distributed.tensor import Replicate, Shard
 
-    state = optimizer.state[p]
     mesh = p.device_mesh
     axis = _MeshAxis(mesh)
     shard_dim = p.placements[0].dim
@@ -249,23 +229,21 @@ def galore_update_sharded(optimizer: torch.optim.Optimizer, p: torch.Tensor, gro
     # left: r x n by columns; right: m x r by rows; full: r x r, replicated
     moment_placement = {"left": Shard(1), "right": Shard(0), "full": Replicate()}[side]
     if not state:
-        state["step"] = 0
-        shape = subspace_shape(p.shape, rank, side)
-        for key in ("exp_avg", "exp_avg_sq"):
+
+        def zeros(shape: tuple[int, ...]) -> torch.Tensor:
             local_shape = list(shape)
             if moment_placement != Replicate():
                 local_shape[moment_placement.dim] = axis.chunk(shape[moment_placement.dim])[1]
-            state[key] = _sharded(torch.zeros(local_shape, dtype=torch.float32, device=p.device), mesh,
-                                  moment_placement, shape)
+            return _sharded(torch.zeros(local_shape, dtype=torch.float32, device=p.device), mesh, moment_placement,
+                            shape)
+
+        state.update(new_galore_state(p.shape, rank, side, zeros))
     grad = p.grad.to_local()
-    if state["step"] % group["update_proj_gap"] == 0:
+    if refresh_due(state, group):
         # every rank must reach the same verdict, or the others would wait in the next collective forever
         bad = torch.tensor([0.0 if bool(torch.isfinite(grad).all()) else 1.0], device=p.device)
         if axis.all_reduce(bad).item() > 0:
-            raise RuntimeError(
-                f"OwLoreAdamW: the gradient of param {index} (shape {tuple(p.shape)}) has NaN or inf entries "
-                f"at a subspace refresh (update {state['step'] + 1}); its projection cannot be computed"
-            )
+            raise nonfinite_refresh_error(index, p.shape, state["step"] + 1)
         left, right = sharded_randomized_projection(
             p.grad, rank, side, oversample=group["oversample"], power_iters=group["power_iters"],
             seed=refresh_seed(group["seed"], index, state["step"]),
@@ -277,7 +255,11 @@ def galore_update_sharded(optimizer: torch.optim.Optimizer, p: torch.Tensor, gro
             placement = Shard(1) if shard_dim == 1 else Replicate()
             state["proj_right"] = _sharded(_local_chunk(right, axis, placement), mesh, placement, tuple(right.shape))
     state["step"] += 1
-    adam, update = _galore_coefficients(group, state["step"])
+    numbers = galore_coefficients(group, state["step"])
+    beta1, beta2 = group["betas"]
+    adam = dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction1=numbers.bias_correction1,
+                bias_correction2=numbers.bias_correction2)
+    update = dict(beta=numbers.beta, alpha=numbers.alpha)
     backend = group["backend"]
     weight = p.to_local()
     exp_avg, exp_avg_sq = state["exp_avg"].to_local(), state["exp_avg_sq"].to_local()
@@ -367,93 +349,3 @@ def owlore_shard_placement(
         return Shard(1) if id(param) in by_columns else None
 
     return placement
-
-
-# ------------------------------------------------------ in-backward steps
-class InBackwardSteps:
-    """Hooks that step each param as soon as its gradient is ready, then free the gradient.
-
-    Made by ``OwLoreAdamW.register_step_hooks``. Each hooked param is updated
-    inside ``loss.backward()``, from ``register_post_accumulate_grad_hook``
-    (under FSDP2, after the reduce-scatter, on the sharded gradient), and its
-    ``.grad`` is set to None, so at most one param's gradient (per FSDP2 unit:
-    the unit's sharded gradients, which share one buffer) is alive at a time.
-    ``optimizer.step()`` and ``zero_grad()`` then find no gradient and do
-    nothing; LR schedulers keep working on the param groups.
-
-    Gradient accumulation: run the backward of every micro-batch but the last
-    inside ``with hooks.no_step():``; gradients accumulate in ``.grad`` as
-    usual and the last backward steps.
-
-    Clipping by the global gradient norm cannot be done in-backward (no param
-    can wait for every gradient): use ``step()`` after backward when you need
-    it, or clip each gradient in a post-accumulate-grad hook of your own
-    registered before these (hooks run in registration order). With DDP, or
-    plain params in a multi-process job, the constructor raises: a hook sees
-    the local gradient before DDP averages it.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, params: Union[nn.Module, Iterable[torch.Tensor]]):
-        if isinstance(params, nn.parallel.DistributedDataParallel):
-            raise ValueError(
-                "register_step_hooks: the model is wrapped in DistributedDataParallel, whose gradients are still "
-                "un-averaged when a param's hook runs (DDP all-reduces buckets afterwards), so each rank would step "
-                "on its own gradient. Use optimizer.step() after backward with DDP, or shard with FSDP2 "
-                "(fully_shard), whose hooks run after the reduce-scatter."
-            )
-        wanted = list(params.parameters()) if isinstance(params, nn.Module) else (
-            [params] if isinstance(params, torch.Tensor) else list(params))
-        wanted_ids = {id(p) for p in wanted}
-        where: dict[int, tuple[torch.Tensor, dict[str, Any], int, int]] = {}
-        index = -1
-        for group_index, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                index += 1
-                if id(p) in wanted_ids:
-                    where[id(p)] = (p, group, group_index, index)
-        missing = [tuple(p.shape) for p in wanted if id(p) not in where]
-        if missing:
-            raise ValueError(
-                f"register_step_hooks: {len(missing)} param(s) (shapes {missing[:5]}) are not in the optimizer; "
-                "hooks can only step params the optimizer holds"
-            )
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            plain = [tuple(p.shape) for p, *_ in where.values() if not is_dtensor(p)]
-            if plain:
-                raise ValueError(
-                    f"register_step_hooks: {len(plain)} param(s) (shapes {plain[:5]}) are plain tensors in a "
-                    f"{dist.get_world_size()}-process job: with DDP a param's hook sees its local, un-averaged "
-                    "gradient (DDP all-reduces later). In-backward steps need FSDP2 (fully_shard) params, or one "
-                    "process; with DDP use optimizer.step() after backward."
-                )
-        for p, group, group_index, index in where.values():
-            optimizer._check_param(p, group, group_index, index)
-        self.optimizer = optimizer
-        self.stepping = True
-        self._handles = [entry[0].register_post_accumulate_grad_hook(self._hook(*entry)) for entry in where.values()]
-
-    def _hook(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> Callable:
-        def step_now(param: torch.Tensor) -> None:
-            if not self.stepping or param.grad is None:
-                return
-            with torch.no_grad():
-                self.optimizer._check_param(param, group, group_index, index)
-                self.optimizer._step_param(param, group, index)
-            param.grad = None
-
-        return step_now
-
-    @contextlib.contextmanager
-    def no_step(self) -> Iterator[None]:
-        """Backward passes inside only accumulate gradients (the micro-batches before the last)."""
-        previous, self.stepping = self.stepping, False
-        try:
-            yield
-        finally:
-            self.stepping = previous
-
-    def remove(self) -> None:
-        """Remove the hooks: step() after backward works as usual again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

@@ -1,33 +1,56 @@
 """OwLoreAdamW: AdamW whose 2-D weights can train in a GaLore low-rank subspace."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
-import warnings
 from itertools import chain
-from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch.optim import Optimizer
 
-from .distributed import InBackwardSteps, check_param_layout, galore_update_sharded, is_dtensor, local_tensor
+from ._dtensor import is_dtensor, local_tensor
+from .distributed import check_param_layout, galore_update_sharded
+from .in_backward import InBackwardSteps
 from .ops import BACKENDS, resolve
-from ._checks import row_chunks
-from .ops.back_project_update import back_project_update_
-from .ops.project_adam import project_adam_, project_reference
-from .projector import PROJ_METHODS, PROJ_TYPES, compute_projection, projection_side, refresh_seed, subspace_shape
+from .ops.adamw import adamw_foreach_
+from .ops.back_project_update import back_project_update_, back_project_update_foreach_
+from .ops.project_adam import project_adam_, project_adam_foreach_, project_reference
+from .projector import PROJ_METHODS, PROJ_TYPES, compute_projection, projection_side, refresh_seed
+from .resume import check_loadable, check_state_fits, from_galore_torch, is_galore_torch_state
+from ._warnings import warn_at_caller
+from .update_rule import (VARIANTS, GaloreCoefficients, PlainCoefficients, galore_coefficients, new_galore_state,
+                          nonfinite_refresh_error, plain_coefficients, refresh_due, updates_done)
 
-__all__ = ["OwLoreAdamW", "VARIANTS"]
+__all__ = ["OwLoreAdamW", "VARIANTS", "STATE_DTYPES"]
 
-# "galore": galore-torch 1.0's GaLoreAdamW (and transformers' old AdamW): eps is added to
-# sqrt(v) before the bias correction, which goes into the step size, and weight decay
-# multiplies W after the update. "torch": torch.optim.AdamW: eps added to sqrt(v_hat),
-# decay first.
-VARIANTS = ("galore", "torch")
+# Adam moments: fp32 (default), or bf16 to halve the optimizer state (math stays fp32; each stored
+# moment is rounded to bf16, 8 bits of mantissa: a relative error of at most 2^-9 per step)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 # Keys a param group may carry besides the options: torch's LR schedulers add
 # "initial_lr", users often add "name". Unknown keys are allowed, but one that is a
 # near miss of an option (a typo such as "rnak") raises: it would silently make a plain group.
 _KNOWN_EXTRA_KEYS = ("params", "initial_lr", "name")
+# Keys that are no typo of an option but name one the way other libraries or papers do; a group
+# carrying one would silently lose that setting (or become plain AdamW), so they warn.
+_OPTION_ALIASES = {"r": "rank", "galore_rank": "rank", "proj_rank": "rank", "proj_gap": "update_proj_gap",
+                   "gap": "update_proj_gap", "T": "update_proj_gap", "galore_scale": "scale", "alpha": "scale",
+                   "projection_type": "proj_type", "learning_rate": "lr", "wd": "weight_decay",
+                   "beta1": "betas", "beta2": "betas"}
+
+
+def _option_meant(key: str, options: dict[str, Any]) -> Optional[str]:
+    """The option an unknown key seems to mean: a known alias, or an option whose words it shares
+    (``galore_update_proj_gap`` -> ``update_proj_gap``, ``proj_method_name`` -> ``proj_method``)."""
+    if key in _OPTION_ALIASES:
+        return _OPTION_ALIASES[key]
+    words = set(key.lower().split("_"))
+    for option in options:
+        option_words = set(option.split("_"))
+        if option_words <= words or (len(option_words) > 1 and len(option_words & words) >= 2):
+            return option
+    return None
 
 
 class OwLoreAdamW(Optimizer):
@@ -56,12 +79,16 @@ class OwLoreAdamW(Optimizer):
     differ where eps is comparable to sqrt(v), e.g. for gradients of ~1e-5 at
     eps=1e-6, by 10-60% of the first updates.
 
-    Moments are fp32 for fp32/bf16/fp16 params (fp64 for fp64 plain params); P
-    is fp32. R and P N are never stored at full size: the fused ops
-    (``owlore_kernels.ops``) run Adam in the projection GEMM's epilogue and apply
-    the back-projection to W in place; plain weights are updated a row chunk
-    at a time, so no step makes a full-size temporary. The state holds only
-    tensors and ints, so ``torch.load(weights_only=True)`` reads checkpoints.
+    Moments are fp32 (``state_dtype=torch.bfloat16``: bf16, half the state; fp64
+    for fp64 plain params), the math fp32; P is fp32 (on CUDA, bf16/fp16 weights
+    also keep a copy of P in their dtype, ``proj_dot``, for the GEMMs). One step
+    is a handful of op calls, not two per weight: the weights are grouped by
+    param group, device, dtype and side, and each group takes one call of each
+    multi-tensor op (``owlore_kernels.ops``: ``project_adam_foreach_`` runs Adam
+    in the projection GEMM's epilogue, ``back_project_update_foreach_`` applies
+    P N to W in place, ``adamw_foreach_`` updates the plain weights), so R and
+    P N are never stored at full size. The state holds only tensors and ints,
+    so ``torch.load(weights_only=True)`` reads checkpoints.
 
     Args:
         params: params or param groups (galore-torch's format works unchanged).
@@ -88,12 +115,20 @@ class OwLoreAdamW(Optimizer):
         backend: ``None`` (auto: Triton on CUDA, C++ on CPU, else torch) or
             ``"triton"`` / ``"cpp"`` / ``"torch"`` to force one; a forced
             backend that is missing raises at the first step.
+        state_dtype: dtype of the Adam moments, ``torch.float32`` (default) or
+            ``torch.bfloat16`` (galore-torch keeps them in the weight's dtype).
+
+    NaN or inf gradients are not checked between refreshes (torch's own
+    optimizers do not check either): they reach the weights. At a refresh
+    they raise, since no basis can be computed from them.
 
     Extra methods: ``release(params)`` frees all state of those params;
+    ``step_param(p)`` steps one param now (checks included);
+    ``check_params(params)`` raises for params it could not step;
     ``state_bytes()`` counts the bytes held in state (this rank's shards under
     FSDP2); ``register_step_hooks(model_or_params)`` steps each param inside
     backward as soon as its gradient is ready and frees that gradient
-    (``owlore_kernels.distributed.InBackwardSteps``: gradient accumulation via
+    (``owlore_kernels.in_backward.InBackwardSteps``: gradient accumulation via
     ``no_step()``, ``remove()``; global-norm clipping is not possible there).
 
     FSDP2 (``fully_shard``) DTensor params are stepped shard by shard without
@@ -133,6 +168,7 @@ class OwLoreAdamW(Optimizer):
         seed: int = 0,
         variant: str = "galore",
         backend: Optional[str] = None,
+        state_dtype: torch.dtype = torch.float32,
     ):
         if not isinstance(no_deprecation_warning, bool):
             raise ValueError(f"Invalid no_deprecation_warning={no_deprecation_warning!r}: must be a bool")
@@ -140,6 +176,7 @@ class OwLoreAdamW(Optimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, correct_bias=correct_bias, rank=rank,
             update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type, proj_method=proj_method,
             oversample=oversample, power_iters=power_iters, seed=seed, variant=variant, backend=backend,
+            state_dtype=state_dtype,
         )
         _check_options(defaults, "")
         super().__init__(params, defaults)
@@ -160,9 +197,15 @@ class OwLoreAdamW(Optimizer):
         where = f" in param group {len(self.param_groups)}"
         known = set(self.defaults) | set(_KNOWN_EXTRA_KEYS)
         for key in group:
+            if key in known:
+                continue
             close = difflib.get_close_matches(str(key), sorted(self.defaults), n=1, cutoff=0.75)
-            if key not in known and close:
+            if close:
                 raise ValueError(f"Unknown key {key!r}{where}: did you mean {close[0]!r}? (options: {sorted(self.defaults)})")
+            meant = _option_meant(str(key), self.defaults)
+            if meant is not None:
+                warn_at_caller(f"Unknown key {key!r}{where} is ignored; did you mean the option {meant!r}? (this "
+                               f"group uses {meant}={({**self.defaults, **group})[meant]!r})")
         merged = {**self.defaults, **group}
         _check_options(merged, where)
         if merged["rank"] is not None:
@@ -170,12 +213,12 @@ class OwLoreAdamW(Optimizer):
                 _check_galore_param(p, merged["rank"], where)
             small = sorted({tuple(p.shape) for p in params if merged["rank"] >= min(p.shape)})
             if small:
-                warnings.warn(
+                warn_at_caller(
                     f"rank={merged['rank']}{where} is >= min(m, n) for weight shape(s) {small}: they are projected on "
-                    f"a full basis and scaled by scale={merged['scale']}, as galore-torch does, and save no memory",
-                    stacklevel=3,
+                    f"a full basis and scaled by scale={merged['scale']}, as galore-torch does, and save no memory"
                 )
         super().add_param_group(group)
+        self._where = None  # positions of params (``_locate``) are rebuilt on next use
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -206,7 +249,18 @@ class OwLoreAdamW(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; state tensors keep their saved dtype (fp32 moments of
-        a bf16 param stay fp32) and only move to the param's device."""
+        a bf16 param stay fp32) and only move to the param's device.
+
+        The checkpoint is checked against the params it is loaded into before anything is
+        loaded (``owlore_kernels.resume.check_loadable``): group and param counts, each group's
+        rank and proj_type, and each param's moment and basis shapes; a mismatch raises
+        ``ValueError`` naming the param, the expected and the found shape, and nothing changes.
+        A galore-torch 1.0 ``GaLoreAdamW`` state dict is taken over (moments, basis and step
+        count; ``owlore_kernels.resume.from_galore_torch``), so a galore-torch run continues here.
+        """
+        if is_galore_torch_state(state_dict):
+            state_dict = from_galore_torch(state_dict, self.param_groups)
+        check_loadable(self.param_groups, state_dict)
         self._loading = state_dict
         try:
             super().load_state_dict(state_dict)
@@ -233,53 +287,148 @@ class OwLoreAdamW(Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step; params whose ``grad`` is None are skipped.
 
-        Two parts: ``_schedule`` (checks, state, step counts, subspace refreshes, step sizes,
-        sharded updates) runs eagerly, also under ``torch.compile``, where it is the step's one
-        graph break; ``_apply`` (the Adam updates and the fused ops) is traced, with the per-step
-        numbers as 0-dim tensor inputs, so a compiled step does not recompile as they change.
+        Reads top to bottom: ``_schedule`` checks every param, groups those with a gradient into
+        batches (one per param group, device, dtype and projection side), refreshes the subspaces
+        that are due and counts the update; then each batch runs its fused ops. ``_schedule`` runs
+        eagerly, also under ``torch.compile``, where it is the step's one graph break; the batches
+        run traced, with the per-step numbers as tensor inputs, so a compiled step does not
+        recompile as they change.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for update in self._schedule(torch.compiler.is_compiling()):
-            _apply(update)
+        for batch in self._schedule():
+            batch.run()
         return loss
+
+    def step_param(self, p: torch.Tensor) -> None:
+        """Update one param now, if it has a gradient (what an in-backward hook calls): the same
+        checks, refresh and update as ``step()`` gives it."""
+        with torch.no_grad():
+            for batch in self._schedule(only=p):
+                batch.run()
+
+    def check_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Raise if any of ``params`` is not held by this optimizer or (with its gradient, if any) cannot
+        be updated by it; modifies nothing."""
+        for p in params:
+            self._check_param(*self._locate(p))
+
+    def register_step_hooks(self, params: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> InBackwardSteps:
+        """Step each of ``params`` (or a module's params) inside backward, as soon as its gradient is
+        ready, and free that gradient; see ``owlore_kernels.in_backward.InBackwardSteps``."""
+        return InBackwardSteps(self, params)
 
     # torch.compiler.disable, applied at the first call (as torch.optim does for its own
     # eager-only methods): importing torch._dynamo, which imports torch.distributed.tensor,
     # takes about a second that `import owlore_kernels` should not cost a user who never compiles
     @torch._disable_dynamo
-    def _schedule(self, as_tensors: bool) -> list["_Update"]:
-        """Check every param, then advance the state of each param with a gradient and return its
-        update for ``_apply``; sharded GaLore params (collectives) are updated here instead.
-        ``as_tensors``: the per-step coefficients as a float64 CPU tensor (for a traced ``_apply``)."""
-        # index: a param's position across all groups (it seeds the param's refreshes); sharded: a DTensor
-        # in a GaLore group, updated whole here (its collectives raise on every rank alike)
-        params = [(p, group, group_index, group["rank"] is not None and is_dtensor(p))
-                  for group_index, group in enumerate(self.param_groups) for p in group["params"]]
-        for index, (p, group, group_index, sharded) in enumerate(params):  # every check before any state moves
-            self._check_param(p, group, group_index, index)
-            if p.grad is not None and group["rank"] is not None and not sharded:
-                self._check_refresh_gradient(p, group, index)
-        for index, (p, group, _, sharded) in enumerate(params):
-            if p.grad is not None and sharded:
-                galore_update_sharded(self, p, group, index)
-        updates = []
-        before: list[tuple[torch.Tensor, Optional[dict[str, Any]]]] = []
+    def _schedule(self, only: Optional[torch.Tensor] = None) -> list[Union["GaloreBatch", "PlainBatch"]]:
+        """Everything of one step but the updates of one-process weights, eagerly.
+
+        1. Check every param (or ``only``) before any state moves.
+        2. Update sharded GaLore weights here, whole (their collectives are eager).
+        3. For the rest: create state, refresh the subspaces that are due, count the update, and
+           group them into batches (see ``_batch_key``). If a refresh fails midway, the params
+           already advanced get their state back.
+        Each batch carries its per-step numbers as one float64 CPU tensor: the fused ops read it on
+        the host, and a traced run takes it as a graph input, so new numbers do not recompile.
+        """
+        entries = [self._locate(only)] if only is not None else [
+            (p, group, group_index, index) for index, (p, group, group_index) in enumerate(self._all_params())]
+        for entry in entries:
+            self._check_param(*entry)
+        stepping = [(p, group, index) for p, group, _, index in entries if p.grad is not None]
+        for p, group, index in stepping:
+            if _is_galore(group) and not is_dtensor(p) and refresh_due(self.state.get(p, {}), group):
+                if not bool(torch.isfinite(p.grad).all()):  # one pass over G per refresh, not per step
+                    raise nonfinite_refresh_error(index, p.shape, updates_done(self.state.get(p, {})) + 1)
+        for p, group, index in stepping:
+            if _is_galore(group) and is_dtensor(p):
+                galore_update_sharded(self.state[p], p, group, index)
+        local = [(p, group, index) for p, group, index in stepping if not (_is_galore(group) and is_dtensor(p))]
+        batches: dict[tuple, Union[GaloreBatch, PlainBatch]] = {}
+        with self._state_restored_on_error([p for p, _, _ in local]):
+            for p, group, index in local:
+                self._advance(p, group, index)
+                key = _batch_key(p, group)
+                if key not in batches:
+                    batches[key] = _new_batch(p, group)
+                batches[key].add(p, self.state[p], group)
+        return [batch.finish() for batch in batches.values()]
+
+    def _advance(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        """Create ``p``'s state if it has none, refresh its subspace when due, and count the update."""
+        state = self.state[p]
+        # fp64 params keep fp64 moments; the others state_dtype's (fp32 or bf16), math in fp32 always
+        moment_dtype = torch.float64 if p.dtype == torch.float64 else group["state_dtype"]
+        if not _is_galore(group):
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
+        else:
+            rank, side = _rank_and_side(p, group)
+            if not state:
+                state.update(new_galore_state(p.shape, rank, side, lambda shape: torch.zeros(
+                    shape, dtype=moment_dtype, device=p.device)))
+            if refresh_due(state, group):
+                left, right = compute_projection(
+                    p.grad, rank, side, group["proj_method"], oversample=group["oversample"],
+                    power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),
+                )
+                for key, basis in (("proj_left", left), ("proj_right", right)):
+                    if basis is not None:
+                        state[key] = basis
+                state.pop("proj_dot", None)  # made again from the new basis (``GaloreBatch.add``)
+        state["step"] += 1
+
+    @contextlib.contextmanager
+    def _state_restored_on_error(self, params: list[torch.Tensor]) -> Iterator[None]:
+        """On an exception (a refresh's decomposition failing, say), put back the state each of ``params``
+        had before: entries are replaced, never modified in place, so a shallow copy suffices."""
+        before = [(p, dict(self.state[p]) if p in self.state else None) for p in params]
         try:
-            for index, (p, group, _, sharded) in enumerate(params):
-                if p.grad is not None and not sharded:
-                    before.append((p, dict(self.state[p]) if p in self.state else None))
-                    updates.append(self._prepare(p, group, index, as_tensors))
-        except BaseException:  # e.g. a refresh's decomposition failing: put back the params prepared so far
+            yield
+        except BaseException:
             for p, state in before:
                 if state is None:
                     self.state.pop(p, None)
                 else:
                     self.state[p] = state
             raise
-        return updates
+
+    def _all_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any], int]]:
+        """(param, its group, the group's index) over all groups, in order; a param's position in
+        this order is its index (it seeds the param's refreshes)."""
+        for group_index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                yield p, group, group_index
+
+    def _locate(self, p: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], int, int]:
+        """(p, group, group index, index) of a held param; raises ValueError for one not held.
+        In-backward steps call this once per param and step: a cache of positions, checked at every
+        use and rebuilt on a miss, keeps it O(1) instead of a scan of all params."""
+        where = self.__dict__.get("_where") or {}
+        hit = where.get(id(p))
+        if hit is not None:
+            group_index, position, index = hit
+            groups = self.param_groups
+            if group_index < len(groups) and position < len(groups[group_index]["params"]) \
+                    and groups[group_index]["params"][position] is p:
+                return p, groups[group_index], group_index, index
+        where = {}
+        index = 0
+        for group_index, group in enumerate(self.param_groups):
+            for position, q in enumerate(group["params"]):
+                where[id(q)] = (group_index, position, index)
+                index += 1
+        self._where = where
+        if id(p) not in where:
+            raise ValueError(f"a param of shape {tuple(p.shape)} is not held by this optimizer")
+        group_index, _, index = where[id(p)]
+        return p, self.param_groups[group_index], group_index, index
 
     def _check_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
         """Raise if ``p`` (or its gradient) is something this optimizer cannot update; modifies nothing."""
@@ -288,234 +437,139 @@ class OwLoreAdamW(Optimizer):
             return
         if p.grad.is_sparse:
             raise RuntimeError("OwLoreAdamW does not support sparse gradients")
-        if group["rank"] is not None and not is_dtensor(p):
+        where = f"param {index} (param group {group_index}, shape {tuple(p.shape)}, {p.dtype} on {p.device})"
+        if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+            raise ValueError(f"{where} has a gradient of shape {tuple(p.grad.shape)}, {p.grad.dtype} on "
+                             f"{p.grad.device}; it must match the param")
+        if self.state.get(p):  # state loaded or made for another shape fails here, before any param moves
+            check_state_fits(self.state[p], p, group, where)
+        if _is_galore(group) and not is_dtensor(p):
             _check_galore_param(p, group["rank"], f" in param group {group_index}")
-        if group["rank"] is not None and group["backend"] is not None:
+        if _is_galore(group) and group["backend"] is not None:
             for op in ("project_adam", "back_project_update"):  # a forced backend must be there and run here
                 resolve(op, p.device, group["backend"])
 
-    def _step_param(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """Update one checked param with a gradient now (an in-backward hook), eagerly."""
-        if group["rank"] is not None and is_dtensor(p):
-            galore_update_sharded(self, p, group, index)
+
+def _is_galore(group: dict[str, Any]) -> bool:
+    return group["rank"] is not None
+
+
+def _rank_and_side(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, str]:
+    """The rank a weight is projected at (galore-torch: a too-large rank is a full basis) and its side."""
+    return min(group["rank"], *p.shape), projection_side(p.shape, group["proj_type"])
+
+
+def _batch_key(p: torch.Tensor, group: dict[str, Any]) -> tuple:
+    """Params that share a key are updated by one batch: the same group (so the same options),
+    device and dtype, and for GaLore weights the same side."""
+    side = _rank_and_side(p, group)[1] if _is_galore(group) else ""
+    return id(group), p.device, p.dtype, side
+
+
+def _new_batch(p: torch.Tensor, group: dict[str, Any]) -> Union["GaloreBatch", "PlainBatch"]:
+    beta1, beta2 = group["betas"]
+    common = dict(beta1=beta1, beta2=beta2, eps=group["eps"], backend=group["backend"])
+    if _is_galore(group):
+        return GaloreBatch(side=_rank_and_side(p, group)[1], **common)
+    return PlainBatch(variant=group["variant"], **common)
+
+
+class _Batch:
+    """Weights updated together by one call of each fused op: their tensors (plain tensors, a DTensor's
+    local shard) as lists, and one row of per-step numbers each, which ``finish`` makes one float64
+    CPU tensor whose row i belongs to weight i."""
+
+    def __init__(self, *, beta1: float, beta2: float, eps: float, backend: Optional[str]):
+        self.beta1, self.beta2, self.eps, self.backend = beta1, beta2, eps, backend
+        self.params: list[torch.Tensor] = []
+        self.grads: list[torch.Tensor] = []
+        self.exp_avgs: list[torch.Tensor] = []
+        self.exp_avg_sqs: list[torch.Tensor] = []
+        self.coefficients: Union[list[NamedTuple], torch.Tensor] = []
+
+    def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        # detach: a traced run sees plain tensors, not Parameters, whose identity dynamo would guard
+        self.params.append(local_tensor(p).detach())
+        self.grads.append(local_tensor(p.grad))
+        self.exp_avgs.append(local_tensor(state["exp_avg"]))
+        self.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+
+    def finish(self) -> "_Batch":
+        self.coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
+        return self
+
+
+class GaloreBatch(_Batch):
+    """GaLore weights of one group, device, dtype and side: R = P^T G (or G Q^T), Adam in the subspace,
+    W <- beta W + alpha P N, with ``GaloreCoefficients`` per weight (the columns of ``coefficients``)."""
+
+    def __init__(self, *, side: str, **common):
+        super().__init__(**common)
+        self.side = side
+        self.projs: list[torch.Tensor] = []  # P (left, full) or Q (right), as the GEMMs read it
+        self.proj_rights: list[Optional[torch.Tensor]] = []  # Q of a two-sided (full) projection
+
+    def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        super().add(p, state, group)
+        self.projs.append(_dot_basis(p, state, "proj_right" if self.side == "right" else "proj_left"))
+        self.proj_rights.append(state["proj_right"] if self.side == "full" else None)
+        self.coefficients.append(galore_coefficients(group, state["step"]))
+
+    def run(self) -> None:
+        numbers = self.coefficients  # columns: GaloreCoefficients' fields
+        if self.side == "full":
+            self._run_two_sided(numbers)
             return
-        if group["rank"] is not None:
-            self._check_refresh_gradient(p, group, index)
-        _apply(self._prepare(p, group, index, as_tensors=False))
+        norms = [torch.empty_like(m, dtype=torch.float32) for m in self.exp_avgs]  # N, subspace-sized
+        project_adam_foreach_(self.grads, self.projs, self.exp_avgs, self.exp_avg_sqs, norms, side=self.side,
+                              beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_corrections=numbers[:, 0:2],
+                              backend=self.backend)
+        back_project_update_foreach_(self.params, self.projs, norms, side=self.side, coefficients=numbers[:, 2:4],
+                                     backend=self.backend)
 
-    def register_step_hooks(self, params: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> InBackwardSteps:
-        """Step each of ``params`` (or a module's params) inside backward, as soon as its gradient is
-        ready, and free that gradient; see ``owlore_kernels.distributed.InBackwardSteps``."""
-        return InBackwardSteps(self, params)
-
-    def _prepare(self, p: torch.Tensor, group: dict[str, Any], index: int, as_tensors: bool) -> "_Update":
-        """Advance ``p``'s state by one update (creating it, refreshing the subspace when due) and
-        return what ``_apply`` needs. A DTensor (FSDP2) plain param is updated on its local shards."""
-        state = self.state[p]
-        beta1, beta2 = group["betas"]
-        galore = group["rank"] is not None
-        if not galore:
-            # fp64 params keep fp64 moments and math; everything else computes in fp32
-            math_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=math_dtype, memory_format=torch.contiguous_format)
-            state["step"] += 1
-            coefficients = _adamw_coefficients(group, state["step"])
-            kind, side, proj, proj_right = ("adamw_" + group["variant"]), "", None, None
-        else:
-            rank = min(group["rank"], *p.shape)  # galore-torch: a too-large rank is a full basis
-            side = projection_side(p.shape, group["proj_type"])
-            if not state:
-                state["step"] = 0
-                shape = subspace_shape(p.shape, rank, side)
-                state["exp_avg"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=p.device)
-            if self._refresh_due(p, group):
-                self._refresh(p, group, index, rank, side)
-            state["step"] += 1
-            adam, update = _galore_coefficients(group, state["step"])
-            coefficients = (adam["bias_correction1"], adam["bias_correction2"], update["beta"], update["alpha"])
-            kind = "galore_full" if side == "full" else "galore"
-            proj = state["proj_right"] if side == "right" else state["proj_left"]
-            proj_right = state["proj_right"] if side == "full" else None
-        if as_tensors:
-            coefficients = torch.tensor(coefficients, dtype=torch.float64)
-        # a traced _apply sees plain tensors (detach: no Parameter, whose identity dynamo would guard)
-        return _Update(
-            kind=kind, param=local_tensor(p).detach(), grad=local_tensor(p.grad),
-            exp_avg=local_tensor(state["exp_avg"]), exp_avg_sq=local_tensor(state["exp_avg_sq"]),
-            proj=proj, proj_right=proj_right, side=side, beta1=beta1, beta2=beta2, eps=group["eps"],
-            decay=group["weight_decay"] > 0.0, backend=group["backend"], coefficients=coefficients,
-        )
-
-    def _check_refresh_gradient(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """Raise if ``p``'s subspace is due a refresh and its gradient has NaN or inf entries; one
-        pass over the gradient per refresh, not per step. Modifies nothing (no state is created)."""
-        if self._refresh_due(p, group) and not bool(torch.isfinite(p.grad).all()):
-            raise RuntimeError(
-                f"OwLoreAdamW: the gradient of param {index} (shape {tuple(p.shape)}) has NaN or inf entries "
-                f"at a subspace refresh (update {self._updates_done(p) + 1}); its projection cannot be computed"
-            )
-
-    def _updates_done(self, p: torch.Tensor) -> int:
-        """Updates ``p`` has had since its state was created (0 without state); creates no state."""
-        return self.state[p]["step"] if p in self.state and self.state[p] else 0
-
-    def _refresh_due(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
-        """The coming update refreshes ``p``'s subspace: the first one, then every update_proj_gap-th."""
-        return self._updates_done(p) % group["update_proj_gap"] == 0
-
-    def _refresh(self, p: torch.Tensor, group: dict[str, Any], index: int, rank: int, side: str) -> None:
-        """New bases P and/or Q from ``p``'s current gradient (checked by ``_check_refresh_gradient``)."""
-        state, grad = self.state[p], p.grad
-        left, right = compute_projection(
-            grad, rank, side, group["proj_method"], oversample=group["oversample"],
-            power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),
-        )
-        for key, basis in (("proj_left", left), ("proj_right", right)):
-            if basis is not None:
-                state[key] = basis
+    def _run_two_sided(self, numbers: torch.Tensor) -> None:
+        """R = (P^T G) Q^T is the right-side op on the r x n matrix P^T G, and W <- beta W + alpha P (N Q)
+        the left-side back-projection of N Q (r x n); rare, so one weight at a time."""
+        for i, (weight, grad, proj, proj_right) in enumerate(zip(self.params, self.grads, self.projs,
+                                                                 self.proj_rights)):
+            c = GaloreCoefficients(*numbers[i])  # 0-dim tensors: the ops' .tensor overloads
+            low = project_reference(grad, proj.float(), "left")
+            norm = project_adam_(low, proj_right, self.exp_avgs[i], self.exp_avg_sqs[i], side="right",
+                                 beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_correction1=c.bias_correction1,
+                                 bias_correction2=c.bias_correction2, backend=self.backend)
+            back_project_update_(weight, proj, norm.mm(proj_right), side="left", beta=c.beta, alpha=c.alpha,
+                                 backend=self.backend)
 
 
-class _Update(NamedTuple):
-    """One param's update, as ``OwLoreAdamW._prepare`` hands it to ``_apply``.
+class PlainBatch(_Batch):
+    """Plain AdamW weights of one group, device and dtype, with ``PlainCoefficients`` per weight."""
 
-    ``coefficients`` hold the per-step numbers, Python floats (eager) or one float64 CPU tensor
-    (under ``torch.compile``, so that they are graph inputs): for ``adamw_galore``
-    (-lr sqrt(bc2) / bc1, -lr wd); for ``adamw_torch`` (-lr / bc1, 1 - lr wd, sqrt(bc2)); for
-    ``galore`` and ``galore_full`` project_adam_'s bias corrections and back_project_update_'s
-    beta and alpha. Everything else is constant from step to step.
-    """
+    def __init__(self, *, variant: str, **common):
+        super().__init__(**common)
+        self.variant = variant
 
-    kind: str  # "adamw_galore" | "adamw_torch" | "galore" | "galore_full"
-    param: torch.Tensor
-    grad: torch.Tensor
-    exp_avg: torch.Tensor
-    exp_avg_sq: torch.Tensor
-    proj: Optional[torch.Tensor]  # P (left, full) or Q (right)
-    proj_right: Optional[torch.Tensor]  # Q of a two-sided (full) projection
-    side: str
-    beta1: float
-    beta2: float
-    eps: float
-    decay: bool
-    backend: Optional[str]
-    coefficients: Union[tuple[float, ...], torch.Tensor]
+    def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+        super().add(p, state, group)
+        self.coefficients.append(plain_coefficients(group, state["step"]))
+
+    def run(self) -> None:
+        adamw_foreach_(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, variant=self.variant,
+                       beta1=self.beta1, beta2=self.beta2, eps=self.eps, coefficients=self.coefficients,
+                       backend=self.backend)
 
 
-def _apply(u: _Update) -> None:
-    """Apply one prepared update; only tensor math and the fused ops, so torch.compile traces it."""
-    c = u.coefficients
-    if u.kind.startswith("adamw"):
-        _adamw_apply(u, c)
-        return
-    bias1, bias2, beta, alpha = c[0], c[1], c[2], c[3]
-    if u.kind == "galore_full":
-        # Two-sided: R = (P^T G) Q^T is the right-side op on the r x n matrix P^T G, and
-        # W <- beta W + alpha P (N Q) the left-side back-projection of N Q (r x n).
-        low = project_reference(u.grad, u.proj, "left")
-        norm = project_adam_(low, u.proj_right, u.exp_avg, u.exp_avg_sq, side="right", beta1=u.beta1,
-                             beta2=u.beta2, eps=u.eps, bias_correction1=bias1, bias_correction2=bias2,
-                             backend=u.backend)
-        back_project_update_(u.param, u.proj, norm.mm(u.proj_right), side="left", beta=beta, alpha=alpha,
-                             backend=u.backend)
-        return
-    norm = project_adam_(u.grad, u.proj, u.exp_avg, u.exp_avg_sq, side=u.side, beta1=u.beta1, beta2=u.beta2,
-                         eps=u.eps, bias_correction1=bias1, bias_correction2=bias2, backend=u.backend)
-    back_project_update_(u.param, u.proj, norm, side=u.side, beta=beta, alpha=alpha, backend=u.backend)
-
-
-def _adamw_apply(u: _Update, c: Union[tuple[float, ...], torch.Tensor]) -> None:
-    """AdamW on a plain param. Eagerly, one row chunk (~1M elements) at a time: the fp32 copies
-    of a bf16 chunk, sqrt(v) and the update are chunk-sized, never full-size (a 7B model's
-    131M-entry embedding would otherwise take ~1.5 GB of temporaries). Traced (``c`` is a
-    tensor), on the whole tensors: inductor fuses the update into one pass with no temporaries,
-    while chunks, in-place updates of views of its inputs, would each rebuild the whole tensor."""
-    if isinstance(c, torch.Tensor):
-        _adamw_math(u, c, u.param, u.grad, u.exp_avg, u.exp_avg_sq)
-        return
-    param = u.param
-    rows = param.shape[0] if param.dim() > 0 else 1
-    cols = param.numel() // max(rows, 1)
-    flat = (lambda t: t.reshape(rows, cols)) if param.dim() != 2 else (lambda t: t)
-    copy_back = param.dim() != 2 and not param.is_contiguous()  # reshape copies such a param
-    weight_all, grad_all = flat(param), flat(u.grad)
-    m_all, v_all = flat(u.exp_avg), flat(u.exp_avg_sq)
-    for chunk in row_chunks(rows, cols):
-        _adamw_math(u, c, weight_all[chunk], grad_all[chunk], m_all[chunk], v_all[chunk])
-    if copy_back:
-        param.copy_(weight_all.view_as(param))
-
-
-def _adamw_math(u: _Update, c: Union[tuple[float, ...], torch.Tensor], weight_store: torch.Tensor,
-                grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> None:
-    """One AdamW update of ``weight_store`` (any dtype) with fp32/fp64 moments ``m``, ``v``, in place."""
-    math_dtype = m.dtype
-    grad = grad.to(math_dtype)
-    m.mul_(u.beta1).add_(grad, alpha=1.0 - u.beta1)
-    v.mul_(u.beta2).addcmul_(grad, grad, value=1.0 - u.beta2)
-    weight = weight_store.to(math_dtype)
-    if u.kind == "adamw_galore":  # W <- (W - lr sqrt(bc2)/bc1 m / (sqrt(v) + eps)) (1 - lr wd)
-        _addcdiv_(weight, m, v.sqrt().add_(u.eps), c[0])
-        if u.decay:
-            _add_scaled_(weight, weight, c[1])
-    else:  # W <- W (1 - lr wd) - lr/bc1 m / (sqrt(v / bc2) + eps)
-        weight.mul_(c[1])
-        _addcdiv_(weight, m, v.sqrt().div_(c[2]).add_(u.eps), c[0])
-    if weight_store.dtype != math_dtype:
-        weight_store.copy_(weight)  # rounds to nearest even
-
-
-def _addcdiv_(out: torch.Tensor, num: torch.Tensor, den: torch.Tensor, value: Union[float, torch.Tensor]) -> None:
-    """out += value * num / den, where ``value`` is a number (eager) or a 0-dim tensor (traced)."""
-    if isinstance(value, torch.Tensor):
-        out.addcdiv_(num * value, den)
-    else:
-        out.addcdiv_(num, den, value=value)
-
-
-def _add_scaled_(out: torch.Tensor, other: torch.Tensor, value: Union[float, torch.Tensor]) -> None:
-    """out += value * other, where ``value`` is a number (eager) or a 0-dim tensor (traced)."""
-    if isinstance(value, torch.Tensor):
-        out.add_(other * value)
-    else:
-        out.add_(other, alpha=value)
-
-
-def _adamw_coefficients(group: dict[str, Any], step: int) -> tuple[float, ...]:
-    """The per-step numbers of a plain param's update (see ``_Update``)."""
-    lr, wd = float(group["lr"]), group["weight_decay"]
-    bias1, bias2 = _bias_corrections(group, step)
-    if group["variant"] == "galore":
-        return (-lr * math.sqrt(bias2) / bias1, -lr * wd)
-    return (-lr / bias1, 1.0 - lr * wd, math.sqrt(bias2))
-
-
-def _galore_coefficients(group: dict[str, Any], step: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Keyword arguments of project_adam_ (``adam``) and back_project_update_ (``update``) at update ``step``;
-    shared with the sharded update (``owlore_kernels.distributed``)."""
-    beta1, beta2 = group["betas"]
-    lr, wd = float(group["lr"]), group["weight_decay"]
-    bias1, bias2 = _bias_corrections(group, step)
-    if group["variant"] == "galore":
-        # N = m / (sqrt(v) + eps); W <- (W - s scale P N)(1 - lr wd), s = lr sqrt(bc2) / bc1
-        adam = dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction1=1.0, bias_correction2=1.0)
-        decay = 1.0 - lr * wd if wd > 0.0 else 1.0
-        update = dict(beta=decay, alpha=-lr * math.sqrt(bias2) / bias1 * group["scale"] * decay)
-    else:
-        adam = dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction1=bias1, bias_correction2=bias2)
-        update = dict(beta=1.0 - lr * wd, alpha=-lr * group["scale"])
-    return adam, update
-
-
-def _bias_corrections(group: dict[str, Any], step: int) -> tuple[float, float]:
-    """(1 - beta1^t, 1 - beta2^t), or (1, 1) with correct_bias=False."""
-    if not group["correct_bias"]:
-        return 1.0, 1.0
-    beta1, beta2 = group["betas"]
-    return 1.0 - beta1**step, 1.0 - beta2**step
+def _dot_basis(p: torch.Tensor, state: dict[str, Any], key: str) -> torch.Tensor:
+    """The basis as the projection GEMMs read it. On CUDA with bf16/fp16 weights: a copy in the weight's
+    dtype, kept in the state as ``proj_dot`` and made again at each refresh, so that both GEMM operands
+    reach the tensor cores in their storage dtype (the GEMM rounds P to that dtype anyway: the same
+    numbers, without a conversion per tile). Elsewhere the fp32 basis itself."""
+    basis = state[key]
+    if not (p.is_cuda and p.dtype in (torch.bfloat16, torch.float16)):
+        return local_tensor(basis)
+    copy = state.get("proj_dot")
+    if copy is None or copy.dtype != p.dtype or copy.shape != basis.shape:
+        copy = state["proj_dot"] = basis.to(p.dtype)
+    return local_tensor(copy)
 
 
 def _check_galore_param(p: torch.Tensor, rank: int, where: str) -> None:
@@ -576,3 +630,5 @@ def _check_options(o: dict[str, Any], where: str) -> None:
         raise bad("variant", f"must be one of {VARIANTS}")
     if o["backend"] is not None and o["backend"] not in BACKENDS:
         raise bad("backend", f"must be one of {BACKENDS} or None")
+    if o["state_dtype"] not in STATE_DTYPES:
+        raise bad("state_dtype", f"must be one of {STATE_DTYPES}")

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .distributed import is_dtensor
+from ._dtensor import is_dtensor
 from .introspection import block_linears, find_decoder_blocks, oriented_weight
 from .ops.outlier_count import outlier_count
 

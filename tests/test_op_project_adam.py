@@ -132,7 +132,7 @@ BAD_ARGUMENTS = [
     ("moment shape", dict(exp_avg=torch.zeros(4, 49)), ValueError, r"subspace \(4, 49\)"),
     ("exp_avg_sq shape", dict(exp_avg_sq=torch.zeros(4, 49)), ValueError, r"exp_avg_sq shape \(4, 49\)"),
     ("grad dtype", dict(grad=torch.randn(30, 50, dtype=torch.float64)), ValueError, r"grad must have dtype.*float64"),
-    ("moment dtype", dict(exp_avg=torch.zeros(4, 50, dtype=torch.bfloat16)), ValueError, r"exp_avg must have dtype"),
+    ("moment dtype", dict(exp_avg=torch.zeros(4, 50, dtype=torch.float16)), ValueError, r"exp_avg must have dtype"),
     ("out shape", dict(out=torch.zeros(4, 49)), ValueError, r"out shape \(4, 49\)"),
     ("bias correction 0", dict(bias_correction1=0.0), ValueError, r"bias_correction1 must be in \(0, 1\].*got 0.0"),
     ("bias correction > 1", dict(bias_correction2=1.5), ValueError, r"bias_correction2 must be in \(0, 1\].*1.5"),

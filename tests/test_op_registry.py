@@ -11,9 +11,10 @@ import torch
 
 from op_samples import dispatching_to
 from owlore_kernels import ops
-from owlore_kernels.ops.back_project_update import back_project_update_
+from owlore_kernels.ops.adamw import adamw_foreach_
+from owlore_kernels.ops.back_project_update import back_project_update_, back_project_update_foreach_
 from owlore_kernels.ops.outlier_count import outlier_count
-from owlore_kernels.ops.project_adam import project_adam_
+from owlore_kernels.ops.project_adam import project_adam_, project_adam_foreach_
 
 CALLS = {
     "outlier_count": lambda backend: outlier_count(torch.randn(4, 6), threshold=1.0, backend=backend),
@@ -22,6 +23,15 @@ CALLS = {
         beta2=0.99, eps=1e-8, bias_correction1=1.0, bias_correction2=1.0, backend=backend),
     "back_project_update": lambda backend: back_project_update_(
         torch.randn(4, 6), torch.randn(4, 2), torch.randn(2, 6), side="left", beta=1.0, alpha=-0.1, backend=backend),
+    "project_adam_foreach": lambda backend: project_adam_foreach_(
+        [torch.randn(4, 6)], [torch.randn(4, 2)], [torch.zeros(2, 6)], [torch.zeros(2, 6)], [torch.zeros(2, 6)],
+        side="left", beta1=0.9, beta2=0.99, eps=1e-8, bias_corrections=[(1.0, 1.0)], backend=backend),
+    "back_project_update_foreach": lambda backend: back_project_update_foreach_(
+        [torch.randn(4, 6)], [torch.randn(4, 2)], [torch.randn(2, 6)], side="left", coefficients=[(1.0, -0.1)],
+        backend=backend),
+    "adamw_foreach": lambda backend: adamw_foreach_(
+        [torch.randn(4, 6)], [torch.randn(4, 6)], [torch.zeros(4, 6)], [torch.zeros(4, 6)], variant="galore",
+        beta1=0.9, beta2=0.99, eps=1e-8, coefficients=[(-0.1, 0.0)], backend=backend),
 }
 
 
@@ -40,7 +50,8 @@ def test_backend_report_names_every_op():
     want_cpp = "cpp" not in report["unavailable"] or os.environ.get("OWLORE_REQUIRE_EXT") == "1"
     assert report["cpu"] == {op: "cpp" if want_cpp else "torch" for op in ops.OPS}, report
     if "triton" not in report["unavailable"]:
-        assert report["cuda"] == {op: "triton" for op in ops.OPS}
+        # every op the Triton backend implements is the one the dispatcher runs on CUDA
+        assert report["cuda"] == {op: "triton" if "triton" in ops._REGISTRY[op] else "torch" for op in ops.OPS}
 
 
 def test_triton_backend_loads_where_triton_is_installed():
@@ -53,7 +64,7 @@ def test_triton_backend_loads_where_triton_is_installed():
         pytest.skip("triton is not installed")
     assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
     assert "triton" not in ops._UNAVAILABLE, ops._UNAVAILABLE["triton"]
-    assert all("triton" in ops._REGISTRY[op] for op in ops.OPS)
+    assert all("triton" in ops._REGISTRY[op] for op in ("outlier_count", "project_adam", "back_project_update"))
 
 
 def test_unknown_backend_name():

@@ -197,7 +197,9 @@ def test_lr_schedulers_drive_both_group_kinds(scheduler):
 def test_tensor_lr():
     p1, o1 = _build(INPUTS[1])
     p2 = _model()
-    o2 = OwLoreAdamW(INPUTS[1].groups(p2), lr=torch.tensor(1e-3), weight_decay=0.1)
+    # float64: the tensor holds the double 1e-3 itself, so bit equality with lr=1e-3 is the contract
+    # (an fp32 tensor holds 1.0000000475e-3, another learning rate)
+    o2 = OwLoreAdamW(INPUTS[1].groups(p2), lr=torch.tensor(1e-3, dtype=torch.float64), weight_decay=0.1)
     _assert_continue_alike((p1, o1), (p2, o2))
     with pytest.raises(ValueError, match="lr"):
         OwLoreAdamW(_model(), lr=torch.tensor([1e-3, 1e-3]))

@@ -1,6 +1,6 @@
 """The fused ops, each defined once with ``torch.library`` as ``torch.ops.owlore.<name>``.
 
-Each op module (``outlier_count``, ``project_adam``, ``back_project_update``) holds:
+Each op module (``outlier_count``, ``project_adam``, ``back_project_update``, ``adamw``) holds:
 
 * the schema (``torch.library.define``), so the op exists with or without the C++ extension;
 * the fake implementation (``register_fake``), which runs the op's argument checks, so
@@ -30,6 +30,12 @@ step (``project_adam_``'s bias corrections, ``back_project_update_``'s beta and 
 a ``.tensor`` overload that takes them as 0-dim floating CPU tensors: graph inputs, read on the
 host by the kernel (no device sync), so a compiled optimizer step does not recompile when the step
 count or the learning rate changes. The public functions pick that overload when given tensors.
+
+The multi-tensor ("foreach") ops update a list of weights in one call: ``project_adam_foreach_``,
+``back_project_update_foreach_`` (per weight i, the single-weight op) and ``adamw_foreach_``
+(plain AdamW, elementwise). Their per-weight numbers are one float64 CPU tensor per call, one
+row per weight (``bias_corrections`` or ``coefficients``), read on the host and a graph input
+under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -41,7 +47,8 @@ import torch
 BACKENDS = ("triton", "cpp", "torch")
 # op -> the name of its definition in torch.ops.owlore (a trailing underscore: it writes into its arguments)
 OP_NAMES = {"outlier_count": "outlier_count", "project_adam": "project_adam_",
-            "back_project_update": "back_project_update_"}
+            "back_project_update": "back_project_update_", "project_adam_foreach": "project_adam_foreach_",
+            "back_project_update_foreach": "back_project_update_foreach_", "adamw_foreach": "adamw_foreach_"}
 OPS = tuple(OP_NAMES)
 # the dispatch key of each device backend's kernel
 _DISPATCH_KEYS = {"cpp": "CPU", "triton": "CUDA"}
@@ -102,6 +109,17 @@ def call_with_scalars(op: str, device: torch.device, backend: Optional[str],
         return overload, {k: v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float64)
                           for k, v in scalars.items()}, False
     return fn, {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in scalars.items()}, True
+
+
+def foreach_scalars(values, columns: int) -> torch.Tensor:
+    """The per-weight numbers of a foreach op as the float64 CPU tensor it takes: a tensor is
+    passed on as it is (the checks judge it); a list of tuples is converted once, an empty one
+    to shape (0, ``columns``)."""
+    if isinstance(values, torch.Tensor):
+        return values
+    if len(values) == 0:
+        return torch.empty(0, columns, dtype=torch.float64)
+    return torch.tensor(values, dtype=torch.float64)
 
 
 def check_backend(backend: Optional[str]) -> None:
@@ -168,7 +186,7 @@ def backend_report() -> dict[str, dict[str, str]]:
 
 def _load_backends() -> None:
     """Define the ops, then import each optional backend; a failed import only removes that backend."""
-    from . import back_project_update, outlier_count, project_adam  # noqa: F401  (schemas, fakes, "torch")
+    from . import adamw, back_project_update, outlier_count, project_adam  # noqa: F401  (schemas, fakes, "torch")
 
     try:
         from . import _cpp  # noqa: F401  (registers "cpp")

@@ -6,17 +6,22 @@ weights take one ``addmm_`` (the optimizer folds weight decay into beta, and
 step size and GaLore's scale into alpha), and bf16/fp16 weights are upcast,
 updated and rounded back (round to nearest even) one row chunk at a time.
 
+P (or Q) is fp32 or W's own 16-bit dtype (then upcast: the math is that of the
+rounded P); N is fp32.
+
 The op is ``torch.ops.owlore.back_project_update_``; it returns nothing and
-writes ``param``.
+writes ``param``. ``torch.ops.owlore.back_project_update_foreach_`` does the
+same for a list of weights in one call, each with its own row (beta, alpha) of
+``coefficients`` (a float64 CPU tensor of shape (len, 2)).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from . import call_with_scalars, register
-from .._checks import check_back_project_update_args, row_chunks
+from . import call, call_with_scalars, check_backend, foreach_scalars, register
+from .._checks import check_back_project_update_args, check_back_project_update_foreach_args, row_chunks
 
 _SCHEMA = "(Tensor(a!) param, Tensor proj, Tensor norm_update, *, str side, {t} beta, {t} alpha) -> ()"
 torch.library.define("owlore::back_project_update_", _SCHEMA.format(t="Scalar"))
@@ -68,6 +73,7 @@ def back_project_update_(
 
 def back_project_update_reference(param, proj, norm_update, side, beta, alpha):
     """The pure-PyTorch kernel, positional (the test oracle and the default kernel)."""
+    proj = proj.float()  # a 16-bit P or Q (small next to W) is upcast whole
     if param.dtype == torch.float32:
         if side == "left":
             param.addmm_(proj, norm_update, beta=beta, alpha=alpha)
@@ -87,3 +93,56 @@ def back_project_update_reference(param, proj, norm_update, side, beta, alpha):
 @register("back_project_update", "torch")
 def _back_project_update_torch(param, proj, norm_update, *, side, beta, alpha):
     back_project_update_reference(param, proj, norm_update, side, beta, alpha)
+
+
+# --------------------------------------------------------------------------- the foreach op
+
+torch.library.define(
+    "owlore::back_project_update_foreach_",
+    "(Tensor(a!)[] params, Tensor[] projs, Tensor[] norm_updates, *, str side, Tensor coefficients) -> ()",
+)
+
+
+@torch.library.register_fake("owlore::back_project_update_foreach_")
+def _back_project_update_foreach_fake(params, projs, norm_updates, *, side, coefficients):
+    check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients)
+
+
+def back_project_update_foreach_(
+    params: Sequence[torch.Tensor],
+    projs: Sequence[torch.Tensor],
+    norm_updates: Sequence[torch.Tensor],
+    *,
+    side: str,
+    coefficients: Union[torch.Tensor, Sequence[Sequence[float]]],
+    backend: Optional[str] = None,
+) -> None:
+    """``back_project_update_`` for every weight i of the lists, in one op call: with
+    (beta, alpha) = coefficients[i], ``W <- beta W + alpha P N`` (left) or ``beta W + alpha N Q``
+    (right) for W = params[i], P or Q = projs[i], N = norm_updates[i].
+
+    Shapes may differ from weight to weight; dtypes are one per list (params fp32/bf16/fp16, projs
+    fp32 or the params' dtype, norm_updates fp32), all tensors on one device. ``coefficients`` is a
+    float64 CPU tensor of shape (len, 2), read on the host (no device sync; a graph input under
+    ``torch.compile``), or a list of (beta, alpha) pairs, converted once. Empty lists are a no-op.
+    ``backend`` as for ``back_project_update_`` (see ``owlore_kernels.ops``).
+    """
+    coefficients = foreach_scalars(coefficients, 2)
+    if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
+        check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients)
+    check_backend(backend)
+    if len(params) == 0:
+        return
+    call("back_project_update_foreach", params[0].device, backend)(params, projs, norm_updates, side=side,
+                                                                    coefficients=coefficients)
+
+
+def back_project_update_foreach_reference(params, projs, norm_updates, side, coefficients):
+    """The pure-PyTorch kernel, positional: the single-weight reference for each weight."""
+    for i, (beta, alpha) in enumerate(coefficients.tolist()):
+        back_project_update_reference(params[i], projs[i], norm_updates[i], side, beta, alpha)
+
+
+@register("back_project_update_foreach", "torch")
+def _back_project_update_foreach_torch(params, projs, norm_updates, *, side, coefficients):
+    back_project_update_foreach_reference(params, projs, norm_updates, side, coefficients)

@@ -10,21 +10,27 @@ The math, per element of the r-dimensional subspace, with the bias corrections
     v    = beta2 * v + (1 - beta2) * R^2
     N    = (m / bc1) / (sqrt(v / bc2) + eps)
 
-``m``, ``v``, ``P`` and ``N`` are fp32; ``G`` may be fp32, bf16 or fp16 and is
-upcast as it is read. Fast backends keep R in registers (Adam runs in the
-matmul's epilogue); the reference materialises R, which is small (r x n).
+``G`` may be fp32, bf16 or fp16 and is upcast as it is read; ``P`` is fp32 or
+G's own 16-bit dtype (the math is then that of the rounded P); ``m`` and ``v``
+are fp32 or bf16 (math in fp32 on the upcast values, N from the fp32 moments,
+which are then stored back rounded to nearest even); ``N`` is fp32. Fast backends
+keep R in registers (Adam runs in the matmul's epilogue); the reference
+materialises R, which is small (r x n).
 
 The op is ``torch.ops.owlore.project_adam_``; it returns nothing and writes
-``exp_avg``, ``exp_avg_sq`` and ``out``.
+``exp_avg``, ``exp_avg_sq`` and ``out``. ``torch.ops.owlore.project_adam_foreach_``
+does the same for a list of weights in one call, each with its own row of
+``bias_corrections`` (a float64 CPU tensor of shape (len, 2)).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from . import call_with_scalars, register
-from .._checks import check_bias_corrections, check_project_adam_args, row_chunks
+from . import call, call_with_scalars, check_backend, foreach_scalars, register
+from .._checks import (check_bias_corrections, check_foreach_bias_correction_values, check_project_adam_args,
+                       check_project_adam_foreach_args, row_chunks)
 
 _SCHEMA = ("(Tensor grad, Tensor proj, Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor(c!) out, *, str side, "
            "Scalar beta1, Scalar beta2, Scalar eps, {bc} bias_correction1, {bc} bias_correction2) -> ()")
@@ -92,7 +98,9 @@ def project_adam_(
 
 
 def project_reference(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
-    """R in fp32. A bf16/fp16 ``grad`` is upcast a row chunk at a time, never whole."""
+    """R in fp32. A bf16/fp16 ``grad`` is upcast a row chunk at a time, never whole; a 16-bit
+    ``proj`` (m x r or r x n, small next to G) at once."""
+    proj = proj.float()
     if grad.dtype == torch.float32:
         return proj.t().mm(grad) if side == "left" else grad.mm(proj.t())
     m, n = grad.shape
@@ -108,12 +116,17 @@ def project_reference(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torc
 
 
 def adam_normalized_(low, exp_avg, exp_avg_sq, out, beta1, beta2, eps, bias1, bias2):
-    """The Adam part of the op on an fp32 subspace tensor ``low`` (R). Writes ``out`` (N)."""
-    exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
-    denom = exp_avg_sq.div(bias2).sqrt_().add_(eps)
-    torch.div(exp_avg, bias1, out=out)
+    """The Adam part of the op on an fp32 subspace tensor ``low`` (R). Writes ``out`` (N).
+    bf16 moments are upcast, updated in fp32, used for N, then stored back (nearest even)."""
+    m, v = exp_avg.float(), exp_avg_sq.float()  # the moments themselves when fp32
+    m.mul_(beta1).add_(low, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+    denom = v.div(bias2).sqrt_().add_(eps)
+    torch.div(m, bias1, out=out)
     out.div_(denom)
+    if exp_avg.dtype != torch.float32:
+        exp_avg.copy_(m)
+        exp_avg_sq.copy_(v)
     return out
 
 
@@ -128,3 +141,74 @@ def _project_adam_torch(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, be
                         bias_correction2):
     project_adam_reference(grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias_correction1,
                            bias_correction2)
+
+
+# --------------------------------------------------------------------------- the foreach op
+
+torch.library.define(
+    "owlore::project_adam_foreach_",
+    "(Tensor[] grads, Tensor[] projs, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] outs, *, "
+    "str side, float beta1, float beta2, float eps, Tensor bias_corrections) -> ()",
+)
+
+
+@torch.library.register_fake("owlore::project_adam_foreach_")
+def _project_adam_foreach_fake(grads, projs, exp_avgs, exp_avg_sqs, outs, *, side, beta1, beta2, eps,
+                               bias_corrections):
+    check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections)
+
+
+def project_adam_foreach_(
+    grads: Sequence[torch.Tensor],
+    projs: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    outs: Sequence[torch.Tensor],
+    *,
+    side: str,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    bias_corrections: Union[torch.Tensor, Sequence[Sequence[float]]],
+    backend: Optional[str] = None,
+) -> None:
+    """``project_adam_`` for every weight i of the lists, in one op call::
+
+        project_adam_(grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], out=outs[i], side=side, beta1=beta1,
+                      beta2=beta2, eps=eps, bias_correction1=bias_corrections[i, 0],
+                      bias_correction2=bias_corrections[i, 1])
+
+    Shapes may differ from weight to weight; dtypes are one per list (grads fp32/bf16/fp16, projs
+    fp32 or the grads' dtype, moments fp32 or bf16, outs fp32), all tensors on one device.
+    ``bias_corrections`` is a float64 CPU tensor of shape (len, 2), read on the host (no device
+    sync; a graph input under ``torch.compile``, so a new step count does not recompile), or a
+    list of (bc1, bc2) pairs, converted once. Empty lists are a no-op. ``backend`` as for
+    ``project_adam_`` (see ``owlore_kernels.ops``).
+    """
+    bias_corrections = foreach_scalars(bias_corrections, 2)
+    if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
+        check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections)
+        check_foreach_bias_correction_values("project_adam_foreach_", bias_corrections.tolist())
+    check_backend(backend)
+    if len(grads) == 0:
+        return
+    call("project_adam_foreach", grads[0].device, backend)(
+        grads, projs, exp_avgs, exp_avg_sqs, outs, side=side, beta1=beta1, beta2=beta2, eps=eps,
+        bias_corrections=bias_corrections)
+
+
+def project_adam_foreach_reference(grads, projs, exp_avgs, exp_avg_sqs, outs, side, beta1, beta2, eps,
+                                   bias_corrections):
+    """The pure-PyTorch kernel, positional: the single-weight reference for each weight."""
+    rows = bias_corrections.tolist()
+    check_foreach_bias_correction_values("project_adam_foreach_", rows)  # all before the first write
+    for i, (bias1, bias2) in enumerate(rows):
+        project_adam_reference(grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], outs[i], side, beta1, beta2, eps,
+                               bias1, bias2)
+
+
+@register("project_adam_foreach", "torch")
+def _project_adam_foreach_torch(grads, projs, exp_avgs, exp_avg_sqs, outs, *, side, beta1, beta2, eps,
+                                bias_corrections):
+    project_adam_foreach_reference(grads, projs, exp_avgs, exp_avg_sqs, outs, side, beta1, beta2, eps,
+                                   bias_corrections)
