@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -146,103 +146,16 @@ class OwLoreSampler:
         layers_attr: Optional[str] = None,
         always_train: Optional[Sequence[str]] = None,
     ) -> None:
-        # Everything is checked before the model or optimizer is touched.
-        path, blocks = find_decoder_blocks(model, layers_attr=layers_attr)
+        # Everything is checked before the model or optimizer is touched: six steps, each a
+        # function of this module that modifies nothing.
+        path, blocks = discover_blocks(model, layers_attr)
         n = len(blocks)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, np.integer)) or not 1 <= gamma <= n:
-            raise ValueError(f"gamma must be an int in [1, {n}] (the model has {n} blocks), got {gamma!r}")
-        if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {interval!r}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        if threshold is not None:
-            threshold = _check_threshold(threshold)
-        explicit = not isinstance(prob_mode, str)
-        if not explicit and prob_mode not in PROB_MODES:
-            raise ValueError(f"prob_mode must be one of {PROB_MODES} or an array of {n} probabilities, got {prob_mode!r}")
-        mode_name = "an array" if explicit else repr(prob_mode)
-        uses_scores = not explicit and prob_mode in _SCORE_MODES
-        if scores is not None and not uses_scores:
-            raise ValueError(
-                f"scores=... are used only by prob_mode 'owl' or 'owl_reverse', but prob_mode={mode_name} would ignore "
-                "them: drop scores, or pass prob_mode='owl'"
-            )
-        for name, value in (("threshold", threshold), ("calibration", calibration)):
-            if value is not None and (scores is not None or not uses_scores):
-                why = "scores= are given" if scores is not None else f"prob_mode={mode_name} uses no scores"
-                raise ValueError(f"{name}=... only serves to compute block scores, but {why}: drop {name}")
-        # what may train: the params trainable now (PEFT and the caller froze the rest)
-        trainable = {id(p) for _, p in unique_named_params(model) if p.requires_grad}
-        block_params = [[p for p in b.parameters() if id(p) in trainable] for b in blocks]
-        if not any(block_params):
-            raise ValueError(
-                f"no parameter inside the {n} decoder blocks at {path!r} is trainable (requires_grad=True): the "
-                "sampler only unfreezes params that are trainable when it is built, so it would train nothing. "
-                "Build it before freezing the blocks (PEFT: give the adapters target_modules inside the blocks)"
-            )
-        all_block_ids = {id(p) for b in blocks for p in b.parameters()}
-        outside = [(name, p) for name, p in unique_named_params(model) if id(p) not in all_block_ids]
-        if always_train is None:
-            # module names found from the structure; a tied LM head is one param with the embeddings
-            default = default_always_train(model, blocks)
-            owned = {name: {id(p) for p in model.get_submodule(name).parameters()} & trainable for name in default}
-            always_names = [name for name in default if owned[name]]
-            always_ids = set().union(*owned.values()) if owned else set()
-        else:
-            if isinstance(always_train, str):
-                always_train = [always_train]
-            always_names = list(always_train)
-            if not all(isinstance(t, str) and t for t in always_names):
-                raise ValueError(f"always_train must be a list of module names or patterns, got {always_train!r}")
-            matched: dict[str, set[int]] = {t: set() for t in always_names}
-            for name, p in outside:
-                for t in always_names:
-                    if name_matches(name, [t]) or module_prefix_matches(name, t):
-                        matched[t].add(id(p))
-            missing = [t for t in always_names if not matched[t]]
-            if missing:
-                raise ValueError(f"always_train={always_names!r}: {missing} match no parameter outside the blocks")
-            frozen_only = [t for t in always_names if not matched[t] & trainable]
-            if frozen_only:
-                raise ValueError(
-                    f"always_train={always_names!r}: {frozen_only} match only parameters that were frozen "
-                    "(requires_grad=False, e.g. by PEFT) when the sampler was built; the sampler never unfreezes "
-                    "those. Unfreeze them first (PEFT: modules_to_save) or drop them from always_train"
-                )
-            always_ids = set().union(*matched.values()) & trainable
-        always_params = [p for _, p in outside if id(p) in always_ids]
-        # frozen before the sampler: stays as it is
-        other_params = [p for _, p in outside if id(p) in trainable and id(p) not in always_ids]
-        if optimizer is not None:
-            in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            absent = [p for p in [p for ps in block_params for p in ps] + always_params if id(p) not in in_optimizer]
-            if absent:
-                raise ValueError(
-                    f"the optimizer does not hold {len(absent)} of the trainable block/always-trainable params; "
-                    "build it over every param before the sampler (owlore_param_groups(model, ...)): params it does "
-                    "not hold would never train once sampled (LMFlow issue #726)"
-                )
-        if scores is not None:
-            scores = _load_scores(scores, n)
-        elif uses_scores:
-            computed = block_outlier_ratios(
-                model, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, calibration=calibration,
-                layers_attr=path,
-            )
-            scores = _check_scores(computed, n, "scores")
-        if explicit:
-            probabilities = _normalize(_check_scores(prob_mode, n, "prob_mode"), "prob_mode", warn_uniform=False)
-        else:
-            probabilities = _probabilities(prob_mode, scores, n)
-        positive = int(np.count_nonzero(probabilities > 0))
-        if positive < gamma:
-            raise ValueError(
-                f"gamma={gamma} blocks are drawn without replacement, but prob_mode="
-                f"{prob_mode if not explicit else 'array'!r} gives only {positive} of {n} blocks a probability > 0 "
-                f"(p={np.round(probabilities, 4).tolist()}); lower gamma to <= {positive}, or use other "
-                "scores/threshold"
-            )
-        idle = [i for i, params in enumerate(block_params) if not params]
+        threshold = check_arguments(n, gamma, interval, seed, prob_mode, scores, threshold, calibration)
+        plan = decide_trainable(model, path, blocks, always_train)
+        check_optimizer_holds(optimizer, plan)
+        scores = block_scores(model, path, n, prob_mode, scores, threshold, calibration)
+        probabilities = sampling_probabilities(prob_mode, scores, n, gamma)
+        idle = [i for i, params in enumerate(plan.block_params) if not params]
         if idle:
             warnings.warn(
                 f"blocks {idle} of {n} hold no trainable parameter (frozen before the sampler was built, e.g. no "
@@ -254,20 +167,20 @@ class OwLoreSampler:
         self.optimizer = optimizer
         self.gamma = int(gamma)
         self.interval = int(interval)
-        self.prob_mode = prob_mode if not explicit else "explicit"
+        self.prob_mode = prob_mode if isinstance(prob_mode, str) else "explicit"
         self.seed = int(seed)
         self.scores = None if scores is None else np.asarray(scores, dtype=np.float64)
         self.layers_attr = path
         self.num_blocks = n
-        self.always_train = always_names
+        self.always_train = plan.always_names
         self.probabilities = probabilities
         # the trainable params of each block: the only ones the sampler ever toggles
-        self._block_params = block_params
+        self._block_params = plan.block_params
         self._rng = np.random.Generator(np.random.PCG64(self.seed))
         self.num_steps = 0
         self.active_layers: list[int] = []
         # freeze what is trainable outside the blocks and not always-trainable, once
-        self._freeze(other_params)
+        self._freeze(plan.frozen_by_sampler)
 
     # ------------------------------------------------------------- sampling
     def step(self) -> Optional[list[int]]:
@@ -385,6 +298,152 @@ class OwLoreSampler:
             self._apply(active)
         else:
             self.active_layers = []
+
+
+class TrainablePlan(NamedTuple):
+    """What may train, decided once when the sampler is built (``decide_trainable``)."""
+
+    block_params: list[list[torch.Tensor]]  # each block's trainable params: the only ones ever toggled
+    always_names: list[str]  # resolved always_train module names (or patterns) holding a trainable param
+    always_params: list[torch.Tensor]  # trainable params outside the blocks that always train
+    frozen_by_sampler: list[torch.Tensor]  # trainable params outside the blocks that the sampler freezes
+
+
+def discover_blocks(model: nn.Module, layers_attr: Optional[str]) -> tuple[str, nn.ModuleList]:
+    """Step 1: the decoder blocks, ``(dotted path, the ModuleList)`` (``find_decoder_blocks``)."""
+    return find_decoder_blocks(model, layers_attr=layers_attr)
+
+
+def check_arguments(n: int, gamma: Any, interval: Any, seed: Any, prob_mode: Any, scores: Any,
+                    threshold: Optional[float], calibration: Any) -> Optional[float]:
+    """Step 2: ``ValueError`` for a bad schedule (gamma, interval, seed) or prob_mode, and for
+    arguments the mode would ignore; returns the checked threshold."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, np.integer)) or not 1 <= gamma <= n:
+        raise ValueError(f"gamma must be an int in [1, {n}] (the model has {n} blocks), got {gamma!r}")
+    if isinstance(interval, bool) or not isinstance(interval, (int, np.integer)) or interval < 1:
+        raise ValueError(f"interval must be an int >= 1, got {interval!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if threshold is not None:
+        threshold = _check_threshold(threshold)
+    explicit = not isinstance(prob_mode, str)
+    if not explicit and prob_mode not in PROB_MODES:
+        raise ValueError(f"prob_mode must be one of {PROB_MODES} or an array of {n} probabilities, got {prob_mode!r}")
+    mode_name = "an array" if explicit else repr(prob_mode)
+    uses_scores = _uses_scores(prob_mode)
+    if scores is not None and not uses_scores:
+        raise ValueError(
+            f"scores=... are used only by prob_mode 'owl' or 'owl_reverse', but prob_mode={mode_name} would ignore "
+            "them: drop scores, or pass prob_mode='owl'"
+        )
+    for name, value in (("threshold", threshold), ("calibration", calibration)):
+        if value is not None and (scores is not None or not uses_scores):
+            why = "scores= are given" if scores is not None else f"prob_mode={mode_name} uses no scores"
+            raise ValueError(f"{name}=... only serves to compute block scores, but {why}: drop {name}")
+    return threshold
+
+
+def decide_trainable(model: nn.Module, path: str, blocks: nn.ModuleList,
+                     always_train: Optional[Sequence[str]]) -> TrainablePlan:
+    """Step 3: what may train -- the params trainable now (PEFT and the caller froze the rest),
+    split into each block's, the always-trainable ones and the rest outside the blocks.
+    ``ValueError`` when no block param is trainable or ``always_train`` matches nothing trainable."""
+    n = len(blocks)
+    trainable = {id(p) for _, p in unique_named_params(model) if p.requires_grad}
+    block_params = [[p for p in b.parameters() if id(p) in trainable] for b in blocks]
+    if not any(block_params):
+        raise ValueError(
+            f"no parameter inside the {n} decoder blocks at {path!r} is trainable (requires_grad=True): the "
+            "sampler only unfreezes params that are trainable when it is built, so it would train nothing. "
+            "Build it before freezing the blocks (PEFT: give the adapters target_modules inside the blocks)"
+        )
+    all_block_ids = {id(p) for b in blocks for p in b.parameters()}
+    outside = [(name, p) for name, p in unique_named_params(model) if id(p) not in all_block_ids]
+    if always_train is None:
+        # module names found from the structure; a tied LM head is one param with the embeddings
+        default = default_always_train(model, blocks)
+        owned = {name: {id(p) for p in model.get_submodule(name).parameters()} & trainable for name in default}
+        always_names = [name for name in default if owned[name]]
+        always_ids = set().union(*owned.values()) if owned else set()
+    else:
+        if isinstance(always_train, str):
+            always_train = [always_train]
+        always_names = list(always_train)
+        if not all(isinstance(t, str) and t for t in always_names):
+            raise ValueError(f"always_train must be a list of module names or patterns, got {always_train!r}")
+        matched: dict[str, set[int]] = {t: set() for t in always_names}
+        for name, p in outside:
+            for t in always_names:
+                if name_matches(name, [t]) or module_prefix_matches(name, t):
+                    matched[t].add(id(p))
+        missing = [t for t in always_names if not matched[t]]
+        if missing:
+            raise ValueError(f"always_train={always_names!r}: {missing} match no parameter outside the blocks")
+        frozen_only = [t for t in always_names if not matched[t] & trainable]
+        if frozen_only:
+            raise ValueError(
+                f"always_train={always_names!r}: {frozen_only} match only parameters that were frozen "
+                "(requires_grad=False, e.g. by PEFT) when the sampler was built; the sampler never unfreezes "
+                "those. Unfreeze them first (PEFT: modules_to_save) or drop them from always_train"
+            )
+        always_ids = set().union(*matched.values()) & trainable
+    always_params = [p for _, p in outside if id(p) in always_ids]
+    # frozen before the sampler: stays as it is
+    frozen_by_sampler = [p for _, p in outside if id(p) in trainable and id(p) not in always_ids]
+    return TrainablePlan(block_params, always_names, always_params, frozen_by_sampler)
+
+
+def check_optimizer_holds(optimizer: Optional[torch.optim.Optimizer], plan: TrainablePlan) -> None:
+    """Step 4: ``ValueError`` unless ``optimizer`` (if any) holds every param that may train."""
+    if optimizer is None:
+        return
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    may_train = [p for params in plan.block_params for p in params] + plan.always_params
+    absent = [p for p in may_train if id(p) not in in_optimizer]
+    if absent:
+        raise ValueError(
+            f"the optimizer does not hold {len(absent)} of the trainable block/always-trainable params; "
+            "build it over every param before the sampler (owlore_param_groups(model, ...)): params it does "
+            "not hold would never train once sampled (LMFlow issue #726)"
+        )
+
+
+def block_scores(model: nn.Module, path: str, n: int, prob_mode: Any, scores: Any, threshold: Optional[float],
+                 calibration: Any) -> Optional[np.ndarray]:
+    """Step 5: the ``n`` block scores of a mode that uses them (``scores`` checked, or computed
+    with ``block_outlier_ratios``), else None."""
+    if scores is not None:
+        return _load_scores(scores, n)
+    if not _uses_scores(prob_mode):
+        return None
+    computed = block_outlier_ratios(
+        model, threshold=DEFAULT_THRESHOLD if threshold is None else threshold, calibration=calibration,
+        layers_attr=path,
+    )
+    return _check_scores(computed, n, "scores")
+
+
+def sampling_probabilities(prob_mode: Any, scores: Optional[np.ndarray], n: int, gamma: int) -> np.ndarray:
+    """Step 6: the probabilities of ``prob_mode`` (see ``OwLoreSampler``); ``ValueError`` if fewer
+    than ``gamma`` blocks have one > 0 (the draws are without replacement)."""
+    explicit = not isinstance(prob_mode, str)
+    if explicit:
+        probabilities = _normalize(_check_scores(prob_mode, n, "prob_mode"), "prob_mode", warn_uniform=False)
+    else:
+        probabilities = _probabilities(prob_mode, scores, n)
+    positive = int(np.count_nonzero(probabilities > 0))
+    if positive < gamma:
+        raise ValueError(
+            f"gamma={gamma} blocks are drawn without replacement, but prob_mode="
+            f"{prob_mode if not explicit else 'array'!r} gives only {positive} of {n} blocks a probability > 0 "
+            f"(p={np.round(probabilities, 4).tolist()}); lower gamma to <= {positive}, or use other "
+            "scores/threshold"
+        )
+    return probabilities
+
+
+def _uses_scores(prob_mode: Any) -> bool:
+    return isinstance(prob_mode, str) and prob_mode in _SCORE_MODES
 
 
 def _load_scores(scores: Any, n: int) -> np.ndarray:

@@ -194,37 +194,57 @@ def test_scores_from_text_file(tmp_path):
 
 
 # --------------------------------------------------------- the sampling law
-def _exact_inclusion(p, gamma):
-    """P(block i among the gamma drawn): sum over ordered draws of the successive-draw law."""
-    n = len(p)
-    incl = np.zeros(n)
-    for order in itertools.permutations(range(n), gamma):
+def _set_law(p, gamma):
+    """P(the drawn set is S) for every gamma-subset S under weighted sampling without replacement:
+    successive draws, each proportional to p over the blocks not drawn yet, summed over the orders."""
+    law = {}
+    for order in itertools.permutations(range(len(p)), gamma):
         prob, left = 1.0, 1.0
         for i in order:
             prob *= p[i] / left
             left -= p[i]
-        for i in order:
-            incl[i] += prob
-    return incl
+        subset = tuple(sorted(order))
+        law[subset] = law.get(subset, 0.0) + prob
+    return law
 
 
-def test_inclusion_frequencies_match_the_law_and_numpy():
-    scores = [1.0, 2.0, 3.0, 4.0, 5.0, 10.0]
-    gamma, draws = 3, 6000
-    model = PlainLM(n_blocks=6, d=2)
-    sampler = OwLoreSampler(model, None, gamma=gamma, interval=1, prob_mode="owl", seed=11, scores=scores)
-    p = sampler.probabilities
-    rng = np.random.Generator(np.random.PCG64(11))
-    counts = np.zeros(6)
+def _chi2_survival(x, dof):
+    """P(chi^2_dof > x) for an even dof: exp(-x/2) sum_{j < dof/2} (x/2)^j / j! (no scipy needed)."""
+    assert dof % 2 == 0
+    return math.exp(-x / 2) * sum((x / 2) ** j / math.factorial(j) for j in range(dof // 2))
+
+
+def test_drawn_sets_follow_weighted_sampling_without_replacement():
+    """The sets drawn, against the law computed here by enumeration (not the sampler's own numpy
+    call): Pearson's chi-square over all 35 sets of 3 of 7 blocks, 10,000 draws (expected counts
+    >= 10, so the chi-square approximation holds). The test rejects at P(chi^2_34 > X) < 1e-6:
+    a correct sampler fails it for one seed in a million. What a wrong law looks like: drawing
+    with replacement and retrying repeated sets (P(S) proportional to the product of p_i) gives
+    an expected statistic of 34 + 525, six times the rejection threshold (88); uniform sets,
+    ~39,000."""
+    scores = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 14.0]
+    gamma, draws = 3, 10_000
+    sampler = OwLoreSampler(PlainLM(n_blocks=7, d=2), None, gamma=gamma, interval=1, prob_mode="owl", seed=11,
+                            scores=scores)
+    p = np.asarray(scores) / sum(scores)
+    np.testing.assert_allclose(sampler.probabilities, p, rtol=1e-15)
+    law = _set_law(p, gamma)
+    assert len(law) == math.comb(7, 3) and math.isclose(sum(law.values()), 1.0)
+    counts = dict.fromkeys(law, 0)
     for _ in range(draws):
         sampler.step()
-        # the same seed gives exactly numpy's choice sequence
-        assert sampler.active_layers == sorted(rng.choice(6, gamma, replace=False, p=p).tolist())
-        counts[sampler.active_layers] += 1
-    incl = _exact_inclusion(p, gamma)
-    assert math.isclose(incl.sum(), gamma)
-    sigma = np.sqrt(incl * (1 - incl) / draws)
-    assert (np.abs(counts / draws - incl) <= 4 * sigma).all(), (counts / draws, incl)
+        counts[tuple(sampler.active_layers)] += 1
+    expected = np.array([draws * law[s] for s in law])
+    observed = np.array([counts[s] for s in law])
+    assert expected.min() >= 10
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    dof = len(law) - 1
+    assert _chi2_survival(statistic, dof) > 1e-6, statistic
+    # the test's power against the product law (see the docstring)
+    product = np.array([math.prod(p[list(s)]) for s in law])
+    product /= product.sum()
+    shift = draws * float(((product - expected / draws) ** 2 / (expected / draws)).sum())
+    assert _chi2_survival(dof + shift, dof) < 1e-6 / 1e3, shift
 
 
 def test_step_resamples_every_interval_first_call_included():
@@ -297,6 +317,42 @@ def test_every_block_once_sampled_really_changes():
         if len(changed) == 4:
             break
     assert changed == {0, 1, 2, 3}
+
+
+def test_a_block_drawn_again_keeps_its_optimizer_state():
+    """A resample frees the state of the blocks that leave, and only theirs: a block drawn again
+    keeps its moments, basis and step count, and its next update continues them (3 of 4 blocks
+    are drawn each time, so at least 2 are drawn again)."""
+    model = PlainLM(n_blocks=4, d=8)
+    opt = OwLoreAdamW(owlore_param_groups(model, rank=2, update_proj_gap=50), lr=1e-3)
+    sampler = OwLoreSampler(model, opt, gamma=3, interval=1, prob_mode="uniform", seed=0)
+    gen = torch.Generator().manual_seed(0)
+    kept_total = 0
+    for _ in range(8):
+        before = set(sampler.active_layers)
+        saved = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+                 for i in before for p in model.blocks[i].parameters()}
+        sampler.step()
+        kept = before & set(sampler.active_layers)
+        kept_total += len(kept)
+        for i in range(4):
+            for p in model.blocks[i].parameters():
+                if i in kept:
+                    state = opt.state[p]
+                    assert state.keys() == saved[id(p)].keys(), i
+                    for key, value in saved[id(p)].items():
+                        assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value
+                elif i in before:
+                    assert p not in opt.state, i  # left: freed
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+        opt.zero_grad()
+        for i in kept:
+            for p in model.blocks[i].parameters():
+                assert opt.state[p]["step"] == saved[id(p)]["step"] + 1, i
+    assert kept_total >= 2 * 7
 
 
 def test_state_bytes_counts_only_active_blocks_and_stays_flat():
@@ -376,6 +432,30 @@ def test_resume_is_bit_exact():
     assert seq == seq_full
     for name, p in model.named_parameters():
         assert torch.equal(p, full[name]), name
+
+
+def test_resume_built_with_other_scores_and_seed_continues_the_saved_run(tmp_path):
+    """What a checkpoint restores is the saved run's: probabilities, generator, step counter and
+    active blocks, even in a sampler built with other scores and another seed (scores recomputed
+    on trained weights would differ); the next draws are the saved run's."""
+
+    def build(scores, seed):
+        return OwLoreSampler(PlainLM(n_blocks=6, d=2), None, gamma=2, interval=3, prob_mode="owl", seed=seed,
+                             scores=scores)
+
+    saved = build([1.0, 2.0, 3.0, 4.0, 5.0, 9.0], seed=7)
+    for _ in range(5):  # stop mid-interval
+        saved.step()
+    torch.save(saved.state_dict(), tmp_path / "sampler.pt")
+    resumed = build([9.0, 5.0, 4.0, 3.0, 2.0, 1.0], seed=8)
+    assert not np.allclose(resumed.probabilities, saved.probabilities)
+    resumed.load_state_dict(torch.load(tmp_path / "sampler.pt", weights_only=True))
+    np.testing.assert_array_equal(resumed.probabilities, saved.probabilities)
+    assert resumed.state_dict() == saved.state_dict()  # generator state included
+    assert resumed.active_layers == saved.active_layers and resumed.num_steps == 5
+    for _ in range(40):
+        assert resumed.step() == saved.step()
+        assert resumed.active_layers == saved.active_layers
 
 
 # --------------------------------------------------------------- bad input
@@ -571,3 +651,40 @@ def test_keyword_only_arguments():
         find_decoder_blocks(model, "blocks")
     with pytest.raises(TypeError):
         owlore_param_groups(model, 4, 200, 0.25, "std", ["fc1"])
+
+
+# ------------------------------------------------------ the constructor's steps
+def test_constructor_steps_alone():
+    """Each step of the constructor (owlore_kernels.sampler) on its own: discover the blocks,
+    check the arguments, decide what may train, check the optimizer, scores, probabilities."""
+    from owlore_kernels import sampler as steps
+
+    model = PlainLM(n_blocks=4, d=4)
+    model.embed.requires_grad_(False)  # frozen before the sampler: neither always-trainable nor toggled
+    path, blocks = steps.discover_blocks(model, None)
+    assert path == "blocks" and blocks is model.blocks
+    assert steps.check_arguments(4, 2, 1, 0, "owl", None, 3.0, None) == 3.0
+    with pytest.raises(ValueError, match="gamma must be an int in \\[1, 4\\]"):
+        steps.check_arguments(4, 5, 1, 0, "uniform", None, None, None)
+
+    plan = steps.decide_trainable(model, path, blocks, None)
+    assert [[id(p) for p in ps] for ps in plan.block_params] == [[id(p) for p in b.parameters()] for b in blocks]
+    assert sorted(plan.always_names) == ["head", "norm"]  # the embedding is frozen: not listed
+    assert {id(p) for p in plan.always_params} == {id(p) for n in ("head", "norm")
+                                                   for p in model.get_submodule(n).parameters()}
+    assert plan.frozen_by_sampler == []
+    only_head = steps.decide_trainable(model, path, blocks, ["head"])
+    assert only_head.always_names == ["head"]
+    assert {id(p) for p in only_head.frozen_by_sampler} == {id(p) for p in model.norm.parameters()}
+    assert all(p.requires_grad for p in model.norm.parameters())  # deciding froze nothing
+
+    steps.check_optimizer_holds(None, plan)
+    with pytest.raises(ValueError, match="optimizer does not hold 3 of"):
+        steps.check_optimizer_holds(torch.optim.SGD(list(model.blocks.parameters()), lr=0.1), plan)
+
+    assert steps.block_scores(model, path, 4, "uniform", None, None, None) is None
+    np.testing.assert_array_equal(steps.block_scores(model, path, 4, "owl", [1, 2, 3, 4], None, None), [1, 2, 3, 4])
+    np.testing.assert_allclose(steps.sampling_probabilities("owl", np.array([1.0, 2.0, 3.0, 4.0]), 4, 2),
+                               [0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="gamma=3 .* only 2 of 4"):
+        steps.sampling_probabilities([1.0, 0.0, 0.0, 1.0], None, 4, 3)
