@@ -78,14 +78,16 @@ def main(argv=None) -> dict:
     rows = []
     for name, t in timings.items():
         rows.append({"candidate": name, "weights": args.weights, "shape": f"{shape[0]}x{shape[1]}", "rank": args.rank,
-                     "step ms (median)": round(t.median * 1e3, 2), "p10": round(t.p10 * 1e3, 2),
-                     "p90": round(t.p90 * 1e3, 2), "us per weight": round(t.median / args.weights * 1e6, 1),
+                     "step ms (median)": round(t.median, 2), "p10": round(t.p10, 2),  # Timing is in ms
+                     "p90": round(t.p90, 2), "us per weight": round(t.median * 1e3 / args.weights, 1),
                      "vs galore-torch": round(t.median / base, 3)})
     headers = list(rows[0])
-    print(markdown_table(headers, [[r[h] for h in headers] for r in rows]))
+    table = markdown_table(headers, [[r[h] for h in headers] for r in rows])
+    print(table)
     if not args.no_save:
-        append_results(RESULTS, "step_host", rows=rows, stamp=stamp,
-                       command="python benchmarks/bench_step_host.py " + " ".join(argv or sys.argv[1:]))
+        append_results(RESULTS, "step_host", rows=rows, stamp=stamp, table=table,
+                       command="python benchmarks/bench_step_host.py " + " ".join(argv or sys.argv[1:]),
+                       notes=f"torch threads: {torch.get_num_threads()}")
     return {r["candidate"]: r for r in rows}
 
 
