@@ -58,8 +58,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-METHODS = ("full", "lora", "galore", "lisa", "owlore")
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from .bench.methods import LORA_TARGETS, METHODS  # noqa: F401  (one definition of the methods: the bench's)
 PHASES = ("forward", "loss", "backward", "optimizer step")
 ROLES = ("weights", "gradients", "optimizer_state", "projection", "activations")
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -420,7 +419,7 @@ def estimate_memory(
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from owlore_kernels.bench import driver, methods
+    from owlore_kernels.bench import methods
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -439,7 +438,7 @@ def estimate_memory(
     n_blocks = num_blocks(config)
     if method in ("lisa", "owlore") and not 1 <= gamma <= n_blocks:
         raise ValueError(f"gamma must be in [1, {n_blocks}] for {config_name(config)}, got {gamma}")
-    cfg = dict(driver.DEFAULTS, gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len,
+    cfg = dict(methods.DEFAULTS, gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len,
                dtype=dtype, grad_checkpointing=grad_checkpointing, chunked_loss=chunked_loss, chunk_size=chunk_size,
                in_backward=in_backward, proj_method=proj_method, block_scores=[1.0] * n_blocks,
                **dict(method_options or {}))

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from . import data as bench_data
 from . import harness
 from . import report as bench_report
-from .methods import METHODS
+from .methods import DEFAULTS, METHODS  # noqa: F401  (DEFAULTS: driver's settings, also read here)
 
 # Defaults, sized so that all five methods on SmolLM2-135M finish in under 10 minutes on a
 # 2-core CPU: the parent loads and saves the model once (~30 s); each worker starts in ~10 s
@@ -30,13 +30,6 @@ from .methods import METHODS
 # (fwd+bwd ~200 GFLOP at fp32; the optimizer step 0.3 s for fused AdamW, one-off SVDs for
 # GaLore/OwLore), so 24 steps x 5 methods ~ 6 minutes on a quiet machine. interval=8 gives
 # LISA/OwLore three samples of blocks within the 24 steps.
-DEFAULTS: dict[str, Any] = dict(
-    model="smollm2", methods=",".join(METHODS), steps=24, batch=4, seq_len=64, eval_seqs=8,
-    lr=1e-4, rank=128, lora_rank=16, gamma=5, interval=8, update_proj_gap=200,
-    galore_scale=0.25, owlore_scale=1.0,  # each method at its reference: galore-torch 0.25, the OwLore paper 1.0
-    proj_method="svd", device="auto", dtype="fp32", seed=0, out=os.path.join("benchmarks", "results"),
-    grad_checkpointing=False, chunked_loss=False, chunk_size=None, in_backward=False, trace=True,
-)
 
 # the random-init fallback and the "tiny" model: LLaMA architecture, seeded init
 TINY_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,

@@ -20,6 +20,7 @@ what is measured and what is traced is one definition.
 from __future__ import annotations
 
 import inspect
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -27,7 +28,16 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..estimate import LORA_TARGETS, METHODS
+METHODS = ("full", "lora", "galore", "lisa", "owlore")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# the bench's settings, also the estimator's defaults for what it does not take as arguments
+DEFAULTS: dict[str, Any] = dict(
+    model="smollm2", methods=",".join(METHODS), steps=24, batch=4, seq_len=64, eval_seqs=8,
+    lr=1e-4, rank=128, lora_rank=16, gamma=5, interval=8, update_proj_gap=200,
+    galore_scale=0.25, owlore_scale=1.0,  # each method at its reference: galore-torch 0.25, the OwLore paper 1.0
+    proj_method="svd", device="auto", dtype="fp32", seed=0, out=os.path.join("benchmarks", "results"),
+    grad_checkpointing=False, chunked_loss=False, chunk_size=None, in_backward=False, trace=True,
+)
 
 
 class MethodUnavailable(RuntimeError):
