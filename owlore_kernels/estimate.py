@@ -41,17 +41,14 @@ which also keeps ``out`` and an fp32 log-sum-exp; OwLoreAdamW's fused ops: their
 implementations, which allocate what the Triton launchers allocate). ``device="cuda"`` traces
 on fake CUDA tensors where torch is built with CUDA.
 
-``state_dtype`` (bf16 Adam moments for OwLoreAdamW): passed to OwLoreAdamW when it has that
-option; otherwise *modelled*: the moments (``exp_avg``, ``exp_avg_sq``) are counted at
-``element_size(state_dtype) / 4`` of their fp32 bytes for their whole life, everything else as
-traced, and ``MemoryEstimate.notes`` says so.
+``state_dtype`` (bf16 Adam moments): passed to OwLoreAdamW as its ``state_dtype`` option, so the
+trace holds the real bf16 moments.
 
 Bytes are bytes; :func:`format_bytes` prints GiB (2**30), as GPU tools do.
 """
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import weakref
@@ -178,7 +175,6 @@ class MemoryTracker:
         self.events: list[int] = []
         self.marks: list[tuple[int, str, int]] = []  # (event index, phase, step)
         self.roles: dict[int, str] = {}  # serial -> role, once known
-        self.moments: set[int] = set()  # serials of Adam moments (for a modelled state dtype)
         self.step = 0
         self.accounted_at: list[int] = []  # event indices right after each optimizer step
 
@@ -219,15 +215,13 @@ class MemoryTracker:
     def mark(self, phase: str) -> None:
         self.marks.append((len(self.events), phase, self.step))
 
-    def replay(self, scale: Optional[dict[int, float]] = None) -> dict[str, Any]:
+    def replay(self) -> dict[str, Any]:
         """The peak of the rounded live bytes, its phase and step, the bytes by role there, each
         phase's peak, and the unrounded bytes of weights + gradients + state right after each
-        optimizer step (the benchmark's "p+g+s"), the largest of them. ``scale``: serial -> factor
-        on its bytes (a modelled dtype)."""
-        scale = scale or {}
+        optimizer step (the benchmark's "p+g+s"), the largest of them."""
 
         def size(serial: int, rounded: bool) -> int:
-            n = int(self.nbytes[serial] * scale.get(serial, 1.0))
+            n = self.nbytes[serial]
             return -(-n // BLOCK) * BLOCK if rounded else n
 
         by_role = dict.fromkeys(ROLES, 0)
@@ -442,10 +436,7 @@ def estimate_memory(
                dtype=dtype, grad_checkpointing=grad_checkpointing, chunked_loss=chunked_loss, chunk_size=chunk_size,
                in_backward=in_backward, proj_method=proj_method, block_scores=[1.0] * n_blocks,
                **dict(method_options or {}))
-    import owlore_kernels as ok
-
-    modelled_state = state_dtype is not None and "state_dtype" not in inspect.signature(ok.OwLoreAdamW).parameters
-    if state_dtype is not None and not modelled_state:
+    if state_dtype is not None:
         cfg["state_dtype"] = getattr(torch, DTYPES[state_dtype])
     notes: list[str] = []
     tracker = MemoryTracker()
@@ -472,8 +463,6 @@ def estimate_memory(
             for opt in setup.optimizers():
                 for key, t in methods.state_tensors(opt):
                     tracker.track(t, "projection" if methods.is_projection_key(key) else "optimizer_state")
-                    if key in ("exp_avg", "exp_avg_sq"):
-                        tracker.moments.add(tracker._live[t.untyped_storage()._cdata])
 
         with tracker:
             for step in range(2):
@@ -492,13 +481,7 @@ def estimate_memory(
                     opt.zero_grad(set_to_none=True)
                 del ids, labels
         total_params = sum(p.numel() for p in params)
-    scale = None
-    if modelled_state:
-        factor = torch.empty(0, dtype=getattr(torch, DTYPES[state_dtype])).element_size() / 4
-        scale = {serial: factor for serial in tracker.moments}
-        notes.append(f"state_dtype={state_dtype} modelled: this OwLoreAdamW keeps fp32 moments; each moment counted "
-                     f"at {factor:g} x its fp32 bytes")
-    result = tracker.replay(scale)
+    result = tracker.replay()
     at = result["at_peak"]
     settings = dict(gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len, dtype=dtype,
                     grad_checkpointing=grad_checkpointing, chunked_loss=chunked_loss, chunk_size=chunk_size,
