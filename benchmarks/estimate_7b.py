@@ -11,7 +11,7 @@ Sets (``--sets``):
 * ``methods``: the five methods at the OwLore paper's reference run (gamma 5, rank 256, batch
   16 x 512 tokens, bf16, gradient checkpointing; OwLore's refresh randomized);
 * ``owlore``: OwLore there with each combination of chunked loss, in-backward steps and bf16
-  moments (``state_dtype="bf16"``; modelled where OwLoreAdamW has no such option);
+  moments (``state_dtype="bf16"``: ``OwLoreAdamW(state_dtype=torch.bfloat16)``, traced);
 * ``galore-paper``: full AdamW at batch 1 x 256 tokens, bf16, no checkpointing (the GaLore
   paper's "58 GB" setting).
 
