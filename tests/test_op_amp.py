@@ -268,7 +268,7 @@ def test_adamw_found_inf_writes_nothing_and_zero_changes_nothing(backend, device
 # --------------------------------------------------------------------------- bad arguments
 
 def _small_calls(device="cpu"):
-    """{op: (public function, (lists to write, lists read), options)} of one small call each."""
+    """{op: (public function, its positional lists, the lists it writes, its options)}: one small call each."""
     side = "left"
     grads = [torch.randn(m, n, device=device) for m, n, _ in SHAPES]
     projs = [projection(side, m, n, r, device) for m, n, r in SHAPES]
@@ -276,11 +276,11 @@ def _small_calls(device="cpu"):
     params = [torch.randn(m, n, device=device) for m, n, _ in SHAPES]
     moments = [[torch.zeros(m, n, device=device) for m, n, _ in SHAPES] for _ in range(2)]
     return {
-        "project_adam_foreach": (project_adam_foreach_, lambda: (grads, projs, *lows), lows,
+        "project_adam_foreach": (project_adam_foreach_, (grads, projs, *lows), lows,
                                  dict(side=side, bias_corrections=bias_corrections(1), **BETAS)),
-        "back_project_update_foreach": (back_project_update_foreach_, lambda: (params, projs, lows[2]), [params],
+        "back_project_update_foreach": (back_project_update_foreach_, (params, projs, lows[2]), [params],
                                         dict(side=side, coefficients=[(0.9, -0.1)] * len(SHAPES))),
-        "adamw_foreach": (adamw_foreach_, lambda: (params, grads, *moments), [params, *moments],
+        "adamw_foreach": (adamw_foreach_, (params, grads, *moments), [params, *moments],
                           dict(variant="galore", coefficients=[(-0.1, 0.0)] * len(SHAPES), **BETAS)),
     }
 
@@ -310,13 +310,13 @@ def test_bad_grad_scale_or_found_inf_names_it_and_changes_nothing(op, arg, what,
     fn, lists, written, options = _small_calls()[op]
     before = clone_all(written)
     with pytest.raises(error, match=rf"{op}_: {arg} {pattern}"):
-        fn(*lists(), **options, **{arg: make()})
+        fn(*lists, **options, **{arg: make()})
     for a, b in zip(written, before):
         assert_same_bits(a, b, "written")
     if what == "a number":  # the op's schema itself refuses a number for a Tensor? argument
         return
     # the fake implementation (torch.compile tracing) raises the same, on meta weights
-    meta = [[t.to("meta") for t in ts] for ts in lists()]
+    meta = [[t.to("meta") for t in ts] for ts in lists]
     bad, pattern = (torch.ones(()), r"is on cpu; expected meta") if what == "another device" else (make(), pattern)
     with pytest.raises(error, match=rf"{op}_: {arg} {pattern}"):
         getattr(torch.ops.owlore, f"{op}_")(*meta, **_op_options(options), **{arg: bad})
@@ -335,7 +335,7 @@ def test_cpp_kernels_refuse_bad_grad_scale_and_found_inf_on_direct_calls(backend
                                  (torch.tensor(1), r"must be a floating tensor with exactly one element, got shape "
                                                    r"\[\] of Long")):
                 with pytest.raises(RuntimeError, match=rf"{arg} {pattern}"):
-                    getattr(torch.ops.owlore, f"{op}_")(*lists(), **options, **{arg: bad})
+                    getattr(torch.ops.owlore, f"{op}_")(*lists, **options, **{arg: bad})
         for a, b in zip(written, before):
             assert_same_bits(a, b, f"{op} written")
 
@@ -349,9 +349,9 @@ def test_ops_run_with_grad_scale_and_found_inf_under_fake_tensor_mode():
         calls = _small_calls()
         for op, (fn, lists, _, options) in calls.items():
             amp = {arg: torch.ones((), dtype=torch.float32) for arg in AMP_ARGS[op]}
-            fn(*lists(), **options, **amp)
+            fn(*lists, **options, **amp)
             with pytest.raises(ValueError, match=rf"{op}_: found_inf must be a floating tensor with exactly one"):
-                fn(*lists(), **options, found_inf=torch.ones(3))
+                fn(*lists, **options, found_inf=torch.ones(3))
 
 
 @pytest.mark.parametrize("op", ["project_adam_foreach", "back_project_update_foreach", "adamw_foreach"])
@@ -370,3 +370,39 @@ def test_opcheck_with_grad_scale_and_found_inf(op, backend):
         kwargs["grad_scale"] = torch.full((), 8.0)
     with dispatching_to(op, backend, device):
         torch.library.opcheck(overload, args, kwargs, test_utils=OPCHECK_UTILS)
+
+
+def test_compiled_step_takes_grad_scale_and_found_inf_as_graph_inputs():
+    """A compiled step with GradScaler's tensors reuses its graph when their values change (a
+    new scale, an overflowed step), and matches the eager step bit for bit (same kernels)."""
+    import torch._dynamo.testing
+
+    def step(grads, projs, exp_avgs, exp_avg_sqs, outs, params, moments, bcs, coefficients, grad_scale, found_inf):
+        project_adam_foreach_(grads, projs, exp_avgs, exp_avg_sqs, outs, side="left", bias_corrections=bcs,
+                              grad_scale=grad_scale, found_inf=found_inf, **BETAS)
+        back_project_update_foreach_(params, projs, outs, side="left", coefficients=coefficients,
+                                     found_inf=found_inf)
+        adamw_foreach_(params, grads, *moments, variant="galore", coefficients=coefficients, grad_scale=grad_scale,
+                       found_inf=found_inf, **BETAS)
+
+    def state():
+        torch.manual_seed(1)
+        grads = [torch.randn(m, n) for m, n, _ in SHAPES]
+        projs = [projection("left", *s) for s in SHAPES]
+        lows = [[torch.rand(r, n) for _, n, r in SHAPES] for _ in range(3)]
+        params = [torch.randn(m, n) for m, n, _ in SHAPES]
+        return grads, projs, *lows, params, [[torch.zeros(m, n) for m, n, _ in SHAPES] for _ in range(2)]
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    eager_state, compiled_state = state(), state()
+    coefficients = torch.tensor([[0.99, -0.1]] * len(SHAPES), dtype=torch.float64)
+    for t, (scale, flag) in enumerate([(2.0**16, 0.0), (2.0**16, 1.0), (2.0**15, 0.0)], start=1):
+        numbers = (bias_corrections(t), coefficients, torch.full((), scale), torch.full((1,), flag))
+        step(*eager_state, *numbers)
+        compiled(*compiled_state, *numbers)
+    assert counter.frame_count == 1, counter.frame_count
+    for a, b in zip(eager_state, compiled_state):
+        assert_same_bits(b if isinstance(b[0], torch.Tensor) else [x for y in b for x in y],
+                         a if isinstance(a[0], torch.Tensor) else [x for y in a for x in y], "state")
