@@ -6,6 +6,9 @@
 //   variant "torch":  w = w c1;  w = w + c0 m / (sqrt(v) / c2 + eps)
 // W is stored back in its own dtype, bf16 moments too, rounded to nearest even (the
 // c10::BFloat16 / c10::Half conversions). See owlore_kernels/ops/adamw.py.
+// torch.amp.GradScaler's scale and overflow flag (one-element CPU tensors, read on the
+// host): with grad_scale, g = g / grad_scale in the math type before the moments; a
+// nonzero found_inf returns after the checks, before anything is written.
 //
 // Each weight is read in memory order when its four tensors have one layout without
 // gaps (contiguous, or the same permuted strides: a transposed weight and the grad and
@@ -40,8 +43,16 @@ struct Weight {
 
 // beta1, beta2 and eps come as doubles: 1 - beta is formed in double and then rounded, as
 // the reference does (1 - float(0.999) would be off by 1.3e-5 relative).
+// The numbers of a call that every weight shares.
+struct CallScalars {
+  double beta1, beta2, eps;
+  bool scaled;        // a grad_scale was given
+  double grad_scale;  // its value (unused when !scaled)
+};
+
 template <typename param_t, typename state_t, typename math_t, bool kGalore>
-void update_range(const Weight& w, int64_t begin, int64_t end, double beta1_in, double beta2_in, double eps_in) {
+void update_range(const Weight& w, int64_t begin, int64_t end, const CallScalars& call) {
+  const double beta1_in = call.beta1, beta2_in = call.beta2, eps_in = call.eps;
   param_t* p = w.param.data_ptr<param_t>();
   const param_t* g = w.grad.const_data_ptr<param_t>();
   state_t* m = w.exp_avg.data_ptr<state_t>();
@@ -51,8 +62,11 @@ void update_range(const Weight& w, int64_t begin, int64_t end, double beta1_in, 
   const math_t eps = static_cast<math_t>(eps_in);
   const math_t c0 = static_cast<math_t>(w.c.c0), c1 = static_cast<math_t>(w.c.c1), c2 = static_cast<math_t>(w.c.c2);
   const bool decay = w.c.c1 != 0.0;
+  const bool scaled = call.scaled;
+  // the scale rounded to the math type (an fp32 scale is exact in both), then one IEEE division
+  const math_t scale = static_cast<math_t>(call.grad_scale);
   for (int64_t e = begin; e < end; ++e) {
-    const math_t gi = static_cast<math_t>(g[e]);
+    const math_t gi = scaled ? static_cast<math_t>(g[e]) / scale : static_cast<math_t>(g[e]);
     const math_t mi = beta1 * static_cast<math_t>(m[e]) + omb1 * gi;
     const math_t vi = beta2 * static_cast<math_t>(v[e]) + omb2 * gi * gi;
     math_t wi = static_cast<math_t>(p[e]);
@@ -69,7 +83,7 @@ void update_range(const Weight& w, int64_t begin, int64_t end, double beta1_in, 
   }
 }
 
-using RangeFn = void (*)(const Weight&, int64_t, int64_t, double, double, double);
+using RangeFn = void (*)(const Weight&, int64_t, int64_t, const CallScalars&);
 
 template <bool kGalore>
 RangeFn range_fn(at::ScalarType param, at::ScalarType state) {
@@ -134,7 +148,9 @@ void adamw_foreach_(
     double beta1,
     double beta2,
     double eps,
-    const at::Tensor& coefficients) {
+    const at::Tensor& coefficients,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(variant == "galore" || variant == "torch", "variant must be 'galore' or 'torch', got '",
               std::string(variant), "'");
   const bool galore = variant == "galore";
@@ -144,6 +160,8 @@ void adamw_foreach_(
               "adamw_foreach_: the lists must have one tensor per weight, got ", params.size(), ", ", grads.size(),
               ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
   check_foreach_scalars(coefficients, count, galore ? 2 : 3, "coefficients");
+  const double scale = amp_scalar(grad_scale, "grad_scale", 1.0);
+  const double found = amp_scalar(found_inf, "found_inf", 0.0);
   const auto c = coefficients.accessor<double, 2>();
   // every weight is checked (and any odd layout copied) before the first one is written
   std::vector<Weight> weights;
@@ -156,6 +174,8 @@ void adamw_foreach_(
     const auto ptype = weights.back().param.scalar_type(), stype = weights.back().exp_avg.scalar_type();
     fns.push_back(galore ? range_fn<true>(ptype, stype) : range_fn<false>(ptype, stype));
   }
+  if (found != 0.0) return;  // an overflowed step (NaN counts): write nothing (copies of odd layouts are private)
+  const CallScalars call{beta1, beta2, eps, grad_scale.has_value(), scale};
   std::vector<int64_t> costs, weight_of, start_of;
   for (int64_t i = 0; i < count; ++i) {
     const int64_t numel = weights[i].param.numel();
@@ -169,7 +189,7 @@ void adamw_foreach_(
   parallel_over_items(costs, kMinElemsPerRun, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = weight_of[item];
-      fns[i](weights[i], start_of[item], start_of[item] + costs[item], beta1, beta2, eps);
+      fns[i](weights[i], start_of[item], start_of[item] + costs[item], call);
     }
   });
   for (const Weight& w : weights) {

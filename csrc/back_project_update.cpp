@@ -15,6 +15,8 @@
 // The foreach op lays the tiles of all its weights end to end and splits them across
 // threads by cost (parallel_over_items in owlore.h); each tile's GEMM runs
 // single-threaded. back_project_update_ is that code run on one weight.
+// The foreach op takes torch.amp.GradScaler's overflow flag (a one-element CPU tensor, read
+// on the host): nonzero, it returns after the checks, before anything is written.
 #include "owlore.h"
 
 namespace owlore {
@@ -155,13 +157,15 @@ void back_project_update_foreach_(
     at::TensorList projs,
     at::TensorList norm_updates,
     c10::string_view side,
-    const at::Tensor& coefficients) {
+    const at::Tensor& coefficients,
+    const std::optional<at::Tensor>& found_inf) {
   const bool left = is_left_side(side);
   const int64_t count = static_cast<int64_t>(params.size());
   TORCH_CHECK(projs.size() == params.size() && norm_updates.size() == params.size(),
               "back_project_update_foreach_: the lists must have one tensor per weight, got ", params.size(), ", ",
               projs.size(), ", ", norm_updates.size());
   check_foreach_scalars(coefficients, count, 2, "coefficients");
+  const double found = amp_scalar(found_inf, "found_inf", 0.0);
   const auto c = coefficients.accessor<double, 2>();
   // every weight is checked before the first one is written
   std::vector<Weight> weights;
@@ -169,6 +173,7 @@ void back_project_update_foreach_(
   for (int64_t i = 0; i < count; ++i)
     weights.push_back(checked_weight(params[i], projs[i], norm_updates[i], left, c[i][0], c[i][1],
                                      index_suffix(i, true)));
+  if (found != 0.0) return;  // an overflowed step (NaN counts): write nothing
   plan_and_run(weights);
 }
 

@@ -70,14 +70,17 @@ void project_adam_foreach_(
     double beta1,
     double beta2,
     double eps,
-    const at::Tensor& bias_corrections);
+    const at::Tensor& bias_corrections,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf);
 
 void back_project_update_foreach_(
     at::TensorList params,
     at::TensorList projs,
     at::TensorList norm_updates,
     c10::string_view side,
-    const at::Tensor& coefficients);
+    const at::Tensor& coefficients,
+    const std::optional<at::Tensor>& found_inf);
 
 void adamw_foreach_(
     at::TensorList params,
@@ -88,7 +91,9 @@ void adamw_foreach_(
     double beta1,
     double beta2,
     double eps,
-    const at::Tensor& coefficients);
+    const at::Tensor& coefficients,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf);
 
 // ---------------------------------------------------------------------------
 // helpers shared by the kernels
@@ -164,6 +169,18 @@ inline void check_foreach_scalars(const at::Tensor& t, int64_t count, int64_t co
                   t.size(1) >= columns,
               name, " must be a float64 CPU tensor of shape (", count, ", ", columns, "), got ", t.scalar_type(),
               " ", t.sizes(), " on ", t.device());
+}
+
+// torch.amp.GradScaler's scale or overflow flag of a foreach call (grad_scale, found_inf):
+// absent (then `absent` is returned), or a floating CPU tensor of exactly one element, whose
+// value is read here on the host -- a CPU tensor, so no device sync.
+inline double amp_scalar(const std::optional<at::Tensor>& t, const char* name, double absent) {
+  if (!t.has_value()) return absent;
+  TORCH_CHECK(t->numel() == 1 && t->is_floating_point(), name,
+              " must be a floating tensor with exactly one element, got shape ", t->sizes(), " of ",
+              t->scalar_type());
+  check_cpu(*t, name);
+  return t->item<double>();
 }
 
 // Makes the BLAS calls of the current thread single-threaded while it lives. Inside a

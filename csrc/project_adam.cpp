@@ -15,6 +15,11 @@
 // bf16 moments are upcast per element, updated in fp32, used for N, and stored back
 // rounded to nearest even.
 //
+// The foreach op takes torch.amp.GradScaler's scale and overflow flag (one-element CPU
+// tensors, read on the host): R is divided by grad_scale in fp32 before the moments
+// (x / 1 is exact, so no scale is the same code with 1), and a nonzero found_inf returns
+// after the checks, before anything is written.
+//
 // The foreach op lays the tiles of all its weights end to end and splits them across
 // threads by cost (parallel_over_items in owlore.h); project_adam_ is that code run on
 // one weight.
@@ -49,6 +54,7 @@ constexpr int64_t kMinMacsPerRun = 1 << 20;
 
 struct AdamScalars {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, bias1, bias2, eps;
+  float grad_scale;  // R is divided by it (1: no scale, exact)
 };
 
 // A 2-D tensor as pointer + strides, for the epilogue's element loop.
@@ -78,7 +84,7 @@ void adam_tile(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j
     float* o_row = &out.at(i0 + i, j0);
     const int64_t ms = kUnitStride ? 1 : m.s1, vs = kUnitStride ? 1 : v.s1, os = kUnitStride ? 1 : out.s1;
     for (int64_t j = 0; j < cols; ++j) {
-      const float g = r_row[j];
+      const float g = r_row[j] / a.grad_scale;
       const float mj = a.beta1 * static_cast<float>(m_row[j * ms]) + a.one_minus_beta1 * g;
       const float vj = a.beta2 * static_cast<float>(v_row[j * vs]) + a.one_minus_beta2 * (g * g);
       m_row[j * ms] = static_cast<state_t>(mj);
@@ -264,7 +270,7 @@ void run_weights(const std::vector<Weight>& weights, bool left, const AdamScalar
 
 AdamScalars adam_scalars(double beta1, double beta2, double eps) {
   return AdamScalars{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
-                     static_cast<float>(1.0 - beta2), 1.0f, 1.0f, static_cast<float>(eps)};
+                     static_cast<float>(1.0 - beta2), 1.0f, 1.0f, static_cast<float>(eps), 1.0f};
 }
 
 // Plan the tiles of checked weights and run them.
@@ -313,7 +319,9 @@ void project_adam_foreach_(
     double beta1,
     double beta2,
     double eps,
-    const at::Tensor& bias_corrections) {
+    const at::Tensor& bias_corrections,
+    const std::optional<at::Tensor>& grad_scale,
+    const std::optional<at::Tensor>& found_inf) {
   const bool left = is_left_side(side);
   const int64_t count = static_cast<int64_t>(grads.size());
   TORCH_CHECK(projs.size() == grads.size() && exp_avgs.size() == grads.size() &&
@@ -321,6 +329,8 @@ void project_adam_foreach_(
               "project_adam_foreach_: the lists must have one tensor per weight, got ", grads.size(), ", ",
               projs.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", outs.size());
   check_foreach_scalars(bias_corrections, count, 2, "bias_corrections");
+  const double scale = amp_scalar(grad_scale, "grad_scale", 1.0);
+  const double found = amp_scalar(found_inf, "found_inf", 0.0);
   const auto bc = bias_corrections.accessor<double, 2>();
   // every weight is checked before the first one is written
   std::vector<Weight> weights;
@@ -328,7 +338,10 @@ void project_adam_foreach_(
   for (int64_t i = 0; i < count; ++i)
     weights.push_back(checked_weight(grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], outs[i], left, bc[i][0],
                                      bc[i][1], index_suffix(i, true)));
-  plan_and_run(weights, left, adam_scalars(beta1, beta2, eps));
+  if (found != 0.0) return;  // an overflowed step (NaN counts): write nothing
+  AdamScalars a = adam_scalars(beta1, beta2, eps);
+  a.grad_scale = static_cast<float>(scale);
+  plan_and_run(weights, left, a);
 }
 
 }  // namespace owlore

@@ -193,6 +193,24 @@ def check_foreach_bias_correction_values(op: str, rows) -> None:
                                  f"or 1 for none), got {value}")
 
 
+def check_amp_scalar(op: str, name: str, value, device) -> None:
+    """``grad_scale`` / ``found_inf`` of a foreach op (``torch.amp.GradScaler``'s scale and its
+    overflow flag): None, or a floating tensor with exactly one element on ``device`` (the
+    weights'; None for an empty call), which the kernels read on their device (no host sync).
+    Only metadata is looked at: the value may be a fake tensor (memory traces) or on a GPU."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be None or a torch.Tensor with one element, got "
+                        f"{type(value).__name__} {value!r}")
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating tensor with exactly one element, got shape "
+                         f"{tuple(value.shape)} of {value.dtype}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{op}: {name} is on {value.device}; expected {device}, the device of the weights "
+                         "(read inside the kernels, no host sync)")
+
+
 def _first_dtype(op: str, name: str, tensors, dtypes) -> tuple[torch.dtype, str]:
     """The dtype of ``tensors[0]``, which every tensor of the list must have, and why (for messages)."""
     dtype = tensors[0].dtype
@@ -244,17 +262,22 @@ def _check_foreach_projection(op: str, side: str, lists, dtypes) -> None:
                        else f"({m}, r) with r = {proj_name}[{i}].shape[0] = {ps[0]}")))
 
 
-def check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections) -> None:
+def check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections,
+                                    grad_scale=None, found_inf=None) -> None:
     """Arguments of ``project_adam_foreach_``: per weight i, those of ``project_adam_`` (grads[i]
     m x n; projs[i] m x r (left) or r x n (right); the moments and outs[i] r x n or m x r); one
     dtype per list (grads fp32/bf16/fp16; projs fp32 or the grads' dtype; moments fp32 or bf16,
-    both the same; outs fp32); one device; ``bias_corrections`` a float64 CPU (len, 2) tensor."""
+    both the same; outs fp32); one device; ``bias_corrections`` a float64 CPU (len, 2) tensor;
+    ``grad_scale`` and ``found_inf`` None or one-element floating tensors on that device."""
     op = "project_adam_foreach_"
     lists = [("grads", grads), ("projs", projs), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
              ("outs", outs)]
     count = check_tensor_lists(op, lists)
     check_side(side)
     check_foreach_scalars(op, "bias_corrections", bias_corrections, count, (2,))
+    device = grads[0].device if count else None
+    check_amp_scalar(op, "grad_scale", grad_scale, device)
+    check_amp_scalar(op, "found_inf", found_inf, device)
     if count == 0:
         return
     grad_dtype = _first_dtype(op, "grads", grads, FLOAT_DTYPES)
@@ -264,16 +287,18 @@ def check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, s
                                                 (torch.float32, "N is fp32")))
 
 
-def check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients) -> None:
+def check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients, found_inf=None) -> None:
     """Arguments of ``back_project_update_foreach_``: per weight i, those of ``back_project_update_``
     (params[i] m x n; projs[i] m x r or r x n; norm_updates[i] r x n or m x r); one dtype per list
     (params fp32/bf16/fp16; projs fp32 or the params' dtype; norm_updates fp32); one device;
-    ``coefficients`` a float64 CPU (len, 2) tensor of (beta, alpha) rows."""
+    ``coefficients`` a float64 CPU (len, 2) tensor of (beta, alpha) rows; ``found_inf`` None or a
+    one-element floating tensor on that device."""
     op = "back_project_update_foreach_"
     lists = [("params", params), ("projs", projs), ("norm_updates", norm_updates)]
     count = check_tensor_lists(op, lists)
     check_side(side)
     check_foreach_scalars(op, "coefficients", coefficients, count, (2,))
+    check_amp_scalar(op, "found_inf", found_inf, params[0].device if count else None)
     if count == 0:
         return
     param_dtype = _first_dtype(op, "params", params, FLOAT_DTYPES)
@@ -284,17 +309,22 @@ def check_back_project_update_foreach_args(params, projs, norm_updates, side, co
 ADAMW_VARIANTS = ("galore", "torch")
 
 
-def check_adamw_foreach_args(params, grads, exp_avgs, exp_avg_sqs, variant, coefficients) -> None:
+def check_adamw_foreach_args(params, grads, exp_avgs, exp_avg_sqs, variant, coefficients, grad_scale=None,
+                             found_inf=None) -> None:
     """Arguments of ``adamw_foreach_``: per weight i, grads[i] and the moments have params[i]'s
     shape (any shape and layout); one dtype per list (params fp32/bf16/fp16 with fp32 or bf16
     moments, or fp64 with fp64 moments; grads the params' dtype); one device; ``coefficients`` a
-    float64 CPU (len, 2) or (len, 3) tensor, (len, 3) for variant "torch"."""
+    float64 CPU (len, 2) or (len, 3) tensor, (len, 3) for variant "torch"; ``grad_scale`` and
+    ``found_inf`` None or one-element floating tensors on that device."""
     op = "adamw_foreach_"
     lists = [("params", params), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)]
     count = check_tensor_lists(op, lists)
     if variant not in ADAMW_VARIANTS:
         raise ValueError(f"{op}: variant must be one of {ADAMW_VARIANTS}, got {variant!r}")
     check_foreach_scalars(op, "coefficients", coefficients, count, (3,) if variant == "torch" else (2, 3))
+    device = params[0].device if count else None
+    check_amp_scalar(op, "grad_scale", grad_scale, device)
+    check_amp_scalar(op, "found_inf", found_inf, device)
     if count == 0:
         return
     param_dtype, param_why = _first_dtype(op, "params", params, FLOAT_DTYPES + (torch.float64,))

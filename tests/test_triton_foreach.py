@@ -104,6 +104,35 @@ def test_project_adam_foreach_split_k_per_weight():
         assert all(torch.equal(a, b) for a, b in zip(states[i], states[2 + i])), f"weight {i}"
 
 
+def test_project_adam_foreach_split_k_with_grad_scaler_arguments():
+    """Split-K (2 splits a tile) with torch.amp.GradScaler's arguments: an overflowed step
+    (found_inf = 1) writes no moment and no N but still resets every tile's arrival counter, so
+    the next call (G scaled by 2^10, grad_scale = 2^10, found_inf = 0) is the single-weight
+    launch on the unscaled G, bit for bit (the scaling is exact: see tests/test_op_amp.py)."""
+    from owlore_kernels.kernels import project_adam as pa
+    from owlore_kernels.kernels._common import stream_key
+
+    gen = torch.Generator().manual_seed(12)
+    m, n, r = 2100, 70, 16
+    grads = [torch.randn(m, n, generator=gen).bfloat16().to(DEV) for _ in range(2)]
+    projs = [(torch.randn(m, r, generator=gen) / m ** 0.5).bfloat16().to(DEV) for _ in range(2)]
+    states = [[(0.1 * torch.randn(r, n, generator=gen)).abs().to(DEV) for _ in range(3)] for _ in range(2)]
+    singles = [[t.clone() for t in state] for state in states]
+    bcs = [(0.1, 0.001), (0.5, 0.05)]
+    lists = [[states[i][j] for i in range(2)] for j in range(3)]
+    before = [[t.clone() for t in state] for state in states]
+    scale = torch.full((), 1024.0, device=DEV)
+    project_adam_foreach_launch(grads, projs, *lists, "left", BETA1, BETA2, EPS, bcs, grad_scale=scale,
+                                found_inf=torch.ones(1, device=DEV))
+    assert all(torch.equal(a, b) for state, old in zip(states, before) for a, b in zip(state, old))
+    assert not bool(pa._SEMAPHORES[stream_key(DEV)].any()), "a skipped split-K step left arrival counters set"
+    project_adam_foreach_launch([g * 1024 for g in grads], projs, *lists, "left", BETA1, BETA2, EPS, bcs,
+                                grad_scale=scale, found_inf=torch.zeros(1, device=DEV))
+    for i in range(2):
+        project_adam_launch(grads[i], projs[i], *singles[i], "left", BETA1, BETA2, EPS, *bcs[i])
+        assert all(torch.equal(a, b) for a, b in zip(states[i], singles[i])), f"weight {i}"
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("gdtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_project_adam_foreach_matches_fp64_oracle(side, gdtype):
@@ -166,7 +195,8 @@ def test_foreach_plans_are_cached_and_keep_no_call_tensors():
 
 
 def test_empty_lists_are_a_no_op():
-    project_adam_foreach_launch([], [], [], [], [], "left", BETA1, BETA2, EPS, torch.zeros(0, 2, dtype=torch.float64))
+    project_adam_foreach_launch([], [], [], [], [], "left", BETA1, BETA2, EPS, torch.zeros(0, 2, dtype=torch.float64),
+                                found_inf=torch.zeros(1, device=DEV))
     back_project_update_foreach_launch([], [], [], "right", torch.zeros(0, 2, dtype=torch.float64))
     adamw_foreach_launch([], [], [], [], "galore", BETA1, BETA2, EPS, torch.zeros(0, 3, dtype=torch.float64))
 

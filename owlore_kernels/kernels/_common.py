@@ -175,6 +175,14 @@ def store_rounded(ptrs, x, mask, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def unless_found_inf(mask, found_inf_ptr):
+    """``mask`` where ``torch.amp.GradScaler``'s one-element found_inf is 0, else all False (NaN
+    is not 0: skipped too). Loaded by every program: no host sync. A select, not ``mask & flag``:
+    the interpreter cannot AND a scalar i1 with a block."""
+    return tl.where(tl.load(found_inf_ptr) == 0, mask, False)
+
+
+@triton.jit
 def table_pointer(row_ptr, column: tl.constexpr, like):
     """Column ``column`` of an int64 pointer-table row, as a pointer of ``like``'s type, 16-byte
     aligned (``check_aligned`` on the host): without the hint every load would be scalar."""
@@ -237,7 +245,10 @@ def run_foreach(plans: dict, tensors: list, rows: list, key: tuple, make_plan, c
     strides and dtypes.
 
     ``tensors[i]``: weight i's tensors in the kernel's table-column order; ``rows[i]``: its
-    scalars (table columns after the addresses). ``make_plan(first weight's tensors, count,
+    scalars (table columns after the addresses); ``scalar_args``: the arguments every group of
+    the call shares (numbers, and GradScaler's one-element tensors when given), passed per call,
+    never kept in a plan; ``key`` must say which of those tensors are given (the plans'
+    constexpr flags). ``make_plan(first weight's tensors, count,
     stand-in table)`` returns a group's launches; they are cached in ``plans`` by the lists'
     signatures, ``key`` (the call's options), the stream and the interpreter flag, and keep no
     reference to a call's tensors. Per call: one address table and one upload per group; the

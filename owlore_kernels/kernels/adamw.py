@@ -19,6 +19,12 @@ and v must be dense with equal strides (``torch.zeros_like(p)`` moments and torc
 gradients are); a tensor that is not goes through contiguous copies, written back after.
 BLOCK = 4096 elements at 8 warps: 16 per thread, 16 KB of fp32 W per program, and a 4096 x
 4096 weight is 4096 programs.
+
+``torch.amp.GradScaler``: ``grad_scale`` and ``found_inf`` are one-element tensors on the
+GPU that every program loads itself (no host sync): g = g / grad_scale (IEEE division in
+the math dtype) before the moments, and the loads of w, m, v and every store are masked with
+found_inf == 0, so an overflowed step writes nothing (g is still read). Constexpr
+flags say whether each is given; an absent one gets a stand-in pointer that is never read.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_aligned, device_ctx, interpreting, pointer_table, store_rounded, table_pointer
+from ._common import (check_aligned, device_ctx, interpreting, pointer_table, store_rounded, table_pointer,
+                      unless_found_inf)
 
 __all__ = ["adamw_foreach_launch", "VARIANTS"]
 
@@ -46,8 +53,11 @@ def _table_value(row_ptr, column: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _adamw_foreach_kernel(
     table_ptr, w_ptr, g_ptr, m_ptr, v_ptr,  # the first tensor of each kind: the pointer types
+    grad_scale_ptr, found_inf_ptr,  # GradScaler's scale and overflow flag (one element each), if given
     count,  # tensors in the list
     VARIANT: tl.constexpr,  # "galore" | "torch": where weight decay and eps apply (module docstring)
+    HAS_GRAD_SCALE: tl.constexpr,  # code path: divide g by grad_scale (absent: no division at all)
+    HAS_FOUND_INF: tl.constexpr,  # code path: mask the stores with found_inf == 0
     EMULATE: tl.constexpr,  # interpreter: bf16 stores emulated (see _common)
     SEARCH_STEPS: tl.constexpr,  # ceil(log2(count)): the binary search's length
     BLOCK: tl.constexpr,
@@ -79,6 +89,10 @@ def _adamw_foreach_kernel(
     eps = _table_value(row, 13, math)
 
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(math)
+    if HAS_GRAD_SCALE:
+        g = _div(g, tl.load(grad_scale_ptr).to(math))
+    if HAS_FOUND_INF:
+        mask = unless_found_inf(mask, found_inf_ptr)  # masks the loads below and every store
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(math)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(math)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(math)
@@ -130,10 +144,11 @@ _PLANS: dict = {}
 
 
 def adamw_foreach_launch(params, grads, exp_avgs, exp_avg_sqs, variant: str, beta1: float, beta2: float, eps: float,
-                         coefficients) -> None:
+                         coefficients, grad_scale=None, found_inf=None) -> None:
     """One AdamW step for every tensor i of the lists (module docstring); ``coefficients`` is a
     (len, 3) or (len, 2) sequence or float64 CPU tensor, row i = (c0, c1[, c2]) of tensor i
-    ("galore" does not use c2)."""
+    ("galore" does not use c2). ``grad_scale`` / ``found_inf``: None or one-element floating
+    tensors on the params' device (checked by the op; read by the kernel)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     count = len(params)
@@ -167,7 +182,11 @@ def adamw_foreach_launch(params, grads, exp_avgs, exp_avg_sqs, variant: str, bet
                               [(row + [1.0])[:3] + [beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps] for row in rows], device)
         first = items[0]
         with device_ctx(params[0]):
-            _adamw_foreach_kernel[(total,)](table, *first, count, VARIANT=variant, EMULATE=interpreting(),
+            # an absent scale or flag: the table stands in (never read, the flag is off)
+            _adamw_foreach_kernel[(total,)](table, *first, table if grad_scale is None else grad_scale,
+                                            table if found_inf is None else found_inf, count, VARIANT=variant,
+                                            HAS_GRAD_SCALE=grad_scale is not None,
+                                            HAS_FOUND_INF=found_inf is not None, EMULATE=interpreting(),
                                             SEARCH_STEPS=steps, BLOCK=BLOCK, num_warps=NUM_WARPS)
     for i, (w, m, v) in copies.items():
         w.copy_(items[i][0])

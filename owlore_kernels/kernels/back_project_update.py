@@ -34,7 +34,11 @@ gives 32 x 86 = 2752 programs, ~21 per SM: no split and no persistent loop are n
 the GPU.
 
 ``back_project_update_foreach_launch``: one launch per group of same-shape weights, the weight
-from program_id(1) and its addresses, beta and alpha from an int64 pointer table.
+from program_id(1) and its addresses, beta and alpha from an int64 pointer table. With
+``torch.amp.GradScaler``'s ``found_inf`` (a one-element tensor on the GPU, loaded by every
+program: no host sync) the W tile's load and store are masked with found_inf == 0, so an
+overflowed step writes nothing; a constexpr flag says whether it is given (part of the plan
+cache's key), and an absent one gets a stand-in pointer that is never read.
 """
 from __future__ import annotations
 
@@ -45,8 +49,8 @@ import triton
 import triton.language as tl
 
 from ._common import (Launch, device_ctx, grouped_tile, interpreting, mma, resolve_dot_precision, run_foreach,
-                      span_elements, store_rounded, table_pointer, table_scalar, target_arch, vector_width,
-                      wrapped_offsets)
+                      span_elements, store_rounded, table_pointer, table_scalar, target_arch, unless_found_inf,
+                      vector_width, wrapped_offsets)
 
 __all__ = ["back_project_update_launch", "back_project_update_plan", "back_project_update_foreach_launch", "config"]
 
@@ -68,6 +72,7 @@ def config(precision: str, rank: int, arch: int, proj_16bit: bool = True) -> dic
 @triton.jit
 def _back_project_update_kernel(
     w_ptr, a_ptr, b_ptr, table_ptr,
+    found_inf_ptr,  # GradScaler's overflow flag (one element), if given
     M, N, K,
     stride_wm, stride_wn, stride_am, stride_ak, stride_bk, stride_bn,
     beta,  # runtime fp32: the decay factor on W
@@ -75,6 +80,7 @@ def _back_project_update_kernel(
     DOT: tl.constexpr,  # "ieee" | "tf32x3" | "tf32" | "bf16" | "fp16"
     EMULATE: tl.constexpr,  # interpreter: 16-bit dots and bf16 stores emulated (see _common)
     FOREACH: tl.constexpr,  # program_id(1) = weight; its pointers, beta and alpha come from table_ptr
+    HAS_FOUND_INF: tl.constexpr,  # code path: W's load and store are masked with found_inf == 0
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the main loop
     WIDE: tl.constexpr,  # some tensor spans >= 2^31 elements: int64 offsets
     VEC_M: tl.constexpr, VEC_N: tl.constexpr,  # powers of two dividing M / N: contiguity hints
@@ -100,6 +106,8 @@ def _back_project_update_kernel(
         offs_n = offs_n.to(tl.int64)
     # the W tile first: its DRAM latency overlaps the K loop
     mask = (rows < M)[:, None] & (cols < N)[None, :]
+    if HAS_FOUND_INF:
+        mask = unless_found_inf(mask, found_inf_ptr)
     w_ptrs = w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0)
 
@@ -144,9 +152,11 @@ def check_launch_args(param, proj, norm_update, side) -> None:
 
 def back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_precision: Optional[str] = None, *,
                              arch: Optional[int] = None, interpret: Optional[bool] = None, weights: int = 1,
-                             table: Optional[torch.Tensor] = None, tiles: Optional[dict] = None) -> list:
+                             table: Optional[torch.Tensor] = None, tiles: Optional[dict] = None,
+                             found_inf: Optional[torch.Tensor] = None) -> list:
     """Check the arguments and decide the launch without running it (works on ``meta`` tensors).
-    ``weights`` and ``table``: one launch for that many same-shaped weights (see ``project_adam_plan``)."""
+    ``weights`` and ``table``: one launch for that many same-shaped weights (see ``project_adam_plan``);
+    ``found_inf``: GradScaler's one-element overflow flag (module docstring), or None."""
     check_launch_args(param, proj, norm_update, side)
     precision = resolve_dot_precision(param.dtype, dot_precision)
     m, n = param.shape
@@ -158,11 +168,13 @@ def back_project_update_plan(param, proj, norm_update, side, beta, alpha, dot_pr
     if tiles == 0 or weights == 0:  # an empty weight: nothing to update (a 0-program launch is an error)
         return []
     interpret = interpreting() if interpret is None else interpret
-    args = dict(w_ptr=param, a_ptr=a, b_ptr=b, table_ptr=table if table is not None else param, M=m, N=n, K=rank,
+    args = dict(w_ptr=param, a_ptr=a, b_ptr=b, table_ptr=table if table is not None else param,
+                found_inf_ptr=found_inf if found_inf is not None else param,  # absent: never read
+                M=m, N=n, K=rank,
                 stride_wm=param.stride(0), stride_wn=param.stride(1), stride_am=a.stride(0), stride_ak=a.stride(1),
                 stride_bk=b.stride(0), stride_bn=b.stride(1), beta=beta, alpha=alpha)
     constexprs = dict(DOT=precision, EMULATE=bool(interpret), FOREACH=table is not None,
-                      EVEN_K=rank % cfg["BLOCK_K"] == 0,
+                      HAS_FOUND_INF=found_inf is not None, EVEN_K=rank % cfg["BLOCK_K"] == 0,
                       WIDE=max(span_elements(t) for t in (param, a, b)) >= 2 ** 31,
                       VEC_M=vector_width(m), VEC_N=vector_width(n), GROUP=GROUP_M,
                       BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"])
@@ -189,15 +201,18 @@ def back_project_update_launch(
     return param
 
 
-# run_foreach's cache: (signatures, (side, precision), stream, interpret) -> [(indices of a group, its plan)]
+# run_foreach's cache: (signatures, (side, precision, has found_inf), stream, interpret)
+# -> [(indices of a group, its plan)]
 _FOREACH_PLANS: dict = {}
 
 
 def back_project_update_foreach_launch(params, projs, norm_updates, side: str, coefficients,
-                                       dot_precision: Optional[str] = None) -> None:
+                                       dot_precision: Optional[str] = None, *,
+                                       found_inf: Optional[torch.Tensor] = None) -> None:
     """``back_project_update_launch`` for every weight i, one launch per group of weights with
     equal shapes, strides and dtypes; ``coefficients`` is a (len, 2) sequence or float64 CPU
-    tensor, row i = (beta_i, alpha_i). Plans are cached by the lists' signatures."""
+    tensor, row i = (beta_i, alpha_i); ``found_inf``: None or GradScaler's one-element overflow
+    flag on the params' device. Plans are cached by the lists' signatures and the flag."""
     if len(params) == 0:
         return
     rows = coefficients.tolist() if isinstance(coefficients, torch.Tensor) else list(coefficients)
@@ -206,9 +221,11 @@ def back_project_update_foreach_launch(params, projs, norm_updates, side: str, c
     def make_plan(first, count, table):
         w, a, b = first
         p, n = (a, b) if side == "left" else (b, a)
-        return back_project_update_plan(w, p, n, side, 1.0, 0.0, precision, weights=count, table=table)
+        return back_project_update_plan(w, p, n, side, 1.0, 0.0, precision, weights=count, table=table,
+                                        found_inf=found_inf)
 
     # table columns in the kernel's order: W, A, B (A, B = P, N on the left; N, Q on the right)
     tensors = [(w, p, n) if side == "left" else (w, n, p) for w, p, n in zip(params, projs, norm_updates)]
-    run_foreach(_FOREACH_PLANS, tensors, [row[:2] for row in rows], (side, precision), make_plan, TABLE_COLUMNS,
-                ("w_ptr", "a_ptr", "b_ptr"), {})
+    run_foreach(_FOREACH_PLANS, tensors, [row[:2] for row in rows], (side, precision, found_inf is not None),
+                make_plan, TABLE_COLUMNS, ("w_ptr", "a_ptr", "b_ptr"),
+                {} if found_inf is None else dict(found_inf_ptr=found_inf))

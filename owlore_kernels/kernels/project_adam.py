@@ -57,6 +57,14 @@ Tiles (``config``; one fixed config per case, no autotuning: the shapes are few 
 ``project_adam_foreach_launch`` runs a list of weights in one launch per group of same-shape,
 same-dtype, same-stride weights: program_id(1) picks the weight, whose tensors' addresses and
 bias corrections it reads from an int64 pointer table uploaded in one small copy per call.
+
+``torch.amp.GradScaler`` (``grad_scale``, ``found_inf``: one-element tensors on the GPU, loaded
+by the epilogue itself, no host sync): R is projected from the stored, scaled G and divided by
+grad_scale in fp32 before the moments (r x n divisions, not m x n); the epilogue's stores are
+masked with found_inf == 0, so an overflowed step writes no moment and no N (the GEMM and the
+split-K workspace and counters still run: a skipped step is rare). Constexpr flags say whether
+each is given (an absent one gets a stand-in pointer that is never read) and are part of the
+foreach plan cache's key.
 """
 from __future__ import annotations
 
@@ -68,7 +76,7 @@ import triton.language as tl
 
 from ._common import (DOT_PRECISIONS, Launch, device_ctx, interpreting, mma, resolve_dot_precision, run_foreach,
                       sm_count, span_elements, store_rounded, stream_key, table_pointer, table_scalar, target_arch,
-                      vector_width, wrapped_offsets)
+                      unless_found_inf, vector_width, wrapped_offsets)
 
 __all__ = ["project_adam_launch", "project_adam_plan", "project_adam_foreach_launch", "config", "DOT_PRECISIONS"]
 
@@ -92,6 +100,7 @@ def config(precision: str, rank: int, length: int, num_sms: int) -> dict:
 @triton.jit
 def _project_adam_kernel(
     a_ptr, g_ptr, m_ptr, v_ptr, n_ptr, ws_ptr, sem_ptr, table_ptr,
+    grad_scale_ptr, found_inf_ptr,  # GradScaler's scale and overflow flag (one element each), if given
     RANK, L, K,  # R' is RANK x L; K is the contracted dimension
     k_per_split,  # rows of K per split (a multiple of BLOCK_K)
     stride_ak, stride_aa,  # A[k, a]
@@ -101,6 +110,8 @@ def _project_adam_kernel(
     DOT: tl.constexpr,  # "ieee" | "tf32x3" | "tf32" | "bf16" | "fp16"
     EMULATE: tl.constexpr,  # interpreter: 16-bit dots and bf16 stores emulated (see _common)
     FOREACH: tl.constexpr,  # program_id(1) = weight; its pointers and bias corrections come from table_ptr
+    HAS_GRAD_SCALE: tl.constexpr,  # code path: the epilogue divides R by grad_scale (absent: no division)
+    HAS_FOUND_INF: tl.constexpr,  # code path: the epilogue's stores are masked with found_inf == 0
     SPLIT_K: tl.constexpr,  # more than one split: partial tiles through ws, last split does Adam
     EVEN_K: tl.constexpr,  # every split's K range is a multiple of BLOCK_K: no mask at all in the main loop
     WIDE: tl.constexpr,  # some tensor spans >= 2^31 elements: int64 offsets
@@ -179,12 +190,14 @@ def _project_adam_kernel(
                     total = _sum_partials(ws_ptr, rows, cols_h, mask_h, n_split, RANK, L, BLOCK_A, HALF)
                     _adam_epilogue(total, mask_h, rows, cols_h, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml,
                                    stride_va, stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2,
-                                   one_minus_beta2, eps, bias1, bias2, EMULATE)
+                                   one_minus_beta2, eps, bias1, bias2, grad_scale_ptr, found_inf_ptr, EMULATE,
+                                   HAS_GRAD_SCALE, HAS_FOUND_INF)
             else:
                 total = _sum_partials(ws_ptr, rows, cols, mask, n_split, RANK, L, BLOCK_A, BLOCK_L)
                 _adam_epilogue(total, mask, rows, cols, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
                                stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                               eps, bias1, bias2, EMULATE)
+                               eps, bias1, bias2, grad_scale_ptr, found_inf_ptr, EMULATE, HAS_GRAD_SCALE,
+                               HAS_FOUND_INF)
             tl.atomic_xchg(sem_ptr + tile, 0)  # ready for the next call on this stream
     else:
         if TWO_HALVES:
@@ -193,14 +206,17 @@ def _project_adam_kernel(
             cols_hi = cols_lo + HALF
             _adam_epilogue(lo, (rows < RANK)[:, None] & (cols_lo < L)[None, :], rows, cols_lo, m_ptr, v_ptr, n_ptr,
                            stride_ma, stride_ml, stride_va, stride_vl, stride_na, stride_nl, beta1, one_minus_beta1,
-                           beta2, one_minus_beta2, eps, bias1, bias2, EMULATE)
+                           beta2, one_minus_beta2, eps, bias1, bias2, grad_scale_ptr, found_inf_ptr, EMULATE,
+                           HAS_GRAD_SCALE, HAS_FOUND_INF)
             _adam_epilogue(hi, (rows < RANK)[:, None] & (cols_hi < L)[None, :], rows, cols_hi, m_ptr, v_ptr, n_ptr,
                            stride_ma, stride_ml, stride_va, stride_vl, stride_na, stride_nl, beta1, one_minus_beta1,
-                           beta2, one_minus_beta2, eps, bias1, bias2, EMULATE)
+                           beta2, one_minus_beta2, eps, bias1, bias2, grad_scale_ptr, found_inf_ptr, EMULATE,
+                           HAS_GRAD_SCALE, HAS_FOUND_INF)
         else:
             _adam_epilogue(acc, mask, rows, cols, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va,
                            stride_vl, stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2,
-                           eps, bias1, bias2, EMULATE)
+                           eps, bias1, bias2, grad_scale_ptr, found_inf_ptr, EMULATE, HAS_GRAD_SCALE,
+                           HAS_FOUND_INF)
 
 
 @triton.jit
@@ -217,9 +233,15 @@ def _sum_partials(ws_ptr, rows, cols, mask, n_split, RANK, L, BLOCK_A: tl.conste
 @triton.jit
 def _adam_epilogue(r, mask, rows, cols, m_ptr, v_ptr, n_ptr, stride_ma, stride_ml, stride_va, stride_vl,
                    stride_na, stride_nl, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, bias1, bias2,
-                   EMULATE: tl.constexpr):
+                   grad_scale_ptr, found_inf_ptr, EMULATE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+                   HAS_FOUND_INF: tl.constexpr):
     """Adam on one R tile, in the reference's order of operations; fp32 math whatever the
-    moments' storage (fp32 or bf16, stored back rounded to nearest even)."""
+    moments' storage (fp32 or bf16, stored back rounded to nearest even). R is first divided by
+    grad_scale if given; with found_inf given, nonzero masks off every load and store here."""
+    if HAS_GRAD_SCALE:
+        r = tl.div_rn(r, tl.load(grad_scale_ptr).to(tl.float32))  # IEEE-rounded, as torch's division
+    if HAS_FOUND_INF:
+        mask = unless_found_inf(mask, found_inf_ptr)
     m_ptrs = m_ptr + rows[:, None] * stride_ma + cols[None, :] * stride_ml
     v_ptrs = v_ptr + rows[:, None] * stride_va + cols[None, :] * stride_vl
     m = tl.load(m_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -277,7 +299,7 @@ def project_adam_plan(
     grad, proj, exp_avg, exp_avg_sq, out, side, beta1, beta2, eps, bias_correction1, bias_correction2,
     dot_precision: Optional[str] = None, *, arch: Optional[int] = None, num_sms: Optional[int] = None,
     interpret: Optional[bool] = None, weights: int = 1, table: Optional[torch.Tensor] = None,
-    tiles: Optional[dict] = None,
+    tiles: Optional[dict] = None, grad_scale: Optional[torch.Tensor] = None, found_inf: Optional[torch.Tensor] = None,
 ) -> list:
     """Check the arguments and decide the launch(es) without running them (works on ``meta``
     tensors: the static GPU check compiles exactly what this returns).
@@ -286,7 +308,8 @@ def project_adam_plan(
     weights shaped like these tensors, each row of the table giving one weight's addresses and
     bias corrections (``project_adam_foreach_launch`` builds it). ``tiles`` overrides entries of
     ``config`` (BLOCK_L, BLOCK_K, num_warps, num_stages): for tile sweeps on a GPU
-    (``benchmarks/gpu_check.py --sweep``), not for normal use."""
+    (``benchmarks/gpu_check.py --sweep``), not for normal use. ``grad_scale`` / ``found_inf``:
+    GradScaler's one-element tensors (module docstring), or None."""
     check_launch_args(grad, proj, exp_avg, exp_avg_sq, out, side)
     precision = resolve_dot_precision(grad.dtype, dot_precision)
     m, n = grad.shape
@@ -327,7 +350,10 @@ def project_adam_plan(
         workspace, sem = out, out  # never touched: SPLIT_K=False removes that code
     args = dict(
         a_ptr=proj, g_ptr=grad, m_ptr=exp_avg, v_ptr=exp_avg_sq, n_ptr=out, ws_ptr=workspace,
-        sem_ptr=sem, table_ptr=table if table is not None else out, RANK=rank, L=length, K=depth,
+        sem_ptr=sem, table_ptr=table if table is not None else out,
+        # an absent scale or flag: out stands in (never read, its flag is off)
+        grad_scale_ptr=grad_scale if grad_scale is not None else out,
+        found_inf_ptr=found_inf if found_inf is not None else out, RANK=rank, L=length, K=depth,
         k_per_split=k_per_split,
         stride_ak=a_strides[0], stride_aa=a_strides[1], stride_gk=g_strides[0], stride_gl=g_strides[1],
         stride_ma=strides(exp_avg)[0], stride_ml=strides(exp_avg)[1],
@@ -336,7 +362,8 @@ def project_adam_plan(
         beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps,
         bias1=bias_correction1, bias2=bias_correction2,
     )
-    constexprs = dict(DOT=precision, EMULATE=bool(interpret), FOREACH=table is not None, SPLIT_K=splits > 1,
+    constexprs = dict(DOT=precision, EMULATE=bool(interpret), FOREACH=table is not None,
+                      HAS_GRAD_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None, SPLIT_K=splits > 1,
                       EVEN_K=k_per_split % block_k == 0 and depth % k_per_split == 0, WIDE=wide,
                       TWO_HALVES=block_l >= 128, VEC_A=vector_width(rank), VEC_L=vector_width(length),
                       BLOCK_A=block_a, BLOCK_L=block_l, BLOCK_K=block_k)
@@ -372,15 +399,19 @@ def project_adam_launch(
     return out
 
 
-# run_foreach's cache: (signatures, (side, precision), stream, interpret) -> [(indices of a group, its plan)]
+# run_foreach's cache: (signatures, (side, precision, has grad_scale, has found_inf), stream, interpret)
+# -> [(indices of a group, its plan)]
 _FOREACH_PLANS: dict = {}
 
 
 def project_adam_foreach_launch(grads, projs, exp_avgs, exp_avg_sqs, outs, side: str, beta1: float, beta2: float,
-                                eps: float, bias_corrections, dot_precision: Optional[str] = None) -> None:
+                                eps: float, bias_corrections, dot_precision: Optional[str] = None, *,
+                                grad_scale: Optional[torch.Tensor] = None,
+                                found_inf: Optional[torch.Tensor] = None) -> None:
     """``project_adam_launch`` for every weight i of the lists, one launch per group of weights
     with equal shapes, strides and dtypes; ``bias_corrections`` is a (len, 2) sequence or
-    float64 CPU tensor (row i: bias_correction1, bias_correction2 of weight i).
+    float64 CPU tensor (row i: bias_correction1, bias_correction2 of weight i). ``grad_scale`` /
+    ``found_inf``: None or GradScaler's one-element tensors on the grads' device (module docstring).
 
     The grouping and each group's plan (grid, constexprs, strides) are cached by the lists'
     signatures, so a call's host work is one table of addresses and one upload per group.
@@ -391,8 +422,12 @@ def project_adam_foreach_launch(grads, projs, exp_avgs, exp_avg_sqs, outs, side:
     precision = resolve_dot_precision(grads[0].dtype, dot_precision)
 
     def make_plan(first, count, table):
-        return project_adam_plan(*first, side, beta1, beta2, eps, 1.0, 1.0, precision, weights=count, table=table)
+        return project_adam_plan(*first, side, beta1, beta2, eps, 1.0, 1.0, precision, weights=count, table=table,
+                                 grad_scale=grad_scale, found_inf=found_inf)
 
-    run_foreach(_FOREACH_PLANS, list(zip(grads, projs, exp_avgs, exp_avg_sqs, outs)), rows, (side, precision),
-                make_plan, TABLE_COLUMNS, ("g_ptr", "a_ptr", "m_ptr", "v_ptr", "n_ptr"),
-                dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps))
+    amp = {name: t for name, t in (("grad_scale_ptr", grad_scale), ("found_inf_ptr", found_inf)) if t is not None}
+    run_foreach(_FOREACH_PLANS, list(zip(grads, projs, exp_avgs, exp_avg_sqs, outs)), rows,
+                (side, precision, grad_scale is not None, found_inf is not None), make_plan, TABLE_COLUMNS,
+                ("g_ptr", "a_ptr", "m_ptr", "v_ptr", "n_ptr"),
+                dict(beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2, eps=eps,
+                     **amp))

@@ -38,17 +38,18 @@ def _back_project_update_triton(param, proj, norm_update, *, side, beta, alpha):
 
 @register("project_adam_foreach", "triton")
 def _project_adam_foreach_triton(grads, projs, exp_avgs, exp_avg_sqs, outs, *, side, beta1, beta2, eps,
-                                 bias_corrections):
+                                 bias_corrections, grad_scale=None, found_inf=None):
     project_adam_foreach_launch(grads, projs, exp_avgs, exp_avg_sqs, outs, side, float(beta1), float(beta2),
-                                float(eps), bias_corrections)
+                                float(eps), bias_corrections, grad_scale=grad_scale, found_inf=found_inf)
 
 
 @register("back_project_update_foreach", "triton")
-def _back_project_update_foreach_triton(params, projs, norm_updates, *, side, coefficients):
-    back_project_update_foreach_launch(params, projs, norm_updates, side, coefficients)
+def _back_project_update_foreach_triton(params, projs, norm_updates, *, side, coefficients, found_inf=None):
+    back_project_update_foreach_launch(params, projs, norm_updates, side, coefficients, found_inf=found_inf)
 
 
 @register("adamw_foreach", "triton")
-def _adamw_foreach_triton(params, grads, exp_avgs, exp_avg_sqs, *, variant, beta1, beta2, eps, coefficients):
+def _adamw_foreach_triton(params, grads, exp_avgs, exp_avg_sqs, *, variant, beta1, beta2, eps, coefficients,
+                          grad_scale=None, found_inf=None):
     adamw_foreach_launch(params, grads, exp_avgs, exp_avg_sqs, variant, float(beta1), float(beta2), float(eps),
-                         coefficients)
+                         coefficients, grad_scale=grad_scale, found_inf=found_inf)

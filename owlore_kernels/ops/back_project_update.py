@@ -12,7 +12,10 @@ rounded P); N is fp32.
 The op is ``torch.ops.owlore.back_project_update_``; it returns nothing and
 writes ``param``. ``torch.ops.owlore.back_project_update_foreach_`` does the
 same for a list of weights in one call, each with its own row (beta, alpha) of
-``coefficients`` (a float64 CPU tensor of shape (len, 2)).
+``coefficients`` (a float64 CPU tensor of shape (len, 2)), and an optional
+``found_inf`` (``torch.amp.GradScaler``'s overflow flag, a one-element floating tensor
+on the params' device, read inside the kernels: no host sync on a GPU): nonzero, the
+call writes nothing; zero, it is bit for bit the call without it.
 """
 from __future__ import annotations
 
@@ -99,13 +102,14 @@ def _back_project_update_torch(param, proj, norm_update, *, side, beta, alpha):
 
 torch.library.define(
     "owlore::back_project_update_foreach_",
-    "(Tensor(a!)[] params, Tensor[] projs, Tensor[] norm_updates, *, str side, Tensor coefficients) -> ()",
+    "(Tensor(a!)[] params, Tensor[] projs, Tensor[] norm_updates, *, str side, Tensor coefficients, "
+    "Tensor? found_inf=None) -> ()",
 )
 
 
 @torch.library.register_fake("owlore::back_project_update_foreach_")
-def _back_project_update_foreach_fake(params, projs, norm_updates, *, side, coefficients):
-    check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients)
+def _back_project_update_foreach_fake(params, projs, norm_updates, *, side, coefficients, found_inf=None):
+    check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients, found_inf)
 
 
 def back_project_update_foreach_(
@@ -115,6 +119,7 @@ def back_project_update_foreach_(
     *,
     side: str,
     coefficients: Union[torch.Tensor, Sequence[Sequence[float]]],
+    found_inf: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> None:
     """``back_project_update_`` for every weight i of the lists, in one op call: with
@@ -124,25 +129,32 @@ def back_project_update_foreach_(
     Shapes may differ from weight to weight; dtypes are one per list (params fp32/bf16/fp16, projs
     fp32 or the params' dtype, norm_updates fp32), all tensors on one device. ``coefficients`` is a
     float64 CPU tensor of shape (len, 2), read on the host (no device sync; a graph input under
-    ``torch.compile``), or a list of (beta, alpha) pairs, converted once. Empty lists are a no-op.
-    ``backend`` as for ``back_project_update_`` (see ``owlore_kernels.ops``).
+    ``torch.compile``), or a list of (beta, alpha) pairs, converted once. ``found_inf``
+    (``torch.amp.GradScaler``'s overflow flag) is None or a one-element floating tensor on the
+    params' device, read inside the kernels (no host sync): nonzero, the call writes nothing; zero,
+    it is bit for bit the call without it. Empty lists are a no-op. ``backend`` as for
+    ``back_project_update_`` (see ``owlore_kernels.ops``).
     """
     coefficients = foreach_scalars(coefficients, 2)
     if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
-        check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients)
+        check_back_project_update_foreach_args(params, projs, norm_updates, side, coefficients, found_inf)
     check_backend(backend)
     if len(params) == 0:
         return
     call("back_project_update_foreach", params[0].device, backend)(params, projs, norm_updates, side=side,
-                                                                    coefficients=coefficients)
+                                                                    coefficients=coefficients, found_inf=found_inf)
 
 
-def back_project_update_foreach_reference(params, projs, norm_updates, side, coefficients):
-    """The pure-PyTorch kernel, positional: the single-weight reference for each weight."""
+def back_project_update_foreach_reference(params, projs, norm_updates, side, coefficients, found_inf=None):
+    """The pure-PyTorch kernel, positional: the single-weight reference for each weight.
+    ``found_inf`` (a one-element tensor or None) is read with ``.item()``: a host sync on a GPU,
+    which the device kernels avoid."""
+    if found_inf is not None and found_inf.item() != 0:  # NaN too
+        return
     for i, (beta, alpha) in enumerate(coefficients.tolist()):
         back_project_update_reference(params[i], projs[i], norm_updates[i], side, beta, alpha)
 
 
 @register("back_project_update_foreach", "torch")
-def _back_project_update_foreach_torch(params, projs, norm_updates, *, side, coefficients):
-    back_project_update_foreach_reference(params, projs, norm_updates, side, coefficients)
+def _back_project_update_foreach_torch(params, projs, norm_updates, *, side, coefficients, found_inf=None):
+    back_project_update_foreach_reference(params, projs, norm_updates, side, coefficients, found_inf)

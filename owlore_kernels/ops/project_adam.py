@@ -20,7 +20,17 @@ materialises R, which is small (r x n).
 The op is ``torch.ops.owlore.project_adam_``; it returns nothing and writes
 ``exp_avg``, ``exp_avg_sq`` and ``out``. ``torch.ops.owlore.project_adam_foreach_``
 does the same for a list of weights in one call, each with its own row of
-``bias_corrections`` (a float64 CPU tensor of shape (len, 2)).
+``bias_corrections`` (a float64 CPU tensor of shape (len, 2)), and takes
+``torch.amp.GradScaler``'s scale and overflow flag (optional one-element floating
+tensors on the grads' device, read inside the kernels: no host sync on a GPU)::
+
+    grad_scale given:  R = fp32(P^T G) / grad_scale   (before the moments)
+    found_inf != 0:    nothing is written (moments and outs keep every bit)
+    found_inf == 0:    bit for bit the call without it
+
+R is projected from the stored (scaled) G and then divided, r x n (or m x r)
+divisions instead of m x n; projection is linear, so this is P^T (G / grad_scale),
+exactly so for a power-of-two scale (GradScaler's), barring underflow.
 """
 from __future__ import annotations
 
@@ -149,14 +159,16 @@ def _project_adam_torch(grad, proj, exp_avg, exp_avg_sq, out, *, side, beta1, be
 torch.library.define(
     "owlore::project_adam_foreach_",
     "(Tensor[] grads, Tensor[] projs, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] outs, *, "
-    "str side, float beta1, float beta2, float eps, Tensor bias_corrections) -> ()",
+    "str side, float beta1, float beta2, float eps, Tensor bias_corrections, Tensor? grad_scale=None, "
+    "Tensor? found_inf=None) -> ()",
 )
 
 
 @torch.library.register_fake("owlore::project_adam_foreach_")
 def _project_adam_foreach_fake(grads, projs, exp_avgs, exp_avg_sqs, outs, *, side, beta1, beta2, eps,
-                               bias_corrections):
-    check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections)
+                               bias_corrections, grad_scale=None, found_inf=None):
+    check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections, grad_scale,
+                                    found_inf)
 
 
 def project_adam_foreach_(
@@ -171,6 +183,8 @@ def project_adam_foreach_(
     beta2: float,
     eps: float,
     bias_corrections: Union[torch.Tensor, Sequence[Sequence[float]]],
+    grad_scale: Optional[torch.Tensor] = None,
+    found_inf: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> None:
     """``project_adam_`` for every weight i of the lists, in one op call::
@@ -183,12 +197,19 @@ def project_adam_foreach_(
     fp32 or the grads' dtype, moments fp32 or bf16, outs fp32), all tensors on one device.
     ``bias_corrections`` is a float64 CPU tensor of shape (len, 2), read on the host (no device
     sync; a graph input under ``torch.compile``, so a new step count does not recompile), or a
-    list of (bc1, bc2) pairs, converted once. Empty lists are a no-op. ``backend`` as for
-    ``project_adam_`` (see ``owlore_kernels.ops``).
+    list of (bc1, bc2) pairs, converted once. ``grad_scale`` and ``found_inf``
+    (``torch.amp.GradScaler``'s scale and overflow flag) are None or one-element floating tensors
+    on the grads' device, read inside the kernels (no host sync)::
+
+        R = fp32(P^T G) / grad_scale     (the moments then see the unscaled gradient's projection)
+        found_inf != 0: nothing is written;  found_inf == 0: bit for bit the call without it
+
+    Empty lists are a no-op. ``backend`` as for ``project_adam_`` (see ``owlore_kernels.ops``).
     """
     bias_corrections = foreach_scalars(bias_corrections, 2)
     if not torch.compiler.is_compiling():  # when tracing, the op's fake implementation runs them
-        check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections)
+        check_project_adam_foreach_args(grads, projs, exp_avgs, exp_avg_sqs, outs, side, bias_corrections,
+                                        grad_scale, found_inf)
         if not is_fake(bias_corrections):  # a memory trace's fake tensors have no values to check
             check_foreach_bias_correction_values("project_adam_foreach_", bias_corrections.tolist())
     check_backend(backend)
@@ -196,21 +217,28 @@ def project_adam_foreach_(
         return
     call("project_adam_foreach", grads[0].device, backend)(
         grads, projs, exp_avgs, exp_avg_sqs, outs, side=side, beta1=beta1, beta2=beta2, eps=eps,
-        bias_corrections=bias_corrections)
+        bias_corrections=bias_corrections, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def project_adam_foreach_reference(grads, projs, exp_avgs, exp_avg_sqs, outs, side, beta1, beta2, eps,
-                                   bias_corrections):
-    """The pure-PyTorch kernel, positional: the single-weight reference for each weight."""
+                                   bias_corrections, grad_scale=None, found_inf=None):
+    """The pure-PyTorch kernel, positional: the single-weight reference for each weight, R divided
+    by ``grad_scale`` before the moments. ``grad_scale`` and ``found_inf`` (one-element tensors or
+    None) are read with ``.item()``: a host sync on a GPU, which the device kernels avoid."""
     rows = bias_corrections.tolist()
     check_foreach_bias_correction_values("project_adam_foreach_", rows)  # all before the first write
+    if found_inf is not None and found_inf.item() != 0:  # NaN too
+        return
+    scale = None if grad_scale is None else grad_scale.item()
     for i, (bias1, bias2) in enumerate(rows):
-        project_adam_reference(grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], outs[i], side, beta1, beta2, eps,
-                               bias1, bias2)
+        low = project_reference(grads[i], projs[i], side)
+        if scale is not None:
+            low.div_(scale)  # fp32 R; the number is rounded to fp32, then one IEEE division per element
+        adam_normalized_(low, exp_avgs[i], exp_avg_sqs[i], outs[i], beta1, beta2, eps, bias1, bias2)
 
 
 @register("project_adam_foreach", "torch")
 def _project_adam_foreach_torch(grads, projs, exp_avgs, exp_avg_sqs, outs, *, side, beta1, beta2, eps,
-                                bias_corrections):
+                                bias_corrections, grad_scale=None, found_inf=None):
     project_adam_foreach_reference(grads, projs, exp_avgs, exp_avg_sqs, outs, side, beta1, beta2, eps,
-                                   bias_corrections)
+                                   bias_corrections, grad_scale, found_inf)
