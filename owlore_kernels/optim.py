@@ -123,6 +123,21 @@ class OwLoreAdamW(Optimizer):
     optimizers do not check either): they reach the weights. At a refresh
     they raise, since no basis can be computed from them.
 
+    ``torch.amp.GradScaler`` (fp16 training): ``scaler.step(opt)`` hands the
+    optimizer its scale and its found-inf flag as device tensors
+    (``grad_scale``, ``found_inf``) instead of unscaling the gradients and
+    reading the flag on the host. The fused ops divide the gradients by the
+    scale inside their kernels and write nothing when the flag is set, so an
+    overflowed step changes no weight or moment and the host never waits for
+    it. The host learns of the skip at the start of the next step (or
+    ``state_dict()``) and takes the skipped update off the step counts then;
+    on CUDA that reads a copy made when the step was issued, long since done.
+    A step that refreshes a subspace (or has a ``proj_type="full"`` weight)
+    reads the flag at once, since a basis cannot be computed from inf: an
+    overflow there skips the whole step and the refresh comes at the next.
+    Until the next step, ``opt.state[p]["step"]`` may count a skipped update.
+    Not supported with FSDP2 (DTensor) params.
+
     Extra methods: ``release(params)`` frees all state of those params;
     ``step_param(p)`` steps one param now (checks included);
     ``check_params(params)`` raises for params it could not step;
@@ -148,6 +163,10 @@ class OwLoreAdamW(Optimizer):
     get inductor's elementwise code, equal to eager up to rounding.
     ``fullgraph=True`` is not possible (the graph break).
     """
+
+    # torch.amp.GradScaler sets ``grad_scale`` and ``found_inf`` on the optimizer and calls step()
+    # instead of unscaling the gradients and syncing on found_inf itself
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -185,6 +204,7 @@ class OwLoreAdamW(Optimizer):
         # moments of a bf16 param would become bf16); this first post hook restores the
         # saved dtypes before any user hook sees the state.
         self._loading: Optional[dict[str, Any]] = None
+        self._pending: Optional[_PendingSkip] = None  # a GradScaler step not yet known to have run
         self.register_load_state_dict_post_hook(OwLoreAdamW._restore_saved_dtypes, prepend=True)
 
     # ----------------------------------------------------------------- groups
@@ -224,6 +244,7 @@ class OwLoreAdamW(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_loading", None)
+        self.__dict__.setdefault("_pending", None)
         for group in self.param_groups:  # checkpoints from before an option existed
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -248,6 +269,11 @@ class OwLoreAdamW(Optimizer):
             if isinstance(v, torch.Tensor)
         )
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's ``state_dict``, with the step counts of a GradScaler step made exact first."""
+        self._settle_skip()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a ``state_dict()``; state tensors keep their saved dtype (fp32 moments of
         a bf16 param stay fp32) and only move to the param's device.
@@ -262,6 +288,7 @@ class OwLoreAdamW(Optimizer):
         if is_galore_torch_state(state_dict):
             state_dict = from_galore_torch(state_dict, self.param_groups)
         check_loadable(self.param_groups, state_dict)
+        self._settle_skip()  # a pending GradScaler skip concerns the state being replaced
         self._loading = state_dict
         try:
             super().load_state_dict(state_dict)
@@ -299,7 +326,8 @@ class OwLoreAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for batch in self._schedule():
+        amp = _AmpInputs(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        for batch in self._schedule(amp=amp if amp.found_inf is not None or amp.grad_scale is not None else None):
             batch.run()
         return loss
 
@@ -325,7 +353,8 @@ class OwLoreAdamW(Optimizer):
     # eager-only methods): importing torch._dynamo, which imports torch.distributed.tensor,
     # takes about a second that `import owlore_kernels` should not cost a user who never compiles
     @torch._disable_dynamo
-    def _schedule(self, only: Optional[torch.Tensor] = None) -> list[Union["GaloreBatch", "PlainBatch"]]:
+    def _schedule(self, only: Optional[torch.Tensor] = None,
+                  amp: Optional["_AmpInputs"] = None) -> list[Union["GaloreBatch", "PlainBatch"]]:
         """Everything of one step but the updates of one-process weights, eagerly.
 
         1. Check every param (or ``only``) before any state moves.
@@ -335,12 +364,21 @@ class OwLoreAdamW(Optimizer):
            already advanced get their state back.
         Each batch carries its per-step numbers as one float64 CPU tensor: the fused ops read it on
         the host, and a traced run takes it as a graph input, so new numbers do not recompile.
+
+        ``amp``: a GradScaler's scale and found-inf flag (see the class docstring). The step is
+        issued without reading the flag, and recorded as pending (``_settle_skip``), unless a
+        refresh or a two-sided weight needs it read now; then a set flag skips the whole step.
         """
+        self._settle_skip()
         entries = [self._locate(only)] if only is not None else [
             (p, group, group_index, index) for index, (p, group, group_index) in enumerate(self._all_params())]
         for entry in entries:
             self._check_param(*entry)
         stepping = [(p, group, index) for p, group, _, index in entries if p.grad is not None]
+        if amp is not None:
+            amp = self._check_amp(amp, stepping)
+            if amp is None:
+                return []  # an overflowed GradScaler step: nothing changes
         for p, group, index in stepping:
             if _is_galore(group) and not is_dtensor(p) and refresh_due(self.state.get(p, {}), group):
                 # one pass over G per refresh, not per step; a fake tensor (a memory trace) has no values
@@ -358,7 +396,48 @@ class OwLoreAdamW(Optimizer):
                 if key not in batches:
                     batches[key] = _new_batch(p, group)
                 batches[key].add(p, self.state[p], group)
-        return [batch.finish() for batch in batches.values()]
+        if amp is not None and amp.found_inf is not None and local:
+            self._pending = _PendingSkip(amp.found_inf, [p for p, _, _ in local])
+        return [batch.finish(amp) for batch in batches.values()]
+
+    def _check_amp(self, amp: "_AmpInputs", stepping: list[tuple[torch.Tensor, dict[str, Any], int]]
+                   ) -> Optional["_AmpInputs"]:
+        """Check a GradScaler's tensors against the params about to step (modifies nothing). Returns
+        what the fused ops get, or None for a step to skip: the found-inf flag is read here (a host
+        sync) only when a refresh is due or a weight is two-sided (``proj_type="full"``), which
+        cannot be issued before the flag is known; a clear flag is then not passed on."""
+        for name, t in zip(amp._fields, amp):
+            if t is not None and not (isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()):
+                shown = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
+                raise ValueError(f"OwLoreAdamW.{name} (set by torch.amp.GradScaler) must be a floating tensor with "
+                                 f"one element, got {shown}")
+        for p, group, index in stepping:
+            if is_dtensor(p):
+                raise RuntimeError(f"OwLoreAdamW: torch.amp.GradScaler is not supported with sharded (DTensor) params "
+                                   f"(param {index}, shape {tuple(p.shape)})")
+            for name, t in zip(amp._fields, amp):
+                if t is not None and t.device != p.device:
+                    raise ValueError(f"OwLoreAdamW.{name} (set by torch.amp.GradScaler) is on {t.device} but param "
+                                     f"{index} (shape {tuple(p.shape)}) is on {p.device}; they must share a device")
+        if amp.found_inf is None:
+            return amp
+        read_now = any(_is_galore(group) and (refresh_due(self.state.get(p, {}), group)
+                                              or _rank_and_side(p, group)[1] == "full")
+                       for p, group, _ in stepping)
+        if not read_now:
+            return amp
+        if bool(amp.found_inf.item() != 0):
+            return None
+        return amp._replace(found_inf=None)
+
+    def _settle_skip(self) -> None:
+        """Take a skipped GradScaler step off the step counts it advanced (``_PendingSkip``)."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.skipped():
+            for p in pending.params:
+                state = self.state.get(p)
+                if state:
+                    state["step"] -= 1
 
     def _advance(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         """Create ``p``'s state if it has none, refresh its subspace when due, and count the update."""
@@ -376,6 +455,8 @@ class OwLoreAdamW(Optimizer):
                 state.update(new_galore_state(p.shape, rank, side, lambda shape: torch.zeros(
                     shape, dtype=moment_dtype, device=p.device)))
             if refresh_due(state, group):
+                # a GradScaler's scaled gradient s G has the singular vectors of G (for fp16, more of
+                # them survive underflow), so the basis comes from it as it is
                 left, right = compute_projection(
                     p.grad, rank, side, group["proj_method"], oversample=group["oversample"],
                     power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),
@@ -488,6 +569,8 @@ class _Batch:
         self.exp_avgs: list[torch.Tensor] = []
         self.exp_avg_sqs: list[torch.Tensor] = []
         self.coefficients: Union[list[NamedTuple], torch.Tensor] = []
+        self.grad_scale: Optional[torch.Tensor] = None  # a GradScaler's scale and found-inf flag
+        self.found_inf: Optional[torch.Tensor] = None
 
     def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # detach: a traced run sees plain tensors, not Parameters, whose identity dynamo would guard
@@ -496,8 +579,10 @@ class _Batch:
         self.exp_avgs.append(local_tensor(state["exp_avg"]))
         self.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
 
-    def finish(self) -> "_Batch":
+    def finish(self, amp: Optional["_AmpInputs"] = None) -> "_Batch":
         self.coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
+        if amp is not None:
+            self.grad_scale, self.found_inf = amp
         return self
 
 
@@ -525,17 +610,21 @@ class GaloreBatch(_Batch):
         norms = [torch.empty_like(m, dtype=torch.float32) for m in self.exp_avgs]  # N, subspace-sized
         project_adam_foreach_(self.grads, self.projs, self.exp_avgs, self.exp_avg_sqs, norms, side=self.side,
                               beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_corrections=numbers[:, 0:2].contiguous(),
-                              backend=self.backend)
+                              grad_scale=self.grad_scale, found_inf=self.found_inf, backend=self.backend)
         back_project_update_foreach_(self.params, self.projs, norms, side=self.side, coefficients=numbers[:, 2:4].contiguous(),
-                                     backend=self.backend)
+                                     found_inf=self.found_inf, backend=self.backend)
 
     def _run_two_sided(self, numbers: torch.Tensor) -> None:
         """R = (P^T G) Q^T is the right-side op on the r x n matrix P^T G, and W <- beta W + alpha P (N Q)
-        the left-side back-projection of N Q (r x n); rare, so one weight at a time."""
+        the left-side back-projection of N Q (r x n); rare, so one weight at a time. Under a GradScaler
+        such a step is issued only once its found-inf flag is known to be clear (``_check_amp``)."""
+        assert self.found_inf is None, "a two-sided GaLore step is issued only with a known found-inf flag"
         for i, (weight, grad, proj, proj_right) in enumerate(zip(self.params, self.grads, self.projs,
                                                                  self.proj_rights)):
             c = GaloreCoefficients(*numbers[i])  # 0-dim tensors: the ops' .tensor overloads
             low = project_reference(grad, proj.float(), "left")
+            if self.grad_scale is not None:
+                low = low / self.grad_scale
             norm = project_adam_(low, proj_right, self.exp_avgs[i], self.exp_avg_sqs[i], side="right",
                                  beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_correction1=c.bias_correction1,
                                  bias_correction2=c.bias_correction2, backend=self.backend)
@@ -557,7 +646,38 @@ class PlainBatch(_Batch):
     def run(self) -> None:
         adamw_foreach_(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, variant=self.variant,
                        beta1=self.beta1, beta2=self.beta2, eps=self.eps, coefficients=self.coefficients,
-                       backend=self.backend)
+                       grad_scale=self.grad_scale, found_inf=self.found_inf, backend=self.backend)
+
+
+class _AmpInputs(NamedTuple):
+    """What ``torch.amp.GradScaler.step`` sets on the optimizer: the scale the gradients carry (None
+    once ``scaler.unscale_`` has run) and a flag, nonzero when some gradient has inf or NaN."""
+
+    grad_scale: Optional[torch.Tensor]
+    found_inf: Optional[torch.Tensor]
+
+
+class _PendingSkip:
+    """A GradScaler step issued before its found-inf flag was read, and the params whose step counts
+    it advanced. The flag is copied to the host when the step is issued (on CUDA into pinned memory,
+    with an event: nothing waits); ``skipped()`` reads the copy, on CUDA after waiting for that event
+    only, which by the next step has long passed."""
+
+    def __init__(self, found_inf: torch.Tensor, params: list[torch.Tensor]):
+        self.params = params
+        self.ready: Optional[Any] = None
+        if found_inf.is_cuda:
+            self.flag = torch.empty(found_inf.shape, dtype=found_inf.dtype, pin_memory=True)
+            self.flag.copy_(found_inf, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.flag = found_inf.detach().clone()  # the scaler may write the same tensor again
+
+    def skipped(self) -> bool:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return bool(self.flag.item() != 0)
 
 
 def _dot_basis(p: torch.Tensor, state: dict[str, Any], key: str) -> torch.Tensor:

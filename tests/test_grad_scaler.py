@@ -1,0 +1,173 @@
+"""OwLoreAdamW under torch.amp.GradScaler: unscaled inside the fused ops, overflowed steps skipped
+without the optimizer reading the found-inf flag, step counts exact from the next step on."""
+import copy
+
+import pytest
+import torch
+
+from owlore_kernels import OwLoreAdamW
+
+SCALE = 2.0**10  # GradScaler's scales are powers of two: scaling and unscaling are exact in fp32
+
+
+def _weights(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(12, 7), (5, 16), (9, 9), (13,), (3, 4)]  # tall, wide, square GaLore weights; plain ones
+    return [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+
+
+def _gradients(params, steps, overflow, seed=1, size=1.0):
+    """Per step one gradient per param; at the steps in ``overflow`` one entry of the first is inf."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = [[size * torch.randn(p.shape, generator=gen) for p in params] for _ in range(steps)]
+    for k in overflow:
+        grads[k][0].view(-1)[0] = float("inf")
+    return grads
+
+
+def _scaled_step(params, opt, scaler, grads):
+    """A training step whose gradients are exactly ``grads`` times the scale: loss = sum <w, G>."""
+    loss = sum((p * g).sum() for p, g in zip(params, grads))
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+
+
+def _groups(params, proj_type, gap):
+    return [{"params": params[:3], "rank": 3, "update_proj_gap": gap, "proj_type": proj_type},
+            {"params": params[3:]}]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("proj_type", ["std", "full"])
+def test_scaled_run_equals_the_unscaled_run_without_the_overflowed_steps(backend, proj_type):
+    """With the GradScaler, the run is bit for bit the run that gets the unscaled gradients and skips the
+    overflowed steps. Bitwise, because a power-of-two scale commutes with every fp32 rounding (no value
+    here comes near overflow or the subnormals): P^T (s G) / s = P^T G exactly, and the refresh takes the
+    singular vectors of s G, which are those of G (bit for bit here, or this test would fail). Overflows fall on a step that refreshes (update_proj_gap=3: updates 1, 4, 7 refresh;
+    the flag is read at once) and on steps that do not (issued with the flag unread, settled at the next
+    step); "full" weights read the flag at every step."""
+    if backend == "cpp":
+        pytest.importorskip("owlore_kernels._C")
+    steps, overflow = 9, (2, 4, 5)  # call 5 is update 4 after the skips at calls 2 and 4: a refresh
+    scaled, plain = _weights(), _weights()
+    grads = _gradients(scaled, steps, overflow)
+    opt_scaled = OwLoreAdamW(_groups(scaled, proj_type, 3), lr=1e-2, weight_decay=0.1, backend=backend)
+    opt_plain = OwLoreAdamW(_groups(plain, proj_type, 3), lr=1e-2, weight_decay=0.1, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    for k in range(steps):
+        before = [p.detach().clone() for p in scaled]
+        _scaled_step(scaled, opt_scaled, scaler, grads[k])
+        if k in overflow:
+            assert all(torch.equal(p, b) for p, b in zip(scaled, before)), f"step {k} overflowed but moved weights"
+            continue
+        for p, g in zip(plain, grads[k]):
+            p.grad = g.clone()
+        opt_plain.step()
+        for a, b in zip(scaled, plain):
+            assert torch.equal(a, b), f"weights differ after step {k}"
+    saved_scaled, saved_plain = opt_scaled.state_dict()["state"], opt_plain.state_dict()["state"]
+    assert saved_scaled.keys() == saved_plain.keys()
+    for i in saved_plain:
+        assert saved_scaled[i]["step"] == saved_plain[i]["step"] == steps - len(overflow)
+        for name, value in saved_plain[i].items():
+            if torch.is_tensor(value):
+                assert torch.equal(saved_scaled[i][name], value), (i, name)
+    assert scaler.get_scale() == SCALE / 2 ** len(overflow)  # the scaler saw every overflow
+
+
+def test_plain_weights_match_torch_fused_adamw_under_the_same_scaler():
+    """variant="torch" plain weights against torch.optim.AdamW(fused=True), both driven by one kind of
+    GradScaler, with overflows. Gradients of ~3e-6 at eps=1e-6 make eps matter, so a step that forgot
+    to unscale (sqrt(v) 1024x larger) or kept counting a skipped update (bias correction 1 - 0.9^t off
+    by ~25% at t = 3) is far outside the tolerance. Tolerance: both compute the same ~10 fp32
+    operations per element in other orders; the moments agree to a few fp32 ulps, and each stored
+    weight to 1 ulp per step, so 8 steps stay within 8 * 2^-23 relative (plus 1e-7 absolute for
+    weights near zero): about 1e-6 where the bugs above move weights by 1e-3."""
+    steps, overflow = 8, (0, 3, 4)
+    ours, theirs = _weights()[3:], _weights()[3:]
+    grads = _gradients(ours, steps, overflow, size=3e-6)
+    opt = OwLoreAdamW(ours, lr=1e-3, eps=1e-6, weight_decay=0.1, variant="torch")
+    ref = torch.optim.AdamW(theirs, lr=1e-3, eps=1e-6, weight_decay=0.1, fused=True)
+    scaler_ours = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    scaler_theirs = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    for k in range(steps):
+        _scaled_step(ours, opt, scaler_ours, grads[k])
+        _scaled_step(theirs, ref, scaler_theirs, grads[k])
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=8 * 2.0**-23, atol=1e-7)
+    saved = opt.state_dict()["state"]
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert saved[i]["step"] == int(ref.state[b]["step"]) == steps - len(overflow)
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[a][name], ref.state[b][name], rtol=1e-5, atol=0)
+    assert scaler_ours.get_scale() == scaler_theirs.get_scale()
+
+
+class _TinyLM(torch.nn.Module):
+    def __init__(self, vocab=40, d=16):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 32), torch.nn.Tanh(), torch.nn.Linear(32, d))
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.head(h + self.mlp(h))
+
+
+def test_fp16_model_trains_and_an_overflow_changes_nothing():
+    """A whole fp16 model (no fp32 master weights: the case GradScaler needs a fused optimizer for):
+    training lowers the loss, and the step whose loss overflows leaves every weight and moment as it was
+    (read back through state_dict, which settles the pending skip)."""
+    torch.manual_seed(0)
+    model = _TinyLM().half()
+    linears = [p for n, p in model.named_parameters() if n.startswith("mlp") and p.dim() == 2]
+    rest = [p for n, p in model.named_parameters() if not (n.startswith("mlp") and p.dim() == 2)]
+    opt = OwLoreAdamW([{"params": linears, "rank": 4, "update_proj_gap": 4}, {"params": rest}], lr=3e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn():
+        logits = model(ids[:, :-1]).float()
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    first = loss_fn().item()
+    for k in range(12):
+        loss = loss_fn() * (float("inf") if k == 6 else 1.0)
+        if k == 6:
+            weights = [p.detach().clone() for p in model.parameters()]
+            state = copy.deepcopy(opt.state_dict())
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if k == 6:
+            assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+            now = opt.state_dict()["state"]
+            for i, saved in state["state"].items():
+                assert now[i]["step"] == saved["step"]
+                assert all(torch.equal(now[i][n], v) for n, v in saved.items() if torch.is_tensor(v))
+    assert loss_fn().item() < first - 0.1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bad_scaler_tensors_raise_before_anything_changes():
+    params = _weights()
+    opt = OwLoreAdamW(_groups(params, "std", 2), lr=1e-2)
+    for p, g in zip(params, _gradients(params, 1, ())[0]):
+        p.grad = g
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict())
+    cases = [("found_inf", torch.zeros(2), r"found_inf .* one element, got a torch.float32 tensor of shape \(2,\)"),
+             ("grad_scale", torch.ones(1, dtype=torch.int32), r"grad_scale .* floating tensor"),
+             ("found_inf", torch.zeros(1, device="meta"), r"found_inf .* is on meta but param 0")]
+    for name, value, message in cases:
+        setattr(opt, name, value)
+        with pytest.raises(ValueError, match=message):
+            opt.step()
+        delattr(opt, name)
+        assert all(torch.equal(p, b) for p, b in zip(params, before))
+        assert opt.state_dict()["state"][0]["step"] == state["state"][0]["step"] == 1
