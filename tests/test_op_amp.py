@@ -35,7 +35,7 @@ from owlore_kernels.ops.adamw import adamw_foreach_
 from owlore_kernels.ops.back_project_update import back_project_update_foreach_
 from owlore_kernels.ops.project_adam import project_adam_foreach_
 from test_op_foreach import (ADAMW_DTYPES, BETAS, OPCHECK_UTILS, _opcheck_cases, adamw_bounds, adamw_coefficients,
-                             adamw_weights, assert_stored, low_shape)
+                             adamw_weights, assert_stored, low_shape, over)
 
 # (m, n, r) of one call: odd shapes, a 1-row weight, r equal to the width; tiny for the interpreter
 SHAPES = [(19, 37, 5), (1, 5, 1), (12, 8, 8)]
@@ -48,14 +48,6 @@ ADAMW_BACKENDS = backend_device_params("adamw_foreach")
 PA_CASES = [(torch.float32, torch.float32, torch.float32), (torch.bfloat16, torch.float32, torch.bfloat16),
             (torch.bfloat16, torch.bfloat16, torch.float32), (torch.float16, torch.float32, torch.float32),
             (torch.float16, torch.float16, torch.bfloat16)]
-
-
-def over(backends, *more):
-    def wrap(test):
-        for mark in reversed([pytest.mark.parametrize("backend,device", backends), *more]):
-            test = mark(test)
-        return test
-    return wrap
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,10 @@ The multi-tensor ("foreach") ops update a list of weights in one call: ``project
 ``back_project_update_foreach_`` (per weight i, the single-weight op) and ``adamw_foreach_``
 (plain AdamW, elementwise). Their per-weight numbers are one float64 CPU tensor per call, one
 row per weight (``bias_corrections`` or ``coefficients``), read on the host and a graph input
-under ``torch.compile``.
+under ``torch.compile``. They also take ``torch.amp.GradScaler``'s scale and overflow flag, as
+``torch._fused_adamw_`` does: ``grad_scale`` (adamw and project_adam: the gradient, or R, is
+divided by it) and ``found_inf`` (nonzero: the call writes nothing), optional one-element
+floating tensors on the weights' device that the device kernels read themselves (no host sync).
 """
 from __future__ import annotations
 
