@@ -13,8 +13,15 @@ import torch
 DTENSOR_MODULE = "torch.distributed.tensor"
 
 
+# A DTensor param keeps its class (``nn.Parameter(dtensor)`` marks the instance instead), so a tensor of
+# exactly one of these classes is not one; the optimizer asks ~10 times per param and step
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def is_dtensor(t: Any) -> bool:
     """True for a ``torch.distributed.tensor.DTensor``; never imports the module."""
+    if type(t) in _PLAIN_TYPES:
+        return False
     module = sys.modules.get(DTENSOR_MODULE)
     return module is not None and isinstance(t, module.DTensor)
 

@@ -571,6 +571,15 @@ class _Batch:
         self.coefficients: Union[list[NamedTuple], torch.Tensor] = []
         self.grad_scale: Optional[torch.Tensor] = None  # a GradScaler's scale and found-inf flag
         self.found_inf: Optional[torch.Tensor] = None
+        self._by_step: dict[int, NamedTuple] = {}  # one group per batch: the numbers depend on the step only
+
+    def numbers(self, group: dict[str, Any], step: int, rule: Callable[[dict[str, Any], int], NamedTuple]
+                ) -> NamedTuple:
+        """``rule(group, step)``, computed once per step count in this batch (most weights share it)."""
+        row = self._by_step.get(step)
+        if row is None:
+            row = self._by_step[step] = rule(group, step)
+        return row
 
     def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         # detach: a traced run sees plain tensors, not Parameters, whose identity dynamo would guard
@@ -600,7 +609,7 @@ class GaloreBatch(_Batch):
         super().add(p, state, group)
         self.projs.append(_dot_basis(p, state, "proj_right" if self.side == "right" else "proj_left"))
         self.proj_rights.append(state["proj_right"] if self.side == "full" else None)
-        self.coefficients.append(galore_coefficients(group, state["step"]))
+        self.coefficients.append(self.numbers(group, state["step"], galore_coefficients))
 
     def run(self) -> None:
         numbers = self.coefficients  # columns: GaloreCoefficients' fields
@@ -641,7 +650,7 @@ class PlainBatch(_Batch):
 
     def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         super().add(p, state, group)
-        self.coefficients.append(plain_coefficients(group, state["step"]))
+        self.coefficients.append(self.numbers(group, state["step"], plain_coefficients))
 
     def run(self) -> None:
         adamw_foreach_(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, variant=self.variant,
