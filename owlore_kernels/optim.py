@@ -15,9 +15,9 @@ from ._dtensor import is_dtensor, local_tensor
 from .distributed import check_param_layout, galore_update_sharded
 from .in_backward import InBackwardSteps
 from .ops import BACKENDS, resolve
-from .ops.adamw import adamw_foreach_
-from .ops.back_project_update import back_project_update_, back_project_update_foreach_
-from .ops.project_adam import project_adam_, project_adam_foreach_, project_reference
+from .ops._registry import call
+from .ops.back_project_update import back_project_update_
+from .ops.project_adam import project_adam_, project_reference
 from .projector import PROJ_METHODS, PROJ_TYPES, compute_projection, projection_side, refresh_seed
 from .resume import check_loadable, check_state_fits, from_galore_torch, is_galore_torch_state
 from ._warnings import warn_at_caller
@@ -392,7 +392,7 @@ class OwLoreAdamW(Optimizer):
         with self._state_restored_on_error([p for p, _, _ in local]):
             for p, group, index in local:
                 self._advance(p, group, index)
-                key = _batch_key(p, group)
+                key = _batch_key(p, group, self.state[p])
                 if key not in batches:
                     batches[key] = _new_batch(p, group)
                 batches[key].add(p, self.state[p], group)
@@ -524,13 +524,21 @@ class OwLoreAdamW(Optimizer):
         if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
             raise ValueError(f"{where} has a gradient of shape {tuple(p.grad.shape)}, {p.grad.dtype} on "
                              f"{p.grad.device}; it must match the param")
+        if p.dtype not in _PARAM_DTYPES:
+            raise ValueError(f"{where}: OwLoreAdamW updates params of dtype {_PARAM_DTYPES}")
         if self.state.get(p):  # state loaded or made for another shape fails here, before any param moves
             check_state_fits(self.state[p], p, group, where)
         if _is_galore(group) and not is_dtensor(p):
             _check_galore_param(p, group["rank"], f" in param group {group_index}")
-        if _is_galore(group) and group["backend"] is not None:
-            for op in ("project_adam", "back_project_update"):  # a forced backend must be there and run here
+        if group["backend"] is not None:  # a forced backend must be there and run here
+            ops = ("project_adam", "back_project_update", "project_adam_foreach", "back_project_update_foreach") \
+                if _is_galore(group) else ("adamw_foreach",)
+            for op in ops:
                 resolve(op, p.device, group["backend"])
+
+
+# what the fused ops update (GaLore groups: not fp64, checked at construction and each step)
+_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _is_galore(group: dict[str, Any]) -> bool:
@@ -542,11 +550,12 @@ def _rank_and_side(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, str]:
     return min(group["rank"], *p.shape), projection_side(p.shape, group["proj_type"])
 
 
-def _batch_key(p: torch.Tensor, group: dict[str, Any]) -> tuple:
+def _batch_key(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple:
     """Params that share a key are updated by one batch: the same group (so the same options),
-    device and dtype, and for GaLore weights the same side."""
+    device, dtype and moment dtype (a loaded checkpoint may hold other moments than new state gets),
+    and for GaLore weights the same side."""
     side = _rank_and_side(p, group)[1] if _is_galore(group) else ""
-    return id(group), p.device, p.dtype, side
+    return id(group), p.device, p.dtype, state["exp_avg"].dtype, side
 
 
 def _new_batch(p: torch.Tensor, group: dict[str, Any]) -> Union["GaloreBatch", "PlainBatch"]:
@@ -560,7 +569,12 @@ def _new_batch(p: torch.Tensor, group: dict[str, Any]) -> Union["GaloreBatch", "
 class _Batch:
     """Weights updated together by one call of each fused op: their tensors (plain tensors, a DTensor's
     local shard) as lists, and one row of per-step numbers each, which ``finish`` makes one float64
-    CPU tensor whose row i belongs to weight i."""
+    CPU tensor whose row i belongs to weight i.
+
+    The batches call the ops' kernels (``ops._registry.call``), not their Python wrappers, whose
+    argument checks would run per weight at every step: ``_schedule`` has checked each param, its
+    gradient and its state (``check_state_fits``: shapes, dtypes, device), and the batch makes the
+    rest (outputs, per-step numbers) itself. The kernels keep their own checks."""
 
     def __init__(self, *, beta1: float, beta2: float, eps: float, backend: Optional[str]):
         self.beta1, self.beta2, self.eps, self.backend = beta1, beta2, eps, backend
@@ -617,11 +631,14 @@ class GaloreBatch(_Batch):
             self._run_two_sided(numbers)
             return
         norms = [torch.empty_like(m, dtype=torch.float32) for m in self.exp_avgs]  # N, subspace-sized
-        project_adam_foreach_(self.grads, self.projs, self.exp_avgs, self.exp_avg_sqs, norms, side=self.side,
-                              beta1=self.beta1, beta2=self.beta2, eps=self.eps, bias_corrections=numbers[:, 0:2].contiguous(),
-                              grad_scale=self.grad_scale, found_inf=self.found_inf, backend=self.backend)
-        back_project_update_foreach_(self.params, self.projs, norms, side=self.side, coefficients=numbers[:, 2:4].contiguous(),
-                                     found_inf=self.found_inf, backend=self.backend)
+        device = self.params[0].device
+        call("project_adam_foreach", device, self.backend)(
+            self.grads, self.projs, self.exp_avgs, self.exp_avg_sqs, norms, side=self.side, beta1=self.beta1,
+            beta2=self.beta2, eps=self.eps, bias_corrections=numbers[:, 0:2].contiguous(),
+            grad_scale=self.grad_scale, found_inf=self.found_inf)
+        call("back_project_update_foreach", device, self.backend)(
+            self.params, self.projs, norms, side=self.side, coefficients=numbers[:, 2:4].contiguous(),
+            found_inf=self.found_inf)
 
     def _run_two_sided(self, numbers: torch.Tensor) -> None:
         """R = (P^T G) Q^T is the right-side op on the r x n matrix P^T G, and W <- beta W + alpha P (N Q)
@@ -653,9 +670,10 @@ class PlainBatch(_Batch):
         self.coefficients.append(self.numbers(group, state["step"], plain_coefficients))
 
     def run(self) -> None:
-        adamw_foreach_(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, variant=self.variant,
-                       beta1=self.beta1, beta2=self.beta2, eps=self.eps, coefficients=self.coefficients,
-                       grad_scale=self.grad_scale, found_inf=self.found_inf, backend=self.backend)
+        call("adamw_foreach", self.params[0].device, self.backend)(
+            self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, variant=self.variant, beta1=self.beta1,
+            beta2=self.beta2, eps=self.eps, coefficients=self.coefficients, grad_scale=self.grad_scale,
+            found_inf=self.found_inf)
 
 
 class _AmpInputs(NamedTuple):

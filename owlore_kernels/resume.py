@@ -3,7 +3,7 @@ params it is loaded into before anything is loaded, and galore-torch 1.0 checkpo
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -94,27 +94,38 @@ def check_loadable(groups: list[dict[str, Any]], state_dict: dict[str, Any]) -> 
 
 def check_state_fits(state: dict[str, Any], p: torch.Tensor, group: dict[str, Any], where: str) -> None:
     """Raise ``ValueError`` if the optimizer state of ``p`` does not fit it and its group (a step
-    checks this before any param moves, so state that went stale raises with nothing updated)."""
-    _check_param_state(state, p, group, where, "OwLoreAdamW.step: ", "in the state")
+    checks this before any param moves, so state that went stale raises with nothing updated): the
+    checkpoint's checks, and every state tensor on ``p``'s device. With these the fused ops' own
+    argument checks hold for the optimizer's calls (``optim.GaloreBatch`` relies on it)."""
+    _check_param_state(state, p, group, where, "OwLoreAdamW.step: ", "in the state", device=p.device)
+
+
+# Adam moments the fused ops take: fp32 or bf16 (fp64 for fp64 plain params), the two of one dtype
+_MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _check_param_state(saved: dict[str, Any], p: torch.Tensor, group: dict[str, Any], where: str, prefix: str,
-                       found_in: str) -> None:
-    def expect(name: str, shape: tuple[int, ...]) -> None:
+                       found_in: str, device: Optional[torch.device] = None) -> None:
+    def expect(name: str, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...]) -> None:
         value = saved.get(name)
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{prefix}{where} has no tensor {name!r} {found_in} (keys: {sorted(saved)})")
-        if tuple(value.shape) != tuple(shape):
+        if value.shape != shape:
             raise ValueError(f"{prefix}{where}: {name} has shape {tuple(value.shape)} {found_in}, "
                              f"expected {tuple(shape)}")
-        if not value.is_floating_point():
-            raise ValueError(f"{prefix}{where}: {name} is {value.dtype} {found_in}, expected a floating dtype")
+        if value.dtype not in dtypes:
+            raise ValueError(f"{prefix}{where}: {name} is {value.dtype} {found_in}, expected one of {dtypes}")
+        if device is not None and value.device != device:
+            raise ValueError(f"{prefix}{where}: {name} is on {value.device} {found_in} but the param is on {device}; "
+                             "move the optimizer state with the model (or load the checkpoint after moving it)")
 
     if not isinstance(saved.get("step"), int) or isinstance(saved.get("step"), bool):
         raise ValueError(f"{prefix}{where}: step is {saved.get('step')!r} {found_in}, expected an int")
+    moment_dtypes = (torch.float64,) if group["rank"] is None and p.dtype == torch.float64 else _MOMENT_DTYPES
     if group["rank"] is None:
         for name in ("exp_avg", "exp_avg_sq"):
-            expect(name, tuple(p.shape))
+            expect(name, p.shape, moment_dtypes)
+        _check_same_moment_dtype(saved, where, prefix, found_in)
         return
     if p.dim() != 2:
         raise ValueError(f"{prefix}{where} is in a GaLore group but is not 2-D")
@@ -123,8 +134,15 @@ def _check_param_state(saved: dict[str, Any], p: torch.Tensor, group: dict[str, 
     side = projection_side(p.shape, group["proj_type"])
     low = subspace_shape(p.shape, rank, side)
     for name in ("exp_avg", "exp_avg_sq"):
-        expect(name, low)
+        expect(name, low, moment_dtypes)
+    _check_same_moment_dtype(saved, where, prefix, found_in)
     if side in ("left", "full"):
-        expect("proj_left", (m, rank))
+        expect("proj_left", (m, rank), (torch.float32,))
     if side in ("right", "full"):
-        expect("proj_right", (rank, n))
+        expect("proj_right", (rank, n), (torch.float32,))
+
+
+def _check_same_moment_dtype(saved: dict[str, Any], where: str, prefix: str, found_in: str) -> None:
+    if saved["exp_avg"].dtype != saved["exp_avg_sq"].dtype:
+        raise ValueError(f"{prefix}{where}: exp_avg is {saved['exp_avg'].dtype} and exp_avg_sq "
+                         f"{saved['exp_avg_sq'].dtype} {found_in}; the two moments must share a dtype")

@@ -158,6 +158,32 @@ def test_a_step_that_fails_a_check_changes_nothing():
     _assert_unchanged(model, opt, before)
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda st: st.update(exp_avg=st["exp_avg"].double(), exp_avg_sq=st["exp_avg_sq"].double()),
+     r"exp_avg is torch.float64 in the state, expected one of"),
+    (lambda st: st.update(exp_avg_sq=st["exp_avg_sq"].bfloat16()), r"the two moments must share a dtype"),
+    (lambda st: st.update(proj_left=st["proj_left"].half()), r"proj_left is torch.float16 in the state"),
+    (lambda st: st.update(exp_avg=st["exp_avg"].to("meta")), r"exp_avg is on meta in the state but the param is on cpu"),
+])
+def test_state_of_a_dtype_or_device_the_ops_cannot_take_fails_before_anything_moves(change, message):
+    """The fused ops are called without their Python argument checks (the step checks each param and
+    its state once); a state tensor of another dtype or device raises there, with nothing updated."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = OwLoreAdamW(_groups(model), lr=1e-2)
+    _train(model, opt, 2)
+    weight = opt.param_groups[0]["params"][-1]  # 16 x 24: projected from the left (std, wide)
+    change(opt.state[weight])
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    steps = [st["step"] for st in opt.state.values()]
+    with pytest.raises(ValueError, match=r"param 7 \(param group 0, shape \(16, 24\).*" + message):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert [st["step"] for st in opt.state.values()] == steps
+
+
 # ------------------------------------------------------------------ in-backward hooks
 def _with_hooks_and_sampler(use_hooks):
     torch.manual_seed(0)
