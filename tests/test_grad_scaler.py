@@ -171,3 +171,60 @@ def test_bad_scaler_tensors_raise_before_anything_changes():
         delattr(opt, name)
         assert all(torch.equal(p, b) for p, b in zip(params, before))
         assert opt.state_dict()["state"][0]["step"] == state["state"][0]["step"] == 1
+
+
+# ------------------------------------------------------------------ CUDA (run by benchmarks/gpu_run.sh)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+def test_cuda_scaled_run_equals_the_unscaled_run_without_the_overflowed_steps():
+    """The first test on the GPU's kernels (Triton): the same bit-for-bit equality."""
+    steps, overflow = 9, (2, 4, 5)
+    scaled = [torch.nn.Parameter(p.detach().cuda()) for p in _weights()]
+    plain = [torch.nn.Parameter(p.detach().cuda()) for p in _weights()]
+    grads = [[g.cuda() for g in step] for step in _gradients(scaled, steps, overflow)]
+    opt_scaled = OwLoreAdamW(_groups(scaled, "std", 3), lr=1e-2, weight_decay=0.1)
+    opt_plain = OwLoreAdamW(_groups(plain, "std", 3), lr=1e-2, weight_decay=0.1)
+    scaler = torch.amp.GradScaler("cuda", init_scale=SCALE)
+    for k in range(steps):
+        _scaled_step(scaled, opt_scaled, scaler, grads[k])
+        if k in overflow:
+            continue
+        for p, g in zip(plain, grads[k]):
+            p.grad = g.clone()
+        opt_plain.step()
+        for a, b in zip(scaled, plain):
+            assert torch.equal(a, b), f"weights differ after step {k}"
+    saved_scaled, saved_plain = opt_scaled.state_dict()["state"], opt_plain.state_dict()["state"]
+    for i in saved_plain:
+        assert saved_scaled[i]["step"] == saved_plain[i]["step"] == steps - len(overflow)
+
+
+@cuda
+def test_cuda_step_between_refreshes_does_not_wait_for_the_device():
+    """A GradScaler step with no refresh due returns while the GPU is still busy with work queued before
+    it (``torch.cuda._sleep``), so it did not read found_inf on the host; it waits at most for the flag
+    of the step before, which the test lets finish first. An overflow among those steps is still
+    skipped and taken off the counts."""
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in _weights()]
+    grads = [[g.cuda() for g in step] for step in _gradients(params, 5, overflow=(3,))]
+    opt = OwLoreAdamW(_groups(params, "std", 10**6), lr=1e-2)  # one refresh: the first step
+    scaler = torch.amp.GradScaler("cuda", init_scale=SCALE)
+    _scaled_step(params, opt, scaler, grads[0])
+    for k in range(1, 5):
+        loss = sum((p * g).sum() for p, g in zip(params, grads[k]))
+        scaler.scale(loss).backward()
+        torch.cuda.synchronize()  # the previous step's flag is ready: what the next step may wait for
+        before = [p.detach().clone() for p in params]
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the step
+        done = torch.cuda.Event()
+        done.record()
+        scaler.step(opt)
+        assert not done.query(), f"step {k} waited for the device"
+        scaler.update()
+        opt.zero_grad()
+        if k == 3:
+            torch.cuda.synchronize()
+            assert all(torch.equal(p, b) for p, b in zip(params, before)), "the overflowed step moved weights"
+    assert all(st["step"] == 4 for st in opt.state_dict()["state"].values())
