@@ -173,6 +173,30 @@ def test_bad_scaler_tensors_raise_before_anything_changes():
         assert opt.state_dict()["state"][0]["step"] == state["state"][0]["step"] == 1
 
 
+def test_a_unit_scaler_skips_nan_steps_of_an_fp32_run_and_changes_nothing_else():
+    """The README's recipe for skipping steps with NaN/inf gradients without dynamic loss scaling: a
+    GradScaler that starts at 1 and never grows. A NaN (not only inf) skips the step, and every other
+    step equals the unguarded run's bit for bit (the scale is 1, then 1/2 after the backoff: powers of
+    two, unscaled exactly inside the ops)."""
+    steps = 7
+    guarded, plain = _weights(), _weights()
+    grads = _gradients(guarded, steps, overflow=())
+    grads[3][1].view(-1)[2] = float("nan")
+    opt_guarded = OwLoreAdamW(_groups(guarded, "std", 2), lr=1e-2)
+    opt_plain = OwLoreAdamW(_groups(plain, "std", 2), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2**31 - 1)
+    for k in range(steps):
+        _scaled_step(guarded, opt_guarded, scaler, grads[k])
+        if k == 3:
+            continue
+        for p, g in zip(plain, grads[k]):
+            p.grad = g.clone()
+        opt_plain.step()
+        assert all(torch.equal(a, b) for a, b in zip(guarded, plain)), f"weights differ after step {k}"
+    assert scaler.get_scale() == 0.5
+    assert all(torch.isfinite(p).all() for p in guarded)
+
+
 # ------------------------------------------------------------------ CUDA (run by benchmarks/gpu_run.sh)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
