@@ -96,6 +96,10 @@ class InBackwardSteps:
         finally:
             self.stepping = previous
 
+    def active(self) -> bool:
+        """Whether any hook is still registered (``remove()`` not called)."""
+        return bool(self._handles)
+
     def remove(self) -> None:
         """Remove every hook: step() after backward works as usual again."""
         for handle in self._handles:

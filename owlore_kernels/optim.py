@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import weakref
 from itertools import chain
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
@@ -327,6 +328,11 @@ class OwLoreAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         amp = _AmpInputs(getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        if (amp.grad_scale is not None or amp.found_inf is not None) and any(
+                hooks.active() for hooks in self.__dict__.get("_step_hooks", ())):
+            raise RuntimeError("OwLoreAdamW: a torch.amp.GradScaler step with in-backward step hooks registered "
+                               "(register_step_hooks): the hooks stepped on scaled gradients that no one unscaled "
+                               "or checked for inf. Remove the hooks (hooks.remove()) and step after backward")
         for batch in self._schedule(amp=amp if amp.found_inf is not None or amp.grad_scale is not None else None):
             batch.run()
         return loss
@@ -346,8 +352,13 @@ class OwLoreAdamW(Optimizer):
 
     def register_step_hooks(self, params: Union[torch.nn.Module, Iterable[torch.Tensor]]) -> InBackwardSteps:
         """Step each of ``params`` (or a module's params) inside backward, as soon as its gradient is
-        ready, and free that gradient; see ``owlore_kernels.in_backward.InBackwardSteps``."""
-        return InBackwardSteps(self, params)
+        ready, and free that gradient; see ``owlore_kernels.in_backward.InBackwardSteps``. Not with a
+        ``torch.amp.GradScaler``: its ``scaler.step(opt)`` raises while hooks are registered."""
+        hooks = InBackwardSteps(self, params)
+        if "_step_hooks" not in self.__dict__:
+            self._step_hooks = weakref.WeakSet()
+        self._step_hooks.add(hooks)
+        return hooks
 
     # torch.compiler.disable, applied at the first call (as torch.optim does for its own
     # eager-only methods): importing torch._dynamo, which imports torch.distributed.tensor,
@@ -375,7 +386,7 @@ class OwLoreAdamW(Optimizer):
         for entry in entries:
             self._check_param(*entry)
         stepping = [(p, group, index) for p, group, _, index in entries if p.grad is not None]
-        if amp is not None:
+        if amp is not None and stepping:  # with no gradient at all the scaler passes found_inf=0, an int
             amp = self._check_amp(amp, stepping)
             if amp is None:
                 return []  # an overflowed GradScaler step: nothing changes

@@ -197,6 +197,35 @@ def test_a_unit_scaler_skips_nan_steps_of_an_fp32_run_and_changes_nothing_else()
     assert all(torch.isfinite(p).all() for p in guarded)
 
 
+def test_scaler_step_with_in_backward_hooks_raises_and_works_once_they_are_removed():
+    """In-backward hooks step inside backward, on gradients the scaler has not unscaled or checked, so a
+    scaler step with hooks registered raises instead of passing for a normal step."""
+    params = _weights()
+    opt = OwLoreAdamW(_groups(params, "std", 2), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    hooks = opt.register_step_hooks(params)
+    grads = _gradients(params, 2, overflow=())
+    with pytest.raises(RuntimeError, match=r"GradScaler step with in-backward step hooks"):
+        _scaled_step(params, opt, scaler, grads[0])
+    hooks.remove()
+    opt.zero_grad()
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    _scaled_step(params, opt, scaler, grads[1])
+
+
+def test_scaler_step_without_any_gradient_does_nothing():
+    """Every param frozen (a sampler between draws, say): the scaler finds no gradient and hands over
+    found_inf=0, a plain int; the step does nothing, as torch's fused AdamW does."""
+    params = _weights()
+    opt = OwLoreAdamW(_groups(params, "std", 2), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
+    before = [p.detach().clone() for p in params]
+    loss = torch.zeros((), requires_grad=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)  # (scaler.update() would then raise: torch's scaler wants an inf check recorded)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and not opt.state
+
+
 # ------------------------------------------------------------------ CUDA (run by benchmarks/gpu_run.sh)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
