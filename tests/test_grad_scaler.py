@@ -39,6 +39,22 @@ def _groups(params, proj_type, gap):
             {"params": params[3:]}]
 
 
+def _step_both(scaled, opt_scaled, scaler, plain, opt_plain, grads, skipped):
+    """Step ``scaled`` through the scaler and ``plain`` on the unscaled gradients, leaving the steps in
+    ``skipped`` out of the plain run; after each step the weights must be equal bit for bit (and a
+    skipped step must leave the scaled weights as they were)."""
+    for k, step_grads in enumerate(grads):
+        before = [p.detach().clone() for p in scaled]
+        _scaled_step(scaled, opt_scaled, scaler, step_grads)
+        if k in skipped:
+            assert all(torch.equal(p, b) for p, b in zip(scaled, before)), f"step {k} was skipped but moved weights"
+            continue
+        for p, g in zip(plain, step_grads):
+            p.grad = g.clone()
+        opt_plain.step()
+        assert all(torch.equal(a, b) for a, b in zip(scaled, plain)), f"weights differ after step {k}"
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("proj_type", ["std", "full"])
 def test_scaled_run_equals_the_unscaled_run_without_the_overflowed_steps(backend, proj_type):
@@ -56,17 +72,7 @@ def test_scaled_run_equals_the_unscaled_run_without_the_overflowed_steps(backend
     opt_scaled = OwLoreAdamW(_groups(scaled, proj_type, 3), lr=1e-2, weight_decay=0.1, backend=backend)
     opt_plain = OwLoreAdamW(_groups(plain, proj_type, 3), lr=1e-2, weight_decay=0.1, backend=backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    for k in range(steps):
-        before = [p.detach().clone() for p in scaled]
-        _scaled_step(scaled, opt_scaled, scaler, grads[k])
-        if k in overflow:
-            assert all(torch.equal(p, b) for p, b in zip(scaled, before)), f"step {k} overflowed but moved weights"
-            continue
-        for p, g in zip(plain, grads[k]):
-            p.grad = g.clone()
-        opt_plain.step()
-        for a, b in zip(scaled, plain):
-            assert torch.equal(a, b), f"weights differ after step {k}"
+    _step_both(scaled, opt_scaled, scaler, plain, opt_plain, grads, overflow)
     saved_scaled, saved_plain = opt_scaled.state_dict()["state"], opt_plain.state_dict()["state"]
     assert saved_scaled.keys() == saved_plain.keys()
     for i in saved_plain:
@@ -185,14 +191,7 @@ def test_a_unit_scaler_skips_nan_steps_of_an_fp32_run_and_changes_nothing_else()
     opt_guarded = OwLoreAdamW(_groups(guarded, "std", 2), lr=1e-2)
     opt_plain = OwLoreAdamW(_groups(plain, "std", 2), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=2**31 - 1)
-    for k in range(steps):
-        _scaled_step(guarded, opt_guarded, scaler, grads[k])
-        if k == 3:
-            continue
-        for p, g in zip(plain, grads[k]):
-            p.grad = g.clone()
-        opt_plain.step()
-        assert all(torch.equal(a, b) for a, b in zip(guarded, plain)), f"weights differ after step {k}"
+    _step_both(guarded, opt_guarded, scaler, plain, opt_plain, grads, skipped=(3,))
     assert scaler.get_scale() == 0.5
     assert all(torch.isfinite(p).all() for p in guarded)
 
@@ -240,15 +239,7 @@ def test_cuda_scaled_run_equals_the_unscaled_run_without_the_overflowed_steps():
     opt_scaled = OwLoreAdamW(_groups(scaled, "std", 3), lr=1e-2, weight_decay=0.1)
     opt_plain = OwLoreAdamW(_groups(plain, "std", 3), lr=1e-2, weight_decay=0.1)
     scaler = torch.amp.GradScaler("cuda", init_scale=SCALE)
-    for k in range(steps):
-        _scaled_step(scaled, opt_scaled, scaler, grads[k])
-        if k in overflow:
-            continue
-        for p, g in zip(plain, grads[k]):
-            p.grad = g.clone()
-        opt_plain.step()
-        for a, b in zip(scaled, plain):
-            assert torch.equal(a, b), f"weights differ after step {k}"
+    _step_both(scaled, opt_scaled, scaler, plain, opt_plain, grads, overflow)
     saved_scaled, saved_plain = opt_scaled.state_dict()["state"], opt_plain.state_dict()["state"]
     for i in saved_plain:
         assert saved_scaled[i]["step"] == saved_plain[i]["step"] == steps - len(overflow)
