@@ -12,6 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 from torch.optim import Optimizer
 
+from ._checks import check_amp_scalar
 from ._dtensor import is_dtensor, local_tensor
 from .distributed import check_param_layout, galore_update_sharded
 from .in_backward import InBackwardSteps
@@ -417,19 +418,13 @@ class OwLoreAdamW(Optimizer):
         what the fused ops get, or None for a step to skip: the found-inf flag is read here (a host
         sync) only when a refresh is due or a weight is two-sided (``proj_type="full"``), which
         cannot be issued before the flag is known; a clear flag is then not passed on."""
-        for name, t in zip(amp._fields, amp):
-            if t is not None and not (isinstance(t, torch.Tensor) and t.numel() == 1 and t.is_floating_point()):
-                shown = f"a {t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else repr(t)
-                raise ValueError(f"OwLoreAdamW.{name} (set by torch.amp.GradScaler) must be a floating tensor with "
-                                 f"one element, got {shown}")
         for p, group, index in stepping:
             if is_dtensor(p):
                 raise RuntimeError(f"OwLoreAdamW: torch.amp.GradScaler is not supported with sharded (DTensor) params "
                                    f"(param {index}, shape {tuple(p.shape)})")
+        for device in {p.device for p, _, _ in stepping}:  # the fused ops' own check, once per device
             for name, t in zip(amp._fields, amp):
-                if t is not None and t.device != p.device:
-                    raise ValueError(f"OwLoreAdamW.{name} (set by torch.amp.GradScaler) is on {t.device} but param "
-                                     f"{index} (shape {tuple(p.shape)}) is on {p.device}; they must share a device")
+                check_amp_scalar("OwLoreAdamW.step (torch.amp.GradScaler)", name, t, device)
         if amp.found_inf is None:
             return amp
         read_now = any(_is_galore(group) and (refresh_due(self.state.get(p, {}), group)
