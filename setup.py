@@ -33,7 +33,7 @@ if BuildExtension is not None and sources:
             # -g0: no debug info (Python's default CFLAGS add -g), a 7.5 MB .so and a
             # slower compile otherwise. -fopenmp links libgomp.so.1, the soname of the
             # libgomp torch ships, so at run time there is one OpenMP runtime, torch's.
-            extra_compile_args=["-O3", "-fopenmp", "-g0"],
+            extra_compile_args=["-O3", "-fopenmp", "-g0", "-fno-math-errno"],
             extra_link_args=["-fopenmp"],
         )
     )
