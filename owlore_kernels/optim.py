@@ -372,7 +372,7 @@ class OwLoreAdamW(Optimizer):
         1. Check every param (or ``only``) before any state moves.
         2. Update sharded GaLore weights here, whole (their collectives are eager).
         3. For the rest: create state, refresh the subspaces that are due, count the update, and
-           group them into batches (see ``_batch_key``). If a refresh fails midway, the params
+           group them into batches (see ``_CheckedParam.batch_key``). If a refresh fails midway, the params
            already advanced get their state back.
         Each batch carries its per-step numbers as one float64 CPU tensor: the fused ops read it on
         the host, and a traced run takes it as a graph input, so new numbers do not recompile.
@@ -384,52 +384,51 @@ class OwLoreAdamW(Optimizer):
         self._settle_skip()
         entries = [self._locate(only)] if only is not None else [
             (p, group, group_index, index) for index, (p, group, group_index) in enumerate(self._all_params())]
-        for entry in entries:
-            self._check_param(*entry)
-        stepping = [(p, group, index) for p, group, _, index in entries if p.grad is not None]
+        stepping = [c for c in self._check_params_once(entries) if c.param.grad is not None]
         if amp is not None and stepping:  # with no gradient at all the scaler passes found_inf=0, an int
             amp = self._check_amp(amp, stepping)
             if amp is None:
                 return []  # an overflowed GradScaler step: nothing changes
-        for p, group, index in stepping:
-            if _is_galore(group) and not is_dtensor(p) and refresh_due(self.state.get(p, {}), group):
+        state_of = self.state
+        for c in stepping:
+            if c.galore and not c.sharded and refresh_due(state_of.get(c.param, {}), c.group):
                 # one pass over G per refresh, not per step; a fake tensor (a memory trace) has no values
-                if not is_fake(p.grad) and not bool(torch.isfinite(p.grad).all()):
-                    raise nonfinite_refresh_error(index, p.shape, updates_done(self.state.get(p, {})) + 1)
-        for p, group, index in stepping:
-            if _is_galore(group) and is_dtensor(p):
-                galore_update_sharded(self.state[p], p, group, index)
-        local = [(p, group, index) for p, group, index in stepping if not (_is_galore(group) and is_dtensor(p))]
+                grad = c.param.grad
+                if not is_fake(grad) and not bool(torch.isfinite(grad).all()):
+                    raise nonfinite_refresh_error(c.index, c.param.shape, updates_done(state_of.get(c.param, {})) + 1)
+        for c in stepping:
+            if c.galore and c.sharded:
+                galore_update_sharded(state_of[c.param], c.param, c.group, c.index)
+        local = [c for c in stepping if not (c.galore and c.sharded)]
         batches: dict[tuple, Union[GaloreBatch, PlainBatch]] = {}
-        with self._state_restored_on_error([p for p, _, _ in local]):
-            for p, group, index in local:
-                self._advance(p, group, index)
-                key = _batch_key(p, group, self.state[p])
-                if key not in batches:
-                    batches[key] = _new_batch(p, group)
-                batches[key].add(p, self.state[p], group)
+        with self._state_restored_on_error([c.param for c in local]):
+            for c in local:
+                state = self._advance(c)
+                key = (c.batch_key, state["exp_avg"].dtype)  # a loaded checkpoint may hold other moments
+                batch = batches.get(key)
+                if batch is None:
+                    batch = batches[key] = _new_batch(c)
+                batch.add(c.param, state, c.group)
         if amp is not None and amp.found_inf is not None and local:
-            self._pending = _PendingSkip(amp.found_inf, [p for p, _, _ in local])
+            self._pending = _PendingSkip(amp.found_inf, [c.param for c in local])
         return [batch.finish(amp) for batch in batches.values()]
 
-    def _check_amp(self, amp: "_AmpInputs", stepping: list[tuple[torch.Tensor, dict[str, Any], int]]
-                   ) -> Optional["_AmpInputs"]:
+    def _check_amp(self, amp: "_AmpInputs", stepping: list["_CheckedParam"]) -> Optional["_AmpInputs"]:
         """Check a GradScaler's tensors against the params about to step (modifies nothing). Returns
         what the fused ops get, or None for a step to skip: the found-inf flag is read here (a host
         sync) only when a refresh is due or a weight is two-sided (``proj_type="full"``), which
         cannot be issued before the flag is known; a clear flag is then not passed on."""
-        for p, group, index in stepping:
-            if is_dtensor(p):
+        for c in stepping:
+            if c.sharded:
                 raise RuntimeError(f"OwLoreAdamW: torch.amp.GradScaler is not supported with sharded (DTensor) params "
-                                   f"(param {index}, shape {tuple(p.shape)})")
-        for device in {p.device for p, _, _ in stepping}:  # the fused ops' own check, once per device
+                                   f"(param {c.index}, shape {tuple(c.param.shape)})")
+        for device in {c.param.device for c in stepping}:  # the fused ops' own check, once per device
             for name, t in zip(amp._fields, amp):
                 check_amp_scalar("OwLoreAdamW.step (torch.amp.GradScaler)", name, t, device)
         if amp.found_inf is None:
             return amp
-        read_now = any(_is_galore(group) and (refresh_due(self.state.get(p, {}), group)
-                                              or _rank_and_side(p, group)[1] == "full")
-                       for p, group, _ in stepping)
+        read_now = any(c.galore and (refresh_due(self.state.get(c.param, {}), c.group) or c.side == "full")
+                       for c in stepping)
         if not read_now:
             return amp
         if bool(amp.found_inf.item() != 0):
@@ -445,33 +444,35 @@ class OwLoreAdamW(Optimizer):
                 if state:
                     state["step"] -= 1
 
-    def _advance(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """Create ``p``'s state if it has none, refresh its subspace when due, and count the update."""
+    def _advance(self, c: "_CheckedParam") -> dict[str, Any]:
+        """Create the state of ``c.param`` if it has none, refresh its subspace when due, and count
+        the update; returns the state."""
+        p, group = c.param, c.group
         state = self.state[p]
         # fp64 params keep fp64 moments; the others state_dtype's (fp32 or bf16), math in fp32 always
         moment_dtype = torch.float64 if p.dtype == torch.float64 else group["state_dtype"]
-        if not _is_galore(group):
+        if not c.galore:
             if not state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=moment_dtype, memory_format=torch.contiguous_format)
         else:
-            rank, side = _rank_and_side(p, group)
             if not state:
-                state.update(new_galore_state(p.shape, rank, side, lambda shape: torch.zeros(
+                state.update(new_galore_state(p.shape, c.rank, c.side, lambda shape: torch.zeros(
                     shape, dtype=moment_dtype, device=p.device)))
             if refresh_due(state, group):
                 # a GradScaler's scaled gradient s G has the singular vectors of G (for fp16, more of
                 # them survive underflow), so the basis comes from it as it is
                 left, right = compute_projection(
-                    p.grad, rank, side, group["proj_method"], oversample=group["oversample"],
-                    power_iters=group["power_iters"], seed=refresh_seed(group["seed"], index, state["step"]),
+                    p.grad, c.rank, c.side, group["proj_method"], oversample=group["oversample"],
+                    power_iters=group["power_iters"], seed=refresh_seed(group["seed"], c.index, state["step"]),
                 )
                 for key, basis in (("proj_left", left), ("proj_right", right)):
                     if basis is not None:
                         state[key] = basis
                 state.pop("proj_dot", None)  # made again from the new basis (``GaloreBatch.add``)
         state["step"] += 1
+        return state
 
     @contextlib.contextmanager
     def _state_restored_on_error(self, params: list[torch.Tensor]) -> Iterator[None]:
@@ -519,6 +520,38 @@ class OwLoreAdamW(Optimizer):
         group_index, _, index = where[id(p)]
         return p, self.param_groups[group_index], group_index, index
 
+    def _check_params_once(self, entries: list[tuple[torch.Tensor, dict[str, Any], int, int]]
+                           ) -> list["_CheckedParam"]:
+        """``_check_param`` for each entry whose check could come out differently than last time;
+        returns each entry's ``_CheckedParam``, in order.
+
+        A passed check is remembered with what it read: the group's options, the param's and its
+        gradient's class, layout, dtype, shape and device, and the identity of its state dict and
+        state tensors. While all of these are the same, the check is not run again: a step pays for
+        a comparison, not for the checks (~25 us per param in Python). New state, a refresh, a
+        loaded checkpoint, a gradient of another dtype or a param moved to another device each make
+        the next step check that param again."""
+        memo: dict[int, _CheckedParam] = self.__dict__.setdefault("_checked", {})
+        options: dict[int, tuple] = {}  # id(group) -> what the checks read of it, once per group
+        checked = []
+        state_of = self.state
+        for p, group, group_index, index in entries:
+            seen = options.get(id(group))
+            if seen is None:
+                seen = options[id(group)] = (id(group), group_index, group["rank"], group["proj_type"],
+                                             group["proj_method"], group["backend"], group["state_dtype"])
+            grad = p.grad
+            state = state_of.get(p)
+            read = (seen, index, type(p), p.dtype, p.shape, p.device,
+                    None if grad is None else (type(grad), grad.layout, grad.dtype, grad.shape, grad.device),
+                    None if not state else (id(state), type(state.get("step"))))
+            before = memo.get(id(p))
+            if before is None or before.param is not p or before.read != read or not before.same_state(state):
+                self._check_param(p, group, group_index, index)
+                before = memo[id(p)] = _CheckedParam(p, group, index, read, state)
+            checked.append(before)
+        return checked
+
     def _check_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
         """Raise if ``p`` (or its gradient) is something this optimizer cannot update; modifies nothing."""
         check_param_layout(p, group, group_index, index)  # sharded (FSDP2) and flattened (DeepSpeed) layouts
@@ -556,19 +589,12 @@ def _rank_and_side(p: torch.Tensor, group: dict[str, Any]) -> tuple[int, str]:
     return min(group["rank"], *p.shape), projection_side(p.shape, group["proj_type"])
 
 
-def _batch_key(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple:
-    """Params that share a key are updated by one batch: the same group (so the same options),
-    device, dtype and moment dtype (a loaded checkpoint may hold other moments than new state gets),
-    and for GaLore weights the same side."""
-    side = _rank_and_side(p, group)[1] if _is_galore(group) else ""
-    return id(group), p.device, p.dtype, state["exp_avg"].dtype, side
-
-
-def _new_batch(p: torch.Tensor, group: dict[str, Any]) -> Union["GaloreBatch", "PlainBatch"]:
+def _new_batch(c: "_CheckedParam") -> Union["GaloreBatch", "PlainBatch"]:
+    group = c.group
     beta1, beta2 = group["betas"]
     common = dict(beta1=beta1, beta2=beta2, eps=group["eps"], backend=group["backend"])
-    if _is_galore(group):
-        return GaloreBatch(side=_rank_and_side(p, group)[1], **common)
+    if c.galore:
+        return GaloreBatch(side=c.side, **common)
     return PlainBatch(variant=group["variant"], **common)
 
 
@@ -680,6 +706,37 @@ class PlainBatch(_Batch):
             self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, variant=self.variant, beta1=self.beta1,
             beta2=self.beta2, eps=self.eps, coefficients=self.coefficients, grad_scale=self.grad_scale,
             found_inf=self.found_inf)
+
+
+class _CheckedParam:
+    """A param that passed ``OwLoreAdamW._check_param``: what that check read (``read``), weak
+    references to the state tensors it checked (weak: a replaced moment or basis is freed, not kept
+    alive here; a dead or different reference means the state changed), and what a step needs to
+    know of the param that only changes with what was read.
+
+    ``batch_key``: params that share it (and a moment dtype) are updated by one batch: the same
+    group (so the same options), device, dtype, and for GaLore weights the same side."""
+
+    __slots__ = ("param", "group", "index", "read", "state_refs", "galore", "sharded", "rank", "side", "batch_key")
+    STATE_KEYS = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
+
+    def __init__(self, param: torch.Tensor, group: dict[str, Any], index: int, read: tuple,
+                 state: Optional[dict[str, Any]]):
+        self.param, self.group, self.index, self.read = param, group, index, read
+        self.state_refs = tuple(None if not isinstance(t, torch.Tensor) else weakref.ref(t)
+                                for t in map((state or {}).get, self.STATE_KEYS))
+        self.galore, self.sharded = _is_galore(group), is_dtensor(param)
+        self.rank, self.side = _rank_and_side(param, group) if self.galore else (None, "")
+        self.batch_key = (id(group), param.device, param.dtype, self.side)
+
+    def same_state(self, state: Optional[dict[str, Any]]) -> bool:
+        """Whether ``state`` holds the very tensors checked (objects, not values, are compared)."""
+        state = state or {}
+        for ref, key in zip(self.state_refs, self.STATE_KEYS):
+            now = state.get(key)
+            if (now is not None) if ref is None else (now is None or ref() is not now):
+                return False
+        return True
 
 
 class _AmpInputs(NamedTuple):

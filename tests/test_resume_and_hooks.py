@@ -184,6 +184,44 @@ def test_state_of_a_dtype_or_device_the_ops_cannot_take_fails_before_anything_mo
     assert [st["step"] for st in opt.state.values()] == steps
 
 
+def _last_galore_weight(opt):
+    return opt.param_groups[0]["params"][-1]  # 16 x 24: projected from the left (std, wide)
+
+
+def _double_grad(opt):
+    weight = _last_galore_weight(opt)
+    weight.grad_dtype = None  # torch refuses a gradient of another dtype unless told
+    weight.grad = weight.grad.double()
+
+
+@pytest.mark.parametrize("change, message", [
+    (_double_grad, r"param 7 \(param group 0, shape \(16, 24\).*has a gradient of shape \(16, 24\), torch.float64"),
+    (lambda opt: setattr(_last_galore_weight(opt).grad, "data", torch.randn(16, 23)),
+     r"param 7 \(param group 0, shape \(16, 24\).*has a gradient of shape \(16, 23\)"),
+    (lambda opt: setattr(_last_galore_weight(opt), "data", _last_galore_weight(opt).data.double()),
+     r"param 7 \(param group 0, shape \(16, 24\), torch.float64 on cpu\) has a gradient of .* torch.float32"),
+    (lambda opt: opt.param_groups[0].update(proj_type="right"),
+     r"param 1 \(param group 0, shape \(16, 24\).*exp_avg has shape \(4, 24\) in the state, expected \(16, 4\)"),
+    (lambda opt: opt.param_groups[0].update(rank=3),
+     r"param 0 \(param group 0, shape \(24, 16\).*exp_avg has shape \(24, 4\) in the state, expected \(24, 3\)"),
+])
+def test_checks_run_again_when_what_they_read_changes(change, message):
+    """A param's checks pass once and are not run again while the param, its gradient, its state and
+    its group's options stay as they were; a gradient or param of another dtype or shape, or a group
+    option changed between steps, is checked again at the next step: it raises with nothing moved."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = OwLoreAdamW(_groups(model, gap=10), lr=1e-2)
+    _train(model, opt, 3)  # three steps whose checks passed
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    change(opt)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    _assert_unchanged(model, opt, before)
+
+
 # ------------------------------------------------------------------ in-backward hooks
 def _with_hooks_and_sampler(use_hooks):
     torch.manual_seed(0)
