@@ -111,11 +111,11 @@ bool same_dense_layout(const at::Tensor& p, const at::Tensor& g, const at::Tenso
 Weight checked_weight(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                       const at::Tensor& exp_avg_sq, const Coefficients& c, int64_t i) {
   const std::string where = index_suffix(i, true);
-  check_cpu(param, "params" + where);
+  check_cpu(param, "params", where);
   const auto dtype = param.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || is_16bit(dtype), "params", where,
               " must be float32, float64, bfloat16 or float16, got ", dtype);
-  check_cpu_dtype(grad, dtype, "grads" + where);
+  check_cpu_dtype(grad, dtype, "grads", where);
   check_cpu_moments(exp_avg, exp_avg_sq, "s" + where, /*allow_fp64=*/dtype == at::kDouble);
   TORCH_CHECK((dtype == at::kDouble) == (exp_avg.scalar_type() == at::kDouble), "adamw_foreach_: exp_avgs", where,
               " must be float64 exactly when params", where, " is");

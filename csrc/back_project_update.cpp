@@ -7,7 +7,7 @@
 // by one GEMM with that beta and alpha (the optimizer folds weight decay into beta
 // and step size and scale into alpha), so they cost no extra pass and W is read
 // and written once:
-//   fp32 W:      addmm_ straight into the W tile (a strided view);
+//   fp32 W:      one BLAS GEMM straight into the W tile (gemm_f32 on W's pointer and strides);
 //   bf16/fp16 W: the tile is upcast into an fp32 buffer, updated there, and
 //                rounded back to nearest even as it is stored (ATen's
 //                float -> bfloat16/half conversion is RNE).
@@ -37,84 +37,117 @@ constexpr int64_t kTileColsHalf = 512;
 // Below this many multiply-adds per thread a call runs on one thread (as in project_adam.cpp).
 constexpr int64_t kMinMacsPerRun = 1 << 20;
 
-// One weight of a call, checked, with its tiling.
+// A matrix in its storage dtype (fp32, bf16 or fp16), by pointer and strides.
+struct Stored {
+  void* data;
+  at::ScalarType dtype;
+  int64_t s0, s1;
+
+  template <typename T>
+  Matrix<T> as(int64_t i0, int64_t j0, int64_t h, int64_t w) const {
+    return Matrix<T>{static_cast<T*>(data), h, w, s0, s1}.block(i0, j0, h, w);
+  }
+  // rows i0.. and columns j0.. of it, h x w, into fp32 (exact), row-major with leading dim ld
+  void stage(int64_t i0, int64_t j0, int64_t h, int64_t w, float* dst, int64_t ld) const {
+    if (dtype == at::kBFloat16) copy_to_f32(as<const c10::BFloat16>(i0, j0, h, w), dst, ld);
+    else if (dtype == at::kHalf) copy_to_f32(as<const c10::Half>(i0, j0, h, w), dst, ld);
+    else copy_to_f32(as<const float>(i0, j0, h, w), dst, ld);
+  }
+};
+
+Stored stored_of(const at::Tensor& t) {
+  return {t.data_ptr(), t.scalar_type(), t.stride(0), t.stride(1)};
+}
+
+// Rounds an fp32 tile (row-major, leading dim ld) to nearest even into a 16-bit W tile:
+// c10's float -> bfloat16 / half conversions round to nearest even, as ATen's copy_ does.
+template <typename T>
+void store_rounded(const float* src, int64_t ld, const Matrix<T>& dst) {
+  for (int64_t i = 0; i < dst.rows; ++i)
+    for (int64_t j = 0; j < dst.cols; ++j) *dst.at(i, j) = static_cast<T>(src[i * ld + j]);
+}
+
+// One weight of a call, checked, with its tiling. Tensors are read and written through
+// pointers only (no ATen op sees them), so nothing here records autograd history.
 struct Weight {
-  at::Tensor param, A, B;  // detached; W (m x n) += A (m x r) B (r x n)
+  Stored param, A, B;  // W (m x n) += A (m x r) B (r x n)
+  int64_t m, n, r;
   double beta, alpha;
   int64_t tile_rows = 0, tile_cols = 0, row_tiles = 0, col_tiles = 0;
   bool fp32 = true, stage_a = false, stage_b = false;
 };
 
-Weight checked_weight(const at::Tensor& param_in, const at::Tensor& proj_in, const at::Tensor& norm_update_in,
-                      bool left, double beta, double alpha, const std::string& where) {
-  check_cpu_float(param_in, "param" + where);
-  check_cpu_proj(proj_in, param_in.scalar_type(), "proj" + where);
-  check_cpu_dtype(norm_update_in, at::kFloat, "norm_update" + where);
-  TORCH_CHECK(param_in.dim() == 2 && proj_in.dim() == 2 && norm_update_in.dim() == 2,
+Weight checked_weight(const at::Tensor& param, const at::Tensor& proj, const at::Tensor& norm_update, bool left,
+                      double beta, double alpha, int64_t index) {
+  const std::string where = index < 0 ? std::string() : index_suffix(index, true);
+  check_cpu_float(param, "param", where);
+  check_cpu_proj(proj, param.scalar_type(), "proj", where);
+  check_cpu_dtype(norm_update, at::kFloat, "norm_update", where);
+  TORCH_CHECK(param.dim() == 2 && proj.dim() == 2 && norm_update.dim() == 2,
               "back_project_update_: expected 2-D tensors", where);
-  // detach: param is usually a leaf that requires grad, whose views may be updated in
-  // place only with autograd off; the alias shares storage, so W is still updated
-  // whatever the caller's grad mode.
-  Weight w{param_in.detach(), left ? proj_in.detach() : norm_update_in.detach(),
-           left ? norm_update_in.detach() : proj_in.detach(), beta, alpha};
-  const int64_t m = w.param.size(0), n = w.param.size(1);
-  TORCH_CHECK(w.A.size(0) == m && w.B.size(1) == n && w.A.size(1) == w.B.size(0), "back_project_update_: side=",
-              left ? "left" : "right", " needs (m, r) @ (r, n) = ", w.param.sizes(), ", got ", w.A.sizes(), " @ ",
-              w.B.sizes(), where.empty() ? "" : " for weight ", where);
-  w.fp32 = w.param.scalar_type() == at::kFloat;
-  w.stage_a = w.A.scalar_type() != at::kFloat;  // a 16-bit P (left)
-  w.stage_b = w.B.scalar_type() != at::kFloat;  // a 16-bit Q (right)
+  const at::Tensor& A = left ? proj : norm_update;
+  const at::Tensor& B = left ? norm_update : proj;
+  const int64_t m = param.size(0), n = param.size(1);
+  TORCH_CHECK(A.size(0) == m && B.size(1) == n && A.size(1) == B.size(0), "back_project_update_: side=",
+              left ? "left" : "right", " needs (m, r) @ (r, n) = ", param.sizes(), ", got ", A.sizes(), " @ ",
+              B.sizes(), where.empty() ? "" : " for weight ", where);
+  Weight w{stored_of(param), stored_of(A), stored_of(B), m, n, A.size(1), beta, alpha};
+  w.fp32 = param.scalar_type() == at::kFloat;
+  w.stage_a = A.scalar_type() != at::kFloat;  // a 16-bit P (left)
+  w.stage_b = B.scalar_type() != at::kFloat;  // a 16-bit Q (right)
   return w;
 }
 
 void plan_tiles(Weight& w, bool split) {
-  const int64_t m = w.param.size(0), n = w.param.size(1);
-  if (m == 0 || n == 0) return;  // nothing to update; the tile arithmetic below divides by m and n
-  w.tile_rows = w.fp32 ? m : kTileRowsHalf;
-  w.tile_cols = w.fp32 ? balanced_tile_width(n, kMaxPanelColsFp32, split ? at::get_num_threads() : 1) : kTileColsHalf;
-  w.row_tiles = ceil_div(m, w.tile_rows);
-  w.col_tiles = ceil_div(n, w.tile_cols);
+  if (w.m == 0 || w.n == 0) return;  // nothing to update; the tile arithmetic below divides by m and n
+  w.tile_rows = w.fp32 ? w.m : kTileRowsHalf;
+  w.tile_cols = w.fp32 ? balanced_tile_width(w.n, kMaxPanelColsFp32, split ? at::get_num_threads() : 1)
+                       : kTileColsHalf;
+  w.row_tiles = ceil_div(w.m, w.tile_rows);
+  w.col_tiles = ceil_div(w.n, w.tile_cols);
 }
 
-void run_tile(const Weight& w, int64_t t, at::Tensor& buf, at::Tensor& buf_a, at::Tensor& buf_b) {
-  const int64_t m = w.param.size(0), n = w.param.size(1), r = w.A.size(1);
+void run_tile(const Weight& w, int64_t t, float* buf, float* buf_a, float* buf_b) {
+  const int64_t r = w.r;
   const int64_t i0 = (t / w.col_tiles) * w.tile_rows, j0 = (t % w.col_tiles) * w.tile_cols;
-  const int64_t h = std::min(w.tile_rows, m - i0), wd = std::min(w.tile_cols, n - j0);
-  at::Tensor w_tile = w.param.narrow(0, i0, h).narrow(1, j0, wd);
-  at::Tensor a_rows = w.A.narrow(0, i0, h), b_cols = w.B.narrow(1, j0, wd);
+  const int64_t h = std::min(w.tile_rows, w.m - i0), wd = std::min(w.tile_cols, w.n - j0);
+  Matrix<const float> a_rows{nullptr, h, r, 0, 0}, b_cols{nullptr, r, wd, 0, 0};
   if (w.stage_a) {  // upcast the rows of P this tile needs
-    at::Tensor a32 = buf_a.narrow(0, 0, h * r).view({h, r});
-    a32.copy_(a_rows);
-    a_rows = a32;
+    w.A.stage(i0, 0, h, r, buf_a, r);
+    a_rows = {buf_a, h, r, r, 1};
+  } else {
+    a_rows = w.A.as<const float>(i0, 0, h, r);
   }
   if (w.stage_b) {  // upcast the columns of Q this tile needs
-    at::Tensor b32 = buf_b.narrow(0, 0, r * wd).view({r, wd});
-    b32.copy_(b_cols);
-    b_cols = b32;
-  }
-  if (w.fp32) {
-    w_tile.addmm_(a_rows, b_cols, w.beta, w.alpha);
+    w.B.stage(0, j0, r, wd, buf_b, wd);
+    b_cols = {buf_b, r, wd, wd, 1};
   } else {
-    at::Tensor w32 = buf.narrow(0, 0, h * wd).view({h, wd});
-    w32.copy_(w_tile);                             // upcast
-    w32.addmm_(a_rows, b_cols, w.beta, w.alpha);  // fp32 math
-    w_tile.copy_(w32);                             // round to nearest even at store
+    b_cols = w.B.as<const float>(0, j0, r, wd);
   }
+  const float beta = static_cast<float>(w.beta), alpha = static_cast<float>(w.alpha);
+  if (w.fp32) {
+    gemm_f32(alpha, a_rows, b_cols, beta, w.param.as<float>(i0, j0, h, wd));
+    return;
+  }
+  w.param.stage(i0, j0, h, wd, buf, wd);                 // upcast
+  gemm_f32(alpha, a_rows, b_cols, beta, {buf, h, wd, wd, 1});  // fp32 math
+  if (w.param.dtype == at::kBFloat16) store_rounded(buf, wd, w.param.as<c10::BFloat16>(i0, j0, h, wd));
+  else store_rounded(buf, wd, w.param.as<c10::Half>(i0, j0, h, wd));
 }
 
 // Plan the tiles of checked weights, lay them end to end and split them across threads by cost.
 void plan_and_run(std::vector<Weight>& weights) {
   int64_t total = 0;
-  for (const Weight& w : weights) total += w.param.numel() * w.A.size(1);
+  for (const Weight& w : weights) total += w.m * w.n * w.r;
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> costs, weight_of, tile_of;
   int64_t buf_floats = 0, a_floats = 0, b_floats = 0;
   for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
     Weight& w = weights[i];
-    const int64_t work = w.param.numel() * w.A.size(1);
+    const int64_t work = w.m * w.n * w.r;
     // a weight worth a thread or more (of the call's total work) is cut into a multiple of the thread count
     plan_tiles(w, work * threads >= total && work >= 2 * kMinMacsPerRun);
-    const int64_t r = w.A.size(1);
+    const int64_t r = w.r;
     for (int64_t t = 0; t < w.row_tiles * w.col_tiles; ++t) {
       costs.push_back(std::max<int64_t>(1, w.tile_rows * w.tile_cols * (r + 1)));
       weight_of.push_back(i);
@@ -126,15 +159,10 @@ void plan_and_run(std::vector<Weight>& weights) {
     if (w.stage_b) b_floats = std::max(b_floats, r * w.tile_cols);
   }
   if (costs.empty()) return;
-  const auto f32 = weights[0].param.options().dtype(at::kFloat);
-  const at::ThreadLocalState caller_state;  // grad/inference mode of the calling thread
   parallel_over_items(costs, kMinMacsPerRun, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard same_state_as_caller(caller_state);
-    at::Tensor buf = buf_floats ? at::empty({buf_floats}, f32) : at::Tensor();
-    at::Tensor buf_a = a_floats ? at::empty({a_floats}, f32) : at::Tensor();
-    at::Tensor buf_b = b_floats ? at::empty({b_floats}, f32) : at::Tensor();
+    std::vector<float> buf(buf_floats), buf_a(a_floats), buf_b(b_floats);
     for (int64_t item = begin; item < end; ++item)
-      run_tile(weights[weight_of[item]], tile_of[item], buf, buf_a, buf_b);
+      run_tile(weights[weight_of[item]], tile_of[item], buf.data(), buf_a.data(), buf_b.data());
   });
 }
 
@@ -148,7 +176,7 @@ void back_project_update_(
     const at::Scalar& beta,
     const at::Scalar& alpha) {
   const bool left = is_left_side(side);
-  std::vector<Weight> weights{checked_weight(param, proj, norm_update, left, beta.to<double>(), alpha.to<double>(), "")};
+  std::vector<Weight> weights{checked_weight(param, proj, norm_update, left, beta.to<double>(), alpha.to<double>(), -1)};
   plan_and_run(weights);
 }
 
@@ -171,8 +199,7 @@ void back_project_update_foreach_(
   std::vector<Weight> weights;
   weights.reserve(count);
   for (int64_t i = 0; i < count; ++i)
-    weights.push_back(checked_weight(params[i], projs[i], norm_updates[i], left, c[i][0], c[i][1],
-                                     index_suffix(i, true)));
+    weights.push_back(checked_weight(params[i], projs[i], norm_updates[i], left, c[i][0], c[i][1], i));
   if (found != 0.0) return;  // an overflowed step (NaN counts): write nothing
   plan_and_run(weights);
 }

@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor> outlier_count(
   std::vector<at::Tensor> scales;  // fp32, contiguous, or undefined (no scale)
   int64_t numel = 0;
   for (size_t k = 0; k < tensors.size(); ++k) {
-    check_cpu_float(tensors[k], "outlier_count: tensors[" + std::to_string(k) + "]");
+    check_cpu_float(tensors[k], "outlier_count: tensors", "[" + std::to_string(k) + "]");
     views.push_back(as_rows(tensors[k].detach()));
     numel += tensors[k].numel();
     const std::optional<at::Tensor> s = col_scales.get(k);

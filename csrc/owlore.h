@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace owlore {
@@ -122,35 +123,39 @@ inline bool is_16bit(at::ScalarType t) {
 }
 
 // Memory-safety checks of the kernels (the user-facing ones run once, in Python).
-// `what` names the tensor, e.g. "grads[3]".
-inline void check_cpu(const at::Tensor& t, const std::string& what) {
-  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor, got ", t.device());
+// `name` and `where` name the tensor, e.g. "grads" and "[3]"; TORCH_CHECK formats the
+// message only when a check fails.
+inline void check_cpu(const at::Tensor& t, const char* name, const std::string& where = std::string()) {
+  TORCH_CHECK(t.device().is_cpu(), name, where, " must be a CPU tensor, got ", t.device());
 }
 
 // grad or param: fp32, bf16 or fp16
-inline void check_cpu_float(const at::Tensor& t, const std::string& what) {
-  check_cpu(t, what);
-  TORCH_CHECK(t.scalar_type() == at::kFloat || is_16bit(t.scalar_type()), what,
+inline void check_cpu_float(const at::Tensor& t, const char* name, const std::string& where = std::string()) {
+  check_cpu(t, name, where);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || is_16bit(t.scalar_type()), name, where,
               " must be float32, bfloat16 or float16, got ", t.scalar_type());
 }
 
 // a tensor of exactly one dtype
-inline void check_cpu_dtype(const at::Tensor& t, at::ScalarType dtype, const std::string& what) {
-  check_cpu(t, what);
-  TORCH_CHECK(t.scalar_type() == dtype, what, " must be ", dtype, ", got ", t.scalar_type());
+inline void check_cpu_dtype(const at::Tensor& t, at::ScalarType dtype, const char* name,
+                            const std::string& where = std::string()) {
+  check_cpu(t, name, where);
+  TORCH_CHECK(t.scalar_type() == dtype, name, where, " must be ", dtype, ", got ", t.scalar_type());
 }
 
 // P or Q next to a grad/param of dtype `full`: fp32, or that 16-bit dtype
-inline void check_cpu_proj(const at::Tensor& t, at::ScalarType full, const std::string& what) {
-  check_cpu(t, what);
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == full, what, " must be float32 or ", full,
+inline void check_cpu_proj(const at::Tensor& t, at::ScalarType full, const char* name,
+                           const std::string& where = std::string()) {
+  check_cpu(t, name, where);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == full, name, where, " must be float32 or ", full,
               ", got ", t.scalar_type());
 }
 
-// Adam moments: fp32 or bf16 (fp64 too where `allow_fp64`), the two of a weight alike
+// Adam moments: fp32 or bf16 (fp64 too where `allow_fp64`), the two of a weight alike.
+// `where` follows the names exp_avg / exp_avg_sq (adamw: "s[3]", making exp_avgs[3]).
 inline void check_cpu_moments(const at::Tensor& m, const at::Tensor& v, const std::string& where, bool allow_fp64) {
-  check_cpu(m, "exp_avg" + where);
-  check_cpu(v, "exp_avg_sq" + where);
+  check_cpu(m, "exp_avg", where);
+  check_cpu(v, "exp_avg_sq", where);
   const auto t = m.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || (allow_fp64 && t == at::kDouble), "exp_avg", where,
               " must be float32 or bfloat16, got ", t);
@@ -214,6 +219,47 @@ class SingleThreadedBlas {
   Setter set_;
   int previous_ = 0;
 };
+
+// A 2-D matrix as pointer + strides (in elements): T const for an operand, float for a result.
+template <typename T>
+struct Matrix {
+  T* data;
+  int64_t rows, cols, s0, s1;
+  T* at(int64_t i, int64_t j) const { return data + i * s0 + j * s1; }
+  Matrix block(int64_t i0, int64_t j0, int64_t h, int64_t w) const { return {at(i0, j0), h, w, s0, s1}; }
+  Matrix<const T> as_const() const { return {data, rows, cols, s0, s1}; }
+};
+
+template <typename T>
+Matrix<T> matrix_of(const at::Tensor& t) {
+  return {t.data_ptr<std::remove_const_t<T>>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+// C = alpha * A B + beta * C in fp32 (A: h x K, B: K x w, C: h x w; beta = 0 ignores C's old
+// contents, NaN included, as BLAS does). The kernels' tile GEMMs are often tiny (64 x 96 at
+// rank 16 is 0.1 M multiply-adds, a few us of math), and ATen's mm_out / addmm_ spent as much
+// again on the views, dispatch and checks around each one; this calls the BLAS sgemm_ that
+// torch links (looked up at run time in the loaded libtorch_cpu and its dependencies, as
+// MKL_Set_Num_Threads_Local above) on the pointers. Where sgemm_ cannot take the operands (none
+// found, a dimension or leading dimension over INT_MAX, an operand with no unit stride) it
+// calls ATen's addmm_ on views of the same memory instead, which copies such an operand and
+// calls the same sgemm_: the same product either way.
+void gemm_f32(float alpha, const Matrix<const float>& A, const Matrix<const float>& B, float beta,
+              const Matrix<float>& C);
+
+// Copies a block into fp32 (16-bit values upcast exactly), row-major with leading dim `ld`.
+template <typename T>
+void copy_to_f32(const Matrix<const T>& src, float* dst, int64_t ld) {
+  for (int64_t i = 0; i < src.rows; ++i) {
+    const T* row = src.at(i, 0);
+    float* out = dst + i * ld;
+    if (src.s1 == 1) {
+      for (int64_t j = 0; j < src.cols; ++j) out[j] = static_cast<float>(row[j]);
+    } else {
+      for (int64_t j = 0; j < src.cols; ++j) out[j] = static_cast<float>(row[j * src.s1]);
+    }
+  }
+}
 
 // Splits items 0..n-1 (laid end to end, item i costing costs[i] > 0) across threads in
 // contiguous runs of about equal total cost and calls body(begin, end) once per run.

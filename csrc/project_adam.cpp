@@ -6,8 +6,9 @@
 // R never makes a round trip through memory: it is computed one tile at a time
 // (a block of columns of G for side="left", a block of rows for "right") into a
 // per-thread buffer of at most 1 MB that stays in L2 (2 MB/core on the machine this
-// was tuned on), and Adam runs on that tile straight away. The tile GEMMs are ATen/BLAS
-// calls on views; each thread owns whole tiles, so they run single-threaded.
+// was tuned on), and Adam runs on that tile straight away. The tile GEMMs are BLAS
+// calls on pointers (gemm_f32 in owlore.h); each thread owns whole tiles, so they run
+// single-threaded.
 //
 // A bf16/fp16 G is upcast per tile and per K-block, at most 2 MB of fp32 at a time,
 // never as a full-size fp32 copy (an fp32 G too, when its row stride would make
@@ -24,6 +25,8 @@
 // threads by cost (parallel_over_items in owlore.h); project_adam_ is that code run on
 // one weight.
 #include "owlore.h"
+
+#include <ATen/Version.h>
 
 #include <cmath>
 
@@ -57,31 +60,23 @@ struct AdamScalars {
   float grad_scale;  // R is divided by it (1: no scale, exact)
 };
 
-// A 2-D tensor as pointer + strides, for the epilogue's element loop.
-template <typename T>
-struct Strided {
-  T* data;
-  int64_t s0, s1;
-  T& at(int64_t i, int64_t j) const { return data[i * s0 + j * s1]; }
-};
-
-template <typename T>
-Strided<T> strided(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1)};
-}
-
 // The epilogue: Adam on one rows x cols tile of R (contiguous, leading dim cols),
 // whose top-left element is at (i0, j0) of the moments and out. Same operation
 // order as the reference, in fp32; moments of type state_t (fp32, or bf16 upcast on
 // load and rounded to nearest even on store, after N is computed from the fp32 values).
+// The unit-stride loop vectorizes (setup.py's -fno-math-errno lets sqrt do so), 8 lanes
+// where torch's CPU capability is AVX2 or above (a second copy compiled for it, chosen at
+// run time; no FMA, so no contraction), 4 otherwise. +, *, / and sqrt are correctly rounded in every lane, so
+// every copy computes what the scalar loop would, bit for bit.
 template <typename state_t, bool kUnitStride>
-void adam_tile(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const Strided<state_t>& m,
-               const Strided<state_t>& v, const Strided<float>& out, const AdamScalars& a) {
+inline __attribute__((always_inline)) void adam_tile_body(
+    const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const Matrix<state_t>& m,
+    const Matrix<state_t>& v, const Matrix<float>& out, const AdamScalars& a) {
   for (int64_t i = 0; i < rows; ++i) {
     const float* r_row = R + i * cols;
-    state_t* m_row = &m.at(i0 + i, j0);
-    state_t* v_row = &v.at(i0 + i, j0);
-    float* o_row = &out.at(i0 + i, j0);
+    state_t* m_row = m.at(i0 + i, j0);
+    state_t* v_row = v.at(i0 + i, j0);
+    float* o_row = out.at(i0 + i, j0);
     const int64_t ms = kUnitStride ? 1 : m.s1, vs = kUnitStride ? 1 : v.s1, os = kUnitStride ? 1 : out.s1;
     for (int64_t j = 0; j < cols; ++j) {
       const float g = r_row[j] / a.grad_scale;
@@ -95,19 +90,38 @@ void adam_tile(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j
 }
 
 template <typename state_t>
-void adam_epilogue_as(const at::Tensor& R, int64_t i0, int64_t j0, const at::Tensor& m, const at::Tensor& v,
-                      const at::Tensor& out, const AdamScalars& a) {
-  const Strided<state_t> m_s = strided<state_t>(m), v_s = strided<state_t>(v);
-  const Strided<float> o_s = strided<float>(out);
-  const float* r = R.const_data_ptr<float>();
-  if (m_s.s1 == 1 && v_s.s1 == 1 && o_s.s1 == 1) adam_tile<state_t, true>(r, R.size(0), R.size(1), i0, j0, m_s, v_s, o_s, a);
-  else adam_tile<state_t, false>(r, R.size(0), R.size(1), i0, j0, m_s, v_s, o_s, a);
+void adam_tile_unit(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const Matrix<state_t>& m,
+                    const Matrix<state_t>& v, const Matrix<float>& out, const AdamScalars& a) {
+  adam_tile_body<state_t, true>(R, rows, cols, i0, j0, m, v, out, a);
 }
 
-void adam_epilogue(const at::Tensor& R, int64_t i0, int64_t j0, const at::Tensor& m, const at::Tensor& v,
-                   const at::Tensor& out, const AdamScalars& a) {
-  if (m.scalar_type() == at::kBFloat16) adam_epilogue_as<c10::BFloat16>(R, i0, j0, m, v, out, a);
-  else adam_epilogue_as<float>(R, i0, j0, m, v, out, a);
+#if defined(__x86_64__) && defined(__GNUC__)
+#define OWLORE_AVX2_EPILOGUE 1
+template <typename state_t>
+__attribute__((target("avx2"))) void adam_tile_unit_avx2(
+    const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const Matrix<state_t>& m,
+    const Matrix<state_t>& v, const Matrix<float>& out, const AdamScalars& a) {
+  adam_tile_body<state_t, true>(R, rows, cols, i0, j0, m, v, out, a);
+}
+#endif
+
+template <typename state_t>
+void adam_epilogue_as(const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0, const Matrix<state_t>& m,
+                      const Matrix<state_t>& v, const Matrix<float>& out, const AdamScalars& a) {
+  if (!(m.s1 == 1 && v.s1 == 1 && out.s1 == 1)) {
+    adam_tile_body<state_t, false>(R, rows, cols, i0, j0, m, v, out, a);
+    return;
+  }
+#ifdef OWLORE_AVX2_EPILOGUE
+  // torch's own choice: its CPU capability is AVX2 or AVX512 only where the CPU has AVX2, and
+  // ATEN_CPU_CAPABILITY=default lowers it, so that setting runs the 4-lane copy here too
+  static const bool avx2 = at::get_cpu_capability() != "DEFAULT" && __builtin_cpu_supports("avx2");
+  if (avx2) {
+    adam_tile_unit_avx2<state_t>(R, rows, cols, i0, j0, m, v, out, a);
+    return;
+  }
+#endif
+  adam_tile_unit<state_t>(R, rows, cols, i0, j0, m, v, out, a);
 }
 
 // Leading dimension of a staged block with `cols` floats per row: rounded up to 16
@@ -123,8 +137,31 @@ inline int64_t padded_ld(int64_t cols) {
 inline int64_t staging_floats_a(int64_t rows) { return rows * (kStageDepth + 32); }
 inline int64_t staging_floats_b(int64_t cols) { return kStageDepth * (cols + 32); }
 
-// R_tile (h x w, fp32) = A (h x K) @ B (K x w), where one of A, B is a block of G and
-// the other is the projection. An operand marked for staging is copied into its
+// An operand of a tile GEMM: G's block or the projection, in its storage dtype.
+struct Operand {
+  const void* data;
+  at::ScalarType dtype;
+  int64_t rows, cols, s0, s1;
+
+  Operand block(int64_t i0, int64_t j0, int64_t h, int64_t w) const {
+    const auto* base = static_cast<const char*>(data) + (i0 * s0 + j0 * s1) * c10::elementSize(dtype);
+    return {base, dtype, h, w, s0, s1};
+  }
+  Matrix<const float> f32() const { return {static_cast<const float*>(data), rows, cols, s0, s1}; }
+  // copy into fp32 (exact for 16-bit), row-major with leading dim ld
+  void stage(float* dst, int64_t ld) const {
+    if (dtype == at::kBFloat16) copy_to_f32<c10::BFloat16>({static_cast<const c10::BFloat16*>(data), rows, cols, s0, s1}, dst, ld);
+    else if (dtype == at::kHalf) copy_to_f32<c10::Half>({static_cast<const c10::Half*>(data), rows, cols, s0, s1}, dst, ld);
+    else copy_to_f32<float>(f32(), dst, ld);
+  }
+};
+
+Operand operand_of(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.scalar_type(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+// R_tile (h x w, fp32, contiguous) = A (h x K) @ B (K x w), where one of A, B is a block of G
+// and the other is the projection. An operand marked for staging is copied into its
 // staging buffer kStageDepth deep along K at a time (upcast if bf16/fp16) and the
 // products are accumulated into R; otherwise BLAS reads it in place. G is staged when
 // it is 16-bit, and an fp32 G too where its row stride would make BLAS slow: staging
@@ -134,68 +171,72 @@ inline int64_t staging_floats_b(int64_t cols) { return kStageDepth * (cols + 32)
 // (it is 16-bit only next to a 16-bit G).
 // Measured on 2 threads, rank 128, against one whole-matrix GEMM: 4096 x 16384 took
 // 174 ms in place, 152 staged, 140 whole; 4096 x 16000 took 144 in place, 152 staged.
-void tile_gemm(at::Tensor& R, const at::Tensor& A, const at::Tensor& B, bool stage_a, bool stage_b,
-               at::Tensor& staging_a, at::Tensor& staging_b) {
+void tile_gemm(float* R, const Operand& A, const Operand& B, bool stage_a, bool stage_b, float* staging_a,
+               float* staging_b) {
+  const int64_t h = A.rows, K = A.cols, w = B.cols;
+  const Matrix<float> out{R, h, w, w, 1};
   if (!stage_a && !stage_b) {
-    at::mm_out(R, A, B);
+    gemm_f32(1.0f, A.f32(), B.f32(), 0.0f, out);
     return;
   }
-  const int64_t h = A.size(0), K = A.size(1), w = B.size(1);
-  for (int64_t k0 = 0; k0 < K; k0 += kStageDepth) {
+  for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kStageDepth) {
     const int64_t kh = std::min(kStageDepth, K - k0);
-    const double beta = k0 == 0 ? 0.0 : 1.0;  // beta = 0 ignores R's old contents
-    at::Tensor a = A.narrow(1, k0, kh), b = B.narrow(0, k0, kh);
+    const float beta = k0 == 0 ? 0.0f : 1.0f;  // beta = 0 ignores R's old contents
+    Matrix<const float> a = A.block(0, k0, h, kh).f32(), b = B.block(k0, 0, kh, w).f32();
     if (stage_a) {
       const int64_t ld = padded_ld(kh);
-      at::Tensor a32 = staging_a.narrow(0, 0, h * ld).view({h, ld}).narrow(1, 0, kh);
-      a32.copy_(a);
-      a = a32;
+      A.block(0, k0, h, kh).stage(staging_a, ld);
+      a = {staging_a, h, kh, ld, 1};
     }
     if (stage_b) {
       const int64_t ld = padded_ld(w);
-      at::Tensor b32 = staging_b.narrow(0, 0, kh * ld).view({kh, ld}).narrow(1, 0, w);
-      b32.copy_(b);
-      b = b32;
+      B.block(k0, 0, kh, w).stage(staging_b, ld);
+      b = {staging_b, kh, w, ld, 1};
     }
-    R.addmm_(a, b, beta);
+    gemm_f32(1.0f, a, b, beta, out);
   }
 }
 
-// One weight of a call, checked, with its tiling.
+// One weight of a call, checked, with its tiling. Tensors are read and written through
+// pointers only (no ATen op sees them), so nothing here records autograd history.
 struct Weight {
-  at::Tensor grad, proj, exp_avg, exp_avg_sq, out;  // detached
+  Operand grad, proj;
+  at::ScalarType state_dtype;
+  Matrix<float> exp_avg, exp_avg_sq, out;  // exp_avg(_sq)'s data is bf16 when state_dtype is
   float bias1, bias2;
   int64_t r, extent, width, tiles;
   bool stage_g, stage_p;
 };
 
 // The memory-safety checks of one weight (the argument checks with the user-facing
-// messages run in Python); returns it detached, its tiling still unset.
-Weight checked_weight(const at::Tensor& grad_in, const at::Tensor& proj_in, const at::Tensor& exp_avg,
+// messages run in Python); returns it with its tiling still unset. `index` names the
+// weight of a foreach call in messages (-1: a single-weight call).
+Weight checked_weight(const at::Tensor& grad, const at::Tensor& proj, const at::Tensor& exp_avg,
                       const at::Tensor& exp_avg_sq, const at::Tensor& out, bool left, double bias1, double bias2,
-                      const std::string& where) {
-  check_cpu_float(grad_in, "grad" + where);
-  check_cpu_proj(proj_in, grad_in.scalar_type(), "proj" + where);
+                      int64_t index) {
+  const std::string where = index < 0 ? std::string() : index_suffix(index, true);
+  check_cpu_float(grad, "grad", where);
+  check_cpu_proj(proj, grad.scalar_type(), "proj", where);
   check_cpu_moments(exp_avg, exp_avg_sq, where, /*allow_fp64=*/false);
-  check_cpu_dtype(out, at::kFloat, "out" + where);
-  TORCH_CHECK(grad_in.dim() == 2 && proj_in.dim() == 2, "project_adam_: grad", where, " and proj", where,
-              " must be 2-D");
-  // detach: nothing here is differentiable, so the ATen calls below never record
-  // autograd history, whatever the caller's grad mode
-  Weight w{grad_in.detach(), proj_in.detach(), exp_avg.detach(), exp_avg_sq.detach(), out.detach(),
-           static_cast<float>(bias1), static_cast<float>(bias2), 0, 0, 0, 0, false, false};
-  const int64_t m = w.grad.size(0), n = w.grad.size(1);
-  w.r = left ? w.proj.size(1) : w.proj.size(0);
-  TORCH_CHECK(left ? w.proj.size(0) == m : w.proj.size(1) == n, "project_adam_: proj", where, " shape ",
-              w.proj.sizes(), " does not match grad", where, " ", w.grad.sizes(), " for side=",
-              left ? "left" : "right");
-  const std::vector<int64_t> low_shape = left ? std::vector<int64_t>{w.r, n} : std::vector<int64_t>{m, w.r};
-  for (const at::Tensor* t : {&w.exp_avg, &w.exp_avg_sq, &w.out})
-    TORCH_CHECK(t->sizes() == at::IntArrayRef(low_shape), "project_adam_: moments and out", where, " must be ",
-                low_shape, ", got ", t->sizes());
+  check_cpu_dtype(out, at::kFloat, "out", where);
+  TORCH_CHECK(grad.dim() == 2 && proj.dim() == 2, "project_adam_: grad", where, " and proj", where, " must be 2-D");
+  const int64_t m = grad.size(0), n = grad.size(1);
+  const int64_t r = left ? proj.size(1) : proj.size(0);
+  TORCH_CHECK(left ? proj.size(0) == m : proj.size(1) == n, "project_adam_: proj", where, " shape ", proj.sizes(),
+              " does not match grad", where, " ", grad.sizes(), " for side=", left ? "left" : "right");
+  const int64_t low0 = left ? r : m, low1 = left ? n : r;
+  for (const at::Tensor* t : {&exp_avg, &exp_avg_sq, &out})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == low0 && t->size(1) == low1, "project_adam_: moments and out", where,
+                " must be [", low0, ", ", low1, "], got ", t->sizes());
   TORCH_CHECK(bias1 > 0.0 && bias1 <= 1.0 && bias2 > 0.0 && bias2 <= 1.0, "project_adam_: bias corrections",
               where, " must be in (0, 1], got ", bias1, " and ", bias2);
-  w.extent = left ? n : m;  // left tiles split the columns of G, right tiles its rows
+  // the moments' data pointer is taken untyped here and read as state_dtype's type in the epilogue
+  auto moments = [](const at::Tensor& t) {
+    return Matrix<float>{static_cast<float*>(t.data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  };
+  Weight w{operand_of(grad), operand_of(proj), exp_avg.scalar_type(), moments(exp_avg), moments(exp_avg_sq),
+           matrix_of<float>(out), static_cast<float>(bias1), static_cast<float>(bias2), r, left ? n : m, 0, 0,
+           false, false};
   return w;
 }
 
@@ -207,19 +248,31 @@ void plan_tiles(Weight& w, bool left, bool split) {
   const int64_t max_width = std::clamp<int64_t>(kMaxTileElems / w.r, 16, kMaxTileWidth);
   w.width = balanced_tile_width(w.extent, max_width, split ? at::get_num_threads() : 1);
   w.tiles = ceil_div(w.extent, w.width);
-  const int64_t row_bytes = std::max(w.grad.stride(0), w.grad.stride(1)) * w.grad.element_size();
+  const int64_t row_bytes = std::max(w.grad.s0, w.grad.s1) * static_cast<int64_t>(c10::elementSize(w.grad.dtype));
   // fp32 G is staged only for left tiles (narrow column blocks); right tiles take whole
   // rows of G, which BLAS packs well at any stride (4096^2, rank 128: 40 ms in place,
   // 47.5 ms staged). See tile_gemm.
-  w.stage_g = w.grad.scalar_type() != at::kFloat || (left && row_bytes % 4096 == 0);
-  w.stage_p = w.proj.scalar_type() != at::kFloat;
+  w.stage_g = w.grad.dtype != at::kFloat || (left && row_bytes % 4096 == 0);
+  w.stage_p = w.proj.dtype != at::kFloat;
 }
 
 // Work of one tile, in multiply-adds: the GEMM's K x width x r (the epilogue's width x r
 // elementwise work is small next to it for K >= 16).
 inline int64_t tile_cost(const Weight& w, bool left) {
-  const int64_t depth = left ? w.grad.size(0) : w.grad.size(1);
+  const int64_t depth = left ? w.grad.rows : w.grad.cols;
   return std::max<int64_t>(1, (depth + 1) * w.width * w.r);
+}
+
+void adam_epilogue(const Weight& w, const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
+                   const AdamScalars& a) {
+  if (w.state_dtype == at::kBFloat16) {
+    auto as_bf16 = [](const Matrix<float>& t) {
+      return Matrix<c10::BFloat16>{reinterpret_cast<c10::BFloat16*>(t.data), t.rows, t.cols, t.s0, t.s1};
+    };
+    adam_epilogue_as<c10::BFloat16>(R, rows, cols, i0, j0, as_bf16(w.exp_avg), as_bf16(w.exp_avg_sq), w.out, a);
+  } else {
+    adam_epilogue_as<float>(R, rows, cols, i0, j0, w.exp_avg, w.exp_avg_sq, w.out, a);
+  }
 }
 
 // Every tile of every weight, end to end, split across threads by cost.
@@ -241,28 +294,23 @@ void run_weights(const std::vector<Weight>& weights, bool left, const AdamScalar
     if (stage_b) stage_b_floats = std::max(stage_b_floats, staging_floats_b(left ? w.width : w.r));
   }
   if (costs.empty()) return;
-  const auto f32 = weights[0].grad.options().dtype(at::kFloat);
-  const at::ThreadLocalState caller_state;  // grad/inference mode of the calling thread
   parallel_over_items(costs, kMinMacsPerRun, [&](int64_t begin, int64_t end) {
-    const at::ThreadLocalStateGuard same_state_as_caller(caller_state);
-    at::Tensor r_buf = at::empty({r_floats}, f32);
-    // hold a block of up to (r or width) x padded_ld(kStageDepth) (A) or kStageDepth x padded_ld(width or r) (B)
-    at::Tensor staging_a = stage_a_floats ? at::empty({stage_a_floats}, f32) : at::Tensor();
-    at::Tensor staging_b = stage_b_floats ? at::empty({stage_b_floats}, f32) : at::Tensor();
+    std::vector<float> r_buf(r_floats), staging_a(stage_a_floats), staging_b(stage_b_floats);
     for (int64_t item = begin; item < end; ++item) {
       const Weight& w = weights[weight_of[item]];
       AdamScalars a = base;
       a.bias1 = w.bias1;
       a.bias2 = w.bias2;
       const int64_t start = tile_of[item] * w.width, width = std::min(w.width, w.extent - start);
-      if (left) {
-        at::Tensor R = r_buf.narrow(0, 0, w.r * width).view({w.r, width});  // R[:, cols] = P^T G[:, cols]
-        tile_gemm(R, w.proj.t(), w.grad.narrow(1, start, width), w.stage_p, w.stage_g, staging_a, staging_b);
-        adam_epilogue(R, 0, start, w.exp_avg, w.exp_avg_sq, w.out, a);
-      } else {
-        at::Tensor R = r_buf.narrow(0, 0, width * w.r).view({width, w.r});  // R[rows, :] = G[rows, :] Q^T
-        tile_gemm(R, w.grad.narrow(0, start, width), w.proj.t(), w.stage_g, w.stage_p, staging_a, staging_b);
-        adam_epilogue(R, start, 0, w.exp_avg, w.exp_avg_sq, w.out, a);
+      const Operand proj_t{w.proj.data, w.proj.dtype, w.proj.cols, w.proj.rows, w.proj.s1, w.proj.s0};  // P^T, Q^T
+      if (left) {  // R[:, cols] = P^T G[:, cols], r x width
+        tile_gemm(r_buf.data(), proj_t, w.grad.block(0, start, w.grad.rows, width), w.stage_p, w.stage_g,
+                  staging_a.data(), staging_b.data());
+        adam_epilogue(w, r_buf.data(), w.r, width, 0, start, a);
+      } else {  // R[rows, :] = G[rows, :] Q^T, width x r
+        tile_gemm(r_buf.data(), w.grad.block(start, 0, width, w.grad.cols), proj_t, w.stage_g, w.stage_p,
+                  staging_a.data(), staging_b.data());
+        adam_epilogue(w, r_buf.data(), width, w.r, start, 0, a);
       }
     }
   });
@@ -280,7 +328,7 @@ void plan_and_run(std::vector<Weight>& weights, bool left, const AdamScalars& a)
   std::vector<int64_t> work(weights.size());
   for (size_t i = 0; i < weights.size(); ++i) {
     const Weight& w = weights[i];
-    work[i] = w.grad.numel() * w.r;
+    work[i] = w.grad.rows * w.grad.cols * w.r;
     total += work[i];
   }
   const int64_t threads = at::get_num_threads();
@@ -305,7 +353,7 @@ void project_adam_(
     const at::Scalar& bias_correction2) {
   const bool left = is_left_side(side);
   std::vector<Weight> weights{checked_weight(grad, proj, exp_avg, exp_avg_sq, out, left,
-                                             bias_correction1.to<double>(), bias_correction2.to<double>(), "")};
+                                             bias_correction1.to<double>(), bias_correction2.to<double>(), -1)};
   plan_and_run(weights, left, adam_scalars(beta1.to<double>(), beta2.to<double>(), eps.to<double>()));
 }
 
@@ -337,7 +385,7 @@ void project_adam_foreach_(
   weights.reserve(count);
   for (int64_t i = 0; i < count; ++i)
     weights.push_back(checked_weight(grads[i], projs[i], exp_avgs[i], exp_avg_sqs[i], outs[i], left, bc[i][0],
-                                     bc[i][1], index_suffix(i, true)));
+                                     bc[i][1], i));
   if (found != 0.0) return;  // an overflowed step (NaN counts): write nothing
   AdamScalars a = adam_scalars(beta1, beta2, eps);
   a.grad_scale = static_cast<float>(scale);

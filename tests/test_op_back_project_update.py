@@ -82,6 +82,27 @@ def test_transposed_weight_is_updated_through_its_strides(backend, device, dtype
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_operands_with_no_unit_stride(backend, device, side, dtype):
+    """W, the projection and N as every-other-row, every-third-column slices: no unit stride, which
+    BLAS cannot read or write in place (the C++ tile GEMMs take another path)."""
+    m, n, r = 45, 38, 6
+
+    def sliced(dense):
+        big = torch.zeros(dense.shape[0] * 2, dense.shape[1] * 3, device=device, dtype=dense.dtype)
+        big[::2, ::3] = dense
+        return big[::2, ::3]
+
+    weight = sliced(torch.randn(m, n, device=device).to(dtype))
+    proj = sliced(projection(side, m, n, r, device))
+    norm = sliced(torch.randn(low_shape(side, m, n, r), device=device))
+    before = weight.clone()
+    back_project_update_(weight, proj, norm, side=side, beta=BETA, alpha=ALPHA, backend=backend)
+    check_against_oracle(backend, before, weight, proj, norm, side, BETA, ALPHA)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype,half_ulp", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
 def test_store_rounds_ties_to_even(backend, device, dtype, half_ulp):
     """1 + half an ulp lies exactly between 1 and the next value up: nearest-even gives 1

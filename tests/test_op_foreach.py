@@ -430,7 +430,7 @@ def test_cpp_foreach_kernels_guard_memory_on_direct_calls(backend, device):
     of bounds with, naming its index, before writing any weight."""
     lists = _replace(_project_adam_lists(), "outs", 3, torch.zeros(16, 44))
     before = [t.clone() for t in lists["exp_avgs"]]
-    with pytest.raises(RuntimeError, match=r"moments and out\[3\] must be 16 45, got \[16, 44\]"):
+    with pytest.raises(RuntimeError, match=r"moments and out\[3\] must be \[16, 45\], got \[16, 44\]"):
         torch.ops.owlore.project_adam_foreach_(*lists.values(), side="left", **BETAS,
                                                bias_corrections=torch.full((len(SHAPES), 2), 0.5, dtype=torch.float64))
     assert all(torch.equal(a, b) for a, b in zip(lists["exp_avgs"], before))

@@ -91,6 +91,31 @@ def test_strided_inputs_moments_and_out(backend, device, side):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("side", SIDES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_operands_with_no_unit_stride(backend, device, side, dtype):
+    """G, the projection, the moments and ``out`` as every-other-row, every-third-column slices:
+    no unit stride, which BLAS cannot read in place (the C++ tile GEMMs take another path)."""
+    m, n, r = 45, 38, 6
+
+    def sliced(shape, fill):
+        return fill((shape[0] * 2, shape[1] * 3))[::2, ::3]
+
+    grad = sliced((m, n), lambda s: torch.randn(s, device=device)).to(dtype)
+    dense = projection(side, m, n, r, device)
+    proj = sliced(tuple(dense.shape), lambda s: torch.zeros(s, device=device))
+    proj.copy_(dense)
+    shape = low_shape(side, m, n, r)
+    exp_avg = sliced(shape, lambda s: torch.randn(s, device=device) * 0.1)
+    exp_avg_sq = sliced(shape, lambda s: torch.rand(s, device=device) + 0.5)
+    out = sliced(shape, lambda s: torch.full(s, float("nan"), device=device))
+    before = (exp_avg.clone(), exp_avg_sq.clone())
+    project_adam_(grad, proj, exp_avg, exp_avg_sq, side=side, bias_correction1=0.5, bias_correction2=0.25, out=out,
+                  backend=backend, **BETAS)
+    check_against_oracle(backend, grad, proj, side, before, (exp_avg, exp_avg_sq), out, 0.5, 0.25)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_runs_under_inference_mode(backend, device):
     """The C++ tile loops run on worker threads, which must see the caller's inference
     mode: inference tensors may only be updated in place inside it."""
@@ -271,3 +296,48 @@ def test_triton_launcher_guards_memory_on_direct_calls(backend, device):
         project_adam_launch(grad, proj, bad, bad.clone(), bad.clone(), "left", 0.9, 0.999, 1e-6, 1.0, 1.0)
     with pytest.raises(ValueError):
         project_adam_launch(grad, proj, good, good.clone(), good.clone(), "up", 0.9, 0.999, 1e-6, 1.0, 1.0)
+
+
+_EPILOGUE_PROBE = """
+import sys, torch
+from owlore_kernels.ops.project_adam import project_adam_
+results = []
+for grad, proj, exp_avg, exp_avg_sq in torch.load(sys.argv[1]):
+    out = project_adam_(grad, proj, exp_avg, exp_avg_sq, side="left", beta1=0.9, beta2=0.999, eps=1e-6,
+                        bias_correction1=0.19, bias_correction2=0.002, out=torch.empty(exp_avg.shape), backend="cpp")
+    results += [exp_avg, exp_avg_sq, out]
+torch.save(results, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif("cpp" not in __import__("owlore_kernels.ops", fromlist=["_REGISTRY"])._REGISTRY["project_adam"],
+                    reason="the C++ extension did not load")
+def test_cpp_epilogue_copies_agree_bit_for_bit(tmp_path):
+    """The C++ Adam epilogue has a copy compiled for AVX2 (8 lanes) and a baseline one (4 lanes),
+    chosen by torch's CPU capability; ATEN_CPU_CAPABILITY=default selects the baseline one. Both
+    round every +, *, / and sqrt correctly, so from the same inputs (made here, once: torch's own
+    random kernels differ by capability) moments and N must agree bit for bit (fp32 and bf16
+    moments, 203 columns: full vectors and a remainder). On a CPU without AVX2 both runs take the
+    baseline copy."""
+    import os
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    inputs = [(torch.randn(37, 203), torch.linalg.qr(torch.randn(37, 9))[0], (torch.randn(9, 203) * 0.1).to(dtype),
+               (torch.rand(9, 203) + 0.01).to(dtype)) for dtype in (torch.float32, torch.bfloat16)]
+    torch.save(inputs, tmp_path / "inputs.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    runs = {}
+    for capability in ("default", None):
+        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+        if capability is not None:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        path = tmp_path / f"{capability}.pt"
+        proc = subprocess.run([sys.executable, "-c", _EPILOGUE_PROBE, str(tmp_path / "inputs.pt"), str(path)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[capability] = torch.load(path)
+    for baseline, wide in zip(runs["default"], runs[None]):
+        assert baseline.dtype == wide.dtype and torch.equal(baseline, wide)
