@@ -1,7 +1,6 @@
 """OwLoreAdamW: AdamW whose 2-D weights can train in a GaLore low-rank subspace."""
 from __future__ import annotations
 
-import contextlib
 import difflib
 import math
 import weakref
@@ -382,53 +381,64 @@ class OwLoreAdamW(Optimizer):
         refresh or a two-sided weight needs it read now; then a set flag skips the whole step.
         """
         self._settle_skip()
-        entries = [self._locate(only)] if only is not None else [
-            (p, group, group_index, index) for index, (p, group, group_index) in enumerate(self._all_params())]
-        stepping = [c for c in self._check_params_once(entries) if c.param.grad is not None]
+        checked, states = self._check_params_once(only)
+        # (param, its state, whether its coming update refreshes the subspace) of each param to step
+        stepping = [(c, state, c.galore and refresh_due(state or {}, c.group))
+                    for c, state in zip(checked, states) if c.param.grad is not None]
         if amp is not None and stepping:  # with no gradient at all the scaler passes found_inf=0, an int
             amp = self._check_amp(amp, stepping)
             if amp is None:
                 return []  # an overflowed GradScaler step: nothing changes
-        state_of = self.state
-        for c in stepping:
-            if c.galore and not c.sharded and refresh_due(state_of.get(c.param, {}), c.group):
+        for c, state, due in stepping:
+            if due and not c.sharded:
                 # one pass over G per refresh, not per step; a fake tensor (a memory trace) has no values
                 grad = c.param.grad
                 if not is_fake(grad) and not bool(torch.isfinite(grad).all()):
-                    raise nonfinite_refresh_error(c.index, c.param.shape, updates_done(state_of.get(c.param, {})) + 1)
-        for c in stepping:
-            if c.galore and c.sharded:
-                galore_update_sharded(state_of[c.param], c.param, c.group, c.index)
-        local = [c for c in stepping if not (c.galore and c.sharded)]
+                    raise nonfinite_refresh_error(c.index, c.param.shape, updates_done(state or {}) + 1)
+        local = stepping
+        if any(c.galore and c.sharded for c, _, _ in stepping):
+            for c, _, _ in stepping:
+                if c.galore and c.sharded:
+                    galore_update_sharded(self.state[c.param], c.param, c.group, c.index)
+            local = [entry for entry in stepping if not (entry[0].galore and entry[0].sharded)]
         batches: dict[tuple, Union[GaloreBatch, PlainBatch]] = {}
-        with self._state_restored_on_error([c.param for c in local]):
-            for c in local:
-                state = self._advance(c)
-                key = (c.batch_key, state["exp_avg"].dtype)  # a loaded checkpoint may hold other moments
-                batch = batches.get(key)
+        counted: list[dict[str, Any]] = []  # states whose step count alone advanced
+        replaced: list[tuple[torch.Tensor, Optional[dict[str, Any]]]] = []  # (param, a copy of its state before)
+        try:
+            for c, state, due in local:
+                if state and not due:
+                    counted.append(state)
+                    state["step"] += 1  # the usual step: nothing else of the state changes
+                else:
+                    replaced.append((c.param, dict(state) if state else None))
+                    state = self._advance(c)
+                batch = batches.get(c.batch_key)
                 if batch is None:
-                    batch = batches[key] = _new_batch(c)
-                batch.add(c.param, state, c.group)
+                    batch = batches[c.batch_key] = _new_batch(c)
+                batch.add(c, state)
+        except BaseException:
+            self._undo(counted, replaced)
+            raise
         if amp is not None and amp.found_inf is not None and local:
-            self._pending = _PendingSkip(amp.found_inf, [c.param for c in local])
+            self._pending = _PendingSkip(amp.found_inf, [c.param for c, _, _ in local])
         return [batch.finish(amp) for batch in batches.values()]
 
-    def _check_amp(self, amp: "_AmpInputs", stepping: list["_CheckedParam"]) -> Optional["_AmpInputs"]:
+    def _check_amp(self, amp: "_AmpInputs", stepping: list[tuple["_CheckedParam", Optional[dict[str, Any]], bool]]
+                   ) -> Optional["_AmpInputs"]:
         """Check a GradScaler's tensors against the params about to step (modifies nothing). Returns
         what the fused ops get, or None for a step to skip: the found-inf flag is read here (a host
         sync) only when a refresh is due or a weight is two-sided (``proj_type="full"``), which
         cannot be issued before the flag is known; a clear flag is then not passed on."""
-        for c in stepping:
+        for c, _, _ in stepping:
             if c.sharded:
                 raise RuntimeError(f"OwLoreAdamW: torch.amp.GradScaler is not supported with sharded (DTensor) params "
                                    f"(param {c.index}, shape {tuple(c.param.shape)})")
-        for device in {c.param.device for c in stepping}:  # the fused ops' own check, once per device
+        for device in {c.param.device for c, _, _ in stepping}:  # the fused ops' own check, once per device
             for name, t in zip(amp._fields, amp):
                 check_amp_scalar("OwLoreAdamW.step (torch.amp.GradScaler)", name, t, device)
         if amp.found_inf is None:
             return amp
-        read_now = any(c.galore and (refresh_due(self.state.get(c.param, {}), c.group) or c.side == "full")
-                       for c in stepping)
+        read_now = any(due or c.side == "full" for c, _, due in stepping)
         if not read_now:
             return amp
         if bool(amp.found_inf.item() != 0):
@@ -474,20 +484,19 @@ class OwLoreAdamW(Optimizer):
         state["step"] += 1
         return state
 
-    @contextlib.contextmanager
-    def _state_restored_on_error(self, params: list[torch.Tensor]) -> Iterator[None]:
-        """On an exception (a refresh's decomposition failing, say), put back the state each of ``params``
-        had before: entries are replaced, never modified in place, so a shallow copy suffices."""
-        before = [(p, dict(self.state[p]) if p in self.state else None) for p in params]
-        try:
-            yield
-        except BaseException:
-            for p, state in before:
-                if state is None:
-                    self.state.pop(p, None)
-                else:
-                    self.state[p] = state
-            raise
+    def _undo(self, counted: list[dict[str, Any]], replaced: list[tuple[torch.Tensor, Optional[dict[str, Any]]]]
+              ) -> None:
+        """Put back the state the params of a failed schedule had (a refresh's decomposition failed,
+        say): ``counted`` are states whose step count alone was advanced, ``replaced`` the params
+        that made or refreshed their state, with a shallow copy of the state before (None: none).
+        Entries are replaced, never modified in place, so a shallow copy suffices."""
+        for state in counted:
+            state["step"] -= 1
+        for p, before in reversed(replaced):
+            if before is None:
+                self.state.pop(p, None)
+            else:
+                self.state[p] = before
 
     def _all_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any], int]]:
         """(param, its group, the group's index) over all groups, in order; a param's position in
@@ -520,10 +529,11 @@ class OwLoreAdamW(Optimizer):
         group_index, _, index = where[id(p)]
         return p, self.param_groups[group_index], group_index, index
 
-    def _check_params_once(self, entries: list[tuple[torch.Tensor, dict[str, Any], int, int]]
-                           ) -> list["_CheckedParam"]:
-        """``_check_param`` for each entry whose check could come out differently than last time;
-        returns each entry's ``_CheckedParam``, in order.
+    def _check_params_once(self, only: Optional[torch.Tensor] = None
+                           ) -> tuple[list["_CheckedParam"], list[Optional[dict[str, Any]]]]:
+        """``_check_param`` for each param (or ``only``) whose check could come out differently than
+        last time; returns each param's ``_CheckedParam`` and its state (None if it has none), in the
+        order of ``_all_params``.
 
         A passed check is remembered with what it read: the group's options, the param's and its
         gradient's class, layout, dtype, shape and device, and the identity of its state dict and
@@ -532,25 +542,36 @@ class OwLoreAdamW(Optimizer):
         loaded checkpoint, a gradient of another dtype or a param moved to another device each make
         the next step check that param again."""
         memo: dict[int, _CheckedParam] = self.__dict__.setdefault("_checked", {})
-        options: dict[int, tuple] = {}  # id(group) -> what the checks read of it, once per group
-        checked = []
+        if only is not None:
+            _, group, group_index, index = self._locate(only)
+            where = [(group_index, group, [only], index)]
+        else:
+            where, index = [], 0
+            for group_index, group in enumerate(self.param_groups):
+                where.append((group_index, group, group["params"], index))
+                index += len(group["params"])
+        checked, states = [], []
         state_of = self.state
-        for p, group, group_index, index in entries:
-            seen = options.get(id(group))
-            if seen is None:
-                seen = options[id(group)] = (id(group), group_index, group["rank"], group["proj_type"],
-                                             group["proj_method"], group["backend"], group["state_dtype"])
-            grad = p.grad
-            state = state_of.get(p)
-            read = (seen, index, type(p), p.dtype, p.shape, p.device,
-                    None if grad is None else (type(grad), grad.layout, grad.dtype, grad.shape, grad.device),
-                    None if not state else (id(state), type(state.get("step"))))
-            before = memo.get(id(p))
-            if before is None or before.param is not p or before.read != read or not before.same_state(state):
-                self._check_param(p, group, group_index, index)
-                before = memo[id(p)] = _CheckedParam(p, group, index, read, state)
-            checked.append(before)
-        return checked
+        for group_index, group, params, index in where:
+            options = (id(group), group_index, group["rank"], group["proj_type"], group["proj_method"],
+                       group["backend"], group["state_dtype"])
+            for index, p in enumerate(params, index):
+                grad = p.grad
+                state = state_of.get(p)
+                if grad is None:
+                    read = (options, index, type(p), p.dtype, p.shape, p.device, None)
+                else:
+                    read = (options, index, type(p), p.dtype, p.shape, p.device, type(grad), grad.layout,
+                            grad.dtype, grad.shape, grad.device)
+                if state:
+                    read += (id(state), type(state.get("step")))
+                before = memo.get(id(p))
+                if before is None or before.param is not p or before.read != read or not before.same_state(state):
+                    self._check_param(p, group, group_index, index)
+                    before = memo[id(p)] = _CheckedParam(p, group, index, read, state)
+                checked.append(before)
+                states.append(state)
+        return checked, states
 
     def _check_param(self, p: torch.Tensor, group: dict[str, Any], group_index: int, index: int) -> None:
         """Raise if ``p`` (or its gradient) is something this optimizer cannot update; modifies nothing."""
@@ -627,12 +648,19 @@ class _Batch:
             row = self._by_step[step] = rule(group, step)
         return row
 
-    def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    def add(self, c: "_CheckedParam", state: dict[str, Any]) -> None:
         # detach: a traced run sees plain tensors, not Parameters, whose identity dynamo would guard
-        self.params.append(local_tensor(p).detach())
-        self.grads.append(local_tensor(p.grad))
-        self.exp_avgs.append(local_tensor(state["exp_avg"]))
-        self.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+        p = c.param
+        if c.sharded:  # a DTensor param (and its gradient and state): the local shards
+            self.params.append(local_tensor(p).detach())
+            self.grads.append(local_tensor(p.grad))
+            self.exp_avgs.append(local_tensor(state["exp_avg"]))
+            self.exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+        else:
+            self.params.append(p.detach())
+            self.grads.append(p.grad)
+            self.exp_avgs.append(state["exp_avg"])
+            self.exp_avg_sqs.append(state["exp_avg_sq"])
 
     def finish(self, amp: Optional["_AmpInputs"] = None) -> "_Batch":
         self.coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
@@ -651,18 +679,18 @@ class GaloreBatch(_Batch):
         self.projs: list[torch.Tensor] = []  # P (left, full) or Q (right), as the GEMMs read it
         self.proj_rights: list[Optional[torch.Tensor]] = []  # Q of a two-sided (full) projection
 
-    def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        super().add(p, state, group)
-        self.projs.append(_dot_basis(p, state, "proj_right" if self.side == "right" else "proj_left"))
+    def add(self, c: "_CheckedParam", state: dict[str, Any]) -> None:
+        super().add(c, state)
+        self.projs.append(_dot_basis(c.param, state, "proj_right" if self.side == "right" else "proj_left"))
         self.proj_rights.append(state["proj_right"] if self.side == "full" else None)
-        self.coefficients.append(self.numbers(group, state["step"], galore_coefficients))
+        self.coefficients.append(self.numbers(c.group, state["step"], galore_coefficients))
 
     def run(self) -> None:
         numbers = self.coefficients  # columns: GaloreCoefficients' fields
         if self.side == "full":
             self._run_two_sided(numbers)
             return
-        norms = [torch.empty_like(m, dtype=torch.float32) for m in self.exp_avgs]  # N, subspace-sized
+        norms = _fp32_shaped_like(self.exp_avgs)  # N, subspace-sized
         device = self.params[0].device
         call("project_adam_foreach", device, self.backend)(
             self.grads, self.projs, self.exp_avgs, self.exp_avg_sqs, norms, side=self.side, beta1=self.beta1,
@@ -697,9 +725,9 @@ class PlainBatch(_Batch):
         super().__init__(**common)
         self.variant = variant
 
-    def add(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-        super().add(p, state, group)
-        self.coefficients.append(self.numbers(group, state["step"], plain_coefficients))
+    def add(self, c: "_CheckedParam", state: dict[str, Any]) -> None:
+        super().add(c, state)
+        self.coefficients.append(self.numbers(c.group, state["step"], plain_coefficients))
 
     def run(self) -> None:
         call("adamw_foreach", self.params[0].device, self.backend)(
@@ -714,8 +742,8 @@ class _CheckedParam:
     alive here; a dead or different reference means the state changed), and what a step needs to
     know of the param that only changes with what was read.
 
-    ``batch_key``: params that share it (and a moment dtype) are updated by one batch: the same
-    group (so the same options), device, dtype, and for GaLore weights the same side."""
+    ``batch_key``: params that share it are updated by one batch: the same group (so the same
+    options), device, dtype and moment dtype, and for GaLore weights the same side."""
 
     __slots__ = ("param", "group", "index", "read", "state_refs", "galore", "sharded", "rank", "side", "batch_key")
     STATE_KEYS = ("exp_avg", "exp_avg_sq", "proj_left", "proj_right")
@@ -727,7 +755,10 @@ class _CheckedParam:
                                 for t in map((state or {}).get, self.STATE_KEYS))
         self.galore, self.sharded = _is_galore(group), is_dtensor(param)
         self.rank, self.side = _rank_and_side(param, group) if self.galore else (None, "")
-        self.batch_key = (id(group), param.device, param.dtype, self.side)
+        # the moments' dtype: a loaded checkpoint may hold other moments than new state gets
+        moments = state["exp_avg"].dtype if state else torch.float64 if param.dtype == torch.float64 else \
+            group["state_dtype"]
+        self.batch_key = (id(group), param.device, param.dtype, self.side, moments)
 
     def same_state(self, state: Optional[dict[str, Any]]) -> bool:
         """Whether ``state`` holds the very tensors checked (objects, not values, are compared)."""
@@ -737,6 +768,21 @@ class _CheckedParam:
             if (now is not None) if ref is None else (now is None or ref() is not now):
                 return False
         return True
+
+
+def _fp32_shaped_like(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialized fp32 tensors of the shapes (and device) of ``tensors``: one allocation per
+    distinct shape, cut by ``unbind`` (the weights of a batch share a few shapes; one
+    ``empty_like`` per weight cost ~1.3 us of host time each). They live exactly as long together."""
+    positions: dict[torch.Size, list[int]] = {}
+    for i, t in enumerate(tensors):
+        positions.setdefault(t.shape, []).append(i)
+    out: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    device = tensors[0].device
+    for shape, where in positions.items():
+        for i, view in zip(where, torch.empty((len(where), *shape), dtype=torch.float32, device=device).unbind(0)):
+            out[i] = view
+    return out
 
 
 class _AmpInputs(NamedTuple):

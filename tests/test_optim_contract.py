@@ -309,14 +309,17 @@ def test_a_param_that_cannot_be_updated_stops_the_step_before_any_update():
     assert _same(params, before) and not opt.state
 
 
-def test_a_failing_refresh_leaves_every_state_as_it_was(monkeypatch):
+@pytest.mark.parametrize("plain_first", [False, True])
+def test_a_failing_refresh_leaves_every_state_as_it_was(monkeypatch, plain_first):
     """The schedule advances each param's state before the updates run; if a refresh fails
     midway (here the decomposition raises for the second GaLore weight), the params prepared
-    before it get their state back: step counts, bases and moments as after the last step."""
+    before it get their state back: step counts, bases and moments as after the last step.
+    ``plain_first``: the plain params come first, so their counts (no refresh) were advanced too."""
     import owlore_kernels.optim as optim
 
     params = _model()
-    opt = OwLoreAdamW([{"params": params[:2], "rank": 4, "update_proj_gap": 2}, {"params": params[2:]}])
+    groups = [{"params": params[:2], "rank": 4, "update_proj_gap": 2}, {"params": params[2:]}]
+    opt = OwLoreAdamW(groups[::-1] if plain_first else groups)
     for _ in range(2):
         for p in params:
             p.grad = torch.randn_like(p)
