@@ -10,8 +10,10 @@ Sets (``--sets``):
 
 * ``methods``: the five methods at the OwLore paper's reference run (gamma 5, rank 256, batch
   16 x 512 tokens, bf16, gradient checkpointing; OwLore's refresh randomized);
-* ``owlore``: OwLore there with each combination of chunked loss, in-backward steps and bf16
-  moments (``state_dtype="bf16"``: ``OwLoreAdamW(state_dtype=torch.bfloat16)``, traced);
+* ``owlore``: OwLore there with each combination of chunked loss, in-backward steps, bf16
+  moments (``state_dtype="bf16"``: ``OwLoreAdamW(state_dtype=torch.bfloat16)``, traced) and the
+  checkpointed blocks' inputs offloaded to host memory (``offload_checkpoints``: transformers'
+  ``activation_checkpointing_enable(offload=True)``; their host bytes are a column of their own);
 * ``galore-paper``: full AdamW at batch 1 x 256 tokens, bf16, no checkpointing (the GaLore
   paper's "58 GB" setting).
 
@@ -37,10 +39,10 @@ def runs(sets):
         for method in METHODS:
             yield "methods", method, dict(REFERENCE)
     if "owlore" in sets:
-        for chunked, in_backward, bf16 in itertools.product((False, True), repeat=3):
-            if chunked or in_backward or bf16:  # the plain run is in "methods"
+        for offload, chunked, in_backward, bf16 in itertools.product((False, True), repeat=4):
+            if offload or chunked or in_backward or bf16:  # the plain run is in "methods"
                 yield "owlore", "owlore", dict(REFERENCE, chunked_loss=chunked, in_backward=in_backward,
-                                               state_dtype="bf16" if bf16 else None)
+                                               state_dtype="bf16" if bf16 else None, offload_checkpoints=offload)
     if "galore-paper" in sets:
         yield "galore-paper", "full", dict(REFERENCE, batch=1, seq_len=256, grad_checkpointing=False)
 
@@ -62,20 +64,22 @@ def main() -> None:
         cpu, wall = time.process_time(), time.perf_counter()
         est = estimate_memory(args.model, method, **options)
         row = dict(set=which, method=method, **options, peak=est.peak, phase=est.phase,
-                   **{c: getattr(est, c) for c in est.COMPONENTS}, accounted=est.accounted,
+                   **{c: getattr(est, c) for c in est.COMPONENTS}, host=est.host, accounted=est.accounted,
                    phase_peaks=est.phase_peaks, notes=est.notes, cpu_s=time.process_time() - cpu,
                    wall_s=time.perf_counter() - wall)
         rows.append(row)
         print(f"{which:<13} {method:<7} chunked={options.get('chunked_loss', False)!s:<5} "
               f"in_backward={options.get('in_backward', False)!s:<5} state={options.get('state_dtype') or 'fp32':<5} "
+              f"offload={options.get('offload_checkpoints', False)!s:<5} "
               f"peak {est.peak / GiB:6.2f} GiB ({est.phase}); cpu {row['cpu_s']:.0f} s", flush=True)
-    headers = ["set", "method", "chunked loss", "in-backward", "moments", "batch x seq", "peak GiB", "phase",
-               "weights", "grads", "state", "proj", "activations+tmp", "CPU s"]
+    headers = ["set", "method", "chunked loss", "in-backward", "moments", "offload", "batch x seq", "peak GiB",
+               "phase", "weights", "grads", "state", "proj", "activations+tmp", "host GiB", "CPU s"]
     table = markdown_table(headers, [[
         r["set"], r["method"], "yes" if r.get("chunked_loss") else "", "yes" if r.get("in_backward") else "",
-        r.get("state_dtype") or "fp32", f"{r['batch']} x {r['seq_len']}", f"{r['peak'] / GiB:.2f}", r["phase"],
+        r.get("state_dtype") or "fp32", "yes" if r.get("offload_checkpoints") else "", f"{r['batch']} x {r['seq_len']}",
+        f"{r['peak'] / GiB:.2f}", r["phase"],
         *(f"{r[c] / GiB:.2f}" for c in ("weights", "gradients", "optimizer_state", "projection", "activations")),
-        f"{r['cpu_s']:.0f}"] for r in rows])
+        f"{r['host'] / GiB:.2f}", f"{r['cpu_s']:.0f}"] for r in rows])
     print(table)
     if not args.no_save:
         append_results(RESULTS, "estimate_7b", rows=rows, stamp=stamp, table=table,

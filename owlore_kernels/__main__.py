@@ -62,6 +62,10 @@ def _add_shared(p: argparse.ArgumentParser, d: dict) -> None:
     p.add_argument("--batch", type=_positive_int, default=d["batch"], help="sequences per step")
     p.add_argument("--seq-len", type=_positive_int, default=d["seq_len"], help="tokens per sequence")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward")
+    p.add_argument("--offload-checkpoints", action="store_true",
+                   help="with --grad-checkpointing: hold each checkpointed block's inputs in pinned host memory "
+                        "until its recompute (transformers' activation_checkpointing_enable(offload=True); GPU "
+                        "only, the estimate counts them as host memory)")
     p.add_argument("--chunked-loss", action="store_true",
                    help="owlore_kernels.losses: the loss a chunk of tokens at a time, never full-vocabulary logits "
                         "for the whole batch")
@@ -142,12 +146,16 @@ def _run_estimate(args, parser) -> int:
     hidden = config.get_text_config().hidden_size
     if args.rank > hidden and {"galore", "owlore"} & set(args.methods):
         parser.error(f"argument --rank: must be in [1, {hidden}] (the hidden size of {name}), got {args.rank}")
+    if args.offload_checkpoints and not args.grad_checkpointing:
+        parser.error("argument --offload-checkpoints: offloads the inputs of checkpointed blocks; add "
+                     "--grad-checkpointing")
     if args.state_dtype and set(args.methods) - {"lisa", "owlore"}:
         parser.error(f"argument --state-dtype: {args.state_dtype} is an OwLoreAdamW option: use it with "
                      "--methods lisa,owlore")
     estimates = [estimate_memory(config, m, gamma=args.gamma, rank=args.rank, lora_rank=args.lora_rank,
                                  batch=args.batch, seq_len=args.seq_len, dtype=args.dtype,
-                                 grad_checkpointing=args.grad_checkpointing, chunked_loss=args.chunked_loss,
+                                 grad_checkpointing=args.grad_checkpointing,
+                                 offload_checkpoints=args.offload_checkpoints, chunked_loss=args.chunked_loss,
                                  chunk_size=args.chunk_size, in_backward=args.in_backward,
                                  state_dtype=args.state_dtype, proj_method=args.proj_method) for m in args.methods]
     if args.json:
@@ -184,6 +192,12 @@ def _run_bench(args, parser) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("argument --device: 'cuda' requested but torch.cuda.is_available() is False")
+    if args.offload_checkpoints and not args.grad_checkpointing:
+        parser.error("argument --offload-checkpoints: offloads the inputs of checkpointed blocks; add "
+                     "--grad-checkpointing")
+    if args.offload_checkpoints and args.device != "cuda":
+        parser.error(f"argument --offload-checkpoints: moves activations from the GPU to pinned host memory; with "
+                     f"--device {args.device} they are in host memory already")
     cfg = {k: v for k, v in vars(args).items() if k not in ("command", "_worker")}
     report = run_bench(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     from owlore_kernels.bench.report import text_table

@@ -44,6 +44,14 @@ on fake CUDA tensors where torch is built with CUDA.
 ``state_dtype`` (bf16 Adam moments): passed to OwLoreAdamW as its ``state_dtype`` option, so the
 trace holds the real bf16 moments.
 
+``offload_checkpoints`` (the inputs of checkpointed blocks in pinned host memory): the model is
+prepared as the bench prepares it, with transformers' ``activation_checkpointing_enable(offload=
+True)``, whose checkpoint runs inside torch's ``save_on_cpu`` hooks. Here every tensor is on the
+CPU, so for the trace transformers' ``save_on_cpu`` is replaced by :class:`_TracedSaveOnCpu`: its
+pack makes the host copy and gives it the role ``host``, counted apart from the device's bytes
+(``MemoryEstimate.host``: their peak), and its unpack makes a new tensor, the copy back to the
+device in backward. The device tensor is released when nothing else holds it, as on a GPU.
+
 Bytes are bytes; :func:`format_bytes` prints GiB (2**30), as GPU tools do.
 """
 from __future__ import annotations
@@ -146,6 +154,33 @@ def num_blocks(config) -> int:
 
 
 # ----------------------------------------------------------------------------- tracker
+class _TracedSaveOnCpu:
+    """Stands in for torch's ``save_on_cpu`` (as transformers' offloading checkpoint calls it) in a
+    trace where every tensor is on the CPU: a ``saved_tensors_hooks`` whose pack copies a saved
+    tensor to a new storage with the role ``host`` (the pinned copy; the device's bytes do not
+    count it) and whose unpack copies it back to a new storage (the device copy a backward makes).
+    ``bind(tracker)`` returns the class to put in transformers' place for one trace."""
+
+    @staticmethod
+    def bind(tracker: "MemoryTracker"):
+        import torch
+
+        class TracedSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+            def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
+                def pack(t):
+                    host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device=t.device)
+                    host.copy_(t)
+                    tracker.track(host, "host")
+                    return host
+
+                def unpack(host):
+                    return host.clone()
+
+                super().__init__(pack, unpack)
+
+        return TracedSaveOnCpu
+
+
 class MemoryTracker:
     """Records the storages that ops return, and when each dies, as CUDA's allocator would count them.
 
@@ -224,6 +259,8 @@ class MemoryTracker:
             n = self.nbytes[serial]
             return -(-n // BLOCK) * BLOCK if rounded else n
 
+        host = host_peak = 0  # role "host": offloaded copies in host memory, not the device's bytes
+
         by_role = dict.fromkeys(ROLES, 0)
         raw_by_role = dict.fromkeys(ROLES, 0)
         live = peak = 0
@@ -246,6 +283,10 @@ class MemoryTracker:
             serial, sign = abs(e), (1 if e > 0 else -1)
             role = self.roles.get(serial, "activations")
             n = sign * size(serial, True)
+            if role == "host":
+                host += n
+                host_peak = max(host_peak, host)
+                continue
             by_role[role] += n
             raw_by_role[role] += sign * size(serial, False)
             live += n
@@ -254,7 +295,7 @@ class MemoryTracker:
             if live > peak:
                 peak, at_peak, peak_phase, peak_step = live, dict(by_role), phase, step
         return dict(peak=peak, at_peak=at_peak, phase=peak_phase, step=peak_step, phase_peaks=phase_peaks,
-                    accounted=accounted_max)
+                    accounted=accounted_max, host_peak=host_peak)
 
 
 # ----------------------------------------------------------------------------- the traced step
@@ -329,6 +370,7 @@ class MemoryEstimate:
     # the two steps, buffers left out): what the bench counts as "p+g+s" at the same moment
     accounted: int = 0
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    host: int = 0  # peak bytes offloaded to host memory (offload_checkpoints), not part of ``peak``
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -347,7 +389,8 @@ class MemoryEstimate:
     def table(self) -> str:
         """A printable breakdown, GiB and bytes."""
         s = self.settings
-        flags = [f"{k}" for k in ("grad_checkpointing", "chunked_loss", "in_backward") if s.get(k)]
+        flags = [f"{k}" for k in ("grad_checkpointing", "offload_checkpoints", "chunked_loss", "in_backward")
+                 if s.get(k)]
         lines = [
             f"model {self.model}  method {self.method}  dtype {s.get('dtype')}  batch {s.get('batch')}  "
             f"seq-len {s.get('seq_len')}"
@@ -364,6 +407,9 @@ class MemoryEstimate:
             label = "activations+tmp" if c == "activations" else c
             lines.append(f"  {label:<16} {format_bytes(value):>12}  {value:>16,} B")
         lines.append("  peak per phase: " + ", ".join(f"{p} {format_bytes(v)}" for p, v in self.phase_peaks.items()))
+        if s.get("offload_checkpoints"):
+            lines.append(f"  host memory (offloaded checkpoint inputs, peak; not in the peak above): "
+                         f"{format_bytes(self.host)} ({self.host:,} B)")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -385,6 +431,7 @@ def estimate_memory(
     seq_len: int = 512,
     dtype: str = "bf16",
     grad_checkpointing: bool = False,
+    offload_checkpoints: bool = False,
     chunked_loss: bool = False,
     chunk_size: Optional[int] = None,
     in_backward: bool = False,
@@ -403,7 +450,9 @@ def estimate_memory(
     with the benchmark's defaults (``method_options`` overrides them: lr, scales,
     update_proj_gap, interval, seed, ...). ``gamma`` sampled blocks (lisa, owlore); ``rank`` of
     the projection (galore, owlore); ``lora_rank``; ``batch`` sequences of ``seq_len`` tokens;
-    ``dtype`` of the weights; ``grad_checkpointing``; ``chunked_loss`` (the loss of
+    ``dtype`` of the weights; ``grad_checkpointing``; ``offload_checkpoints`` (with it: the
+    checkpointed blocks' inputs in host memory, ``MemoryEstimate.host``, see the module
+    docstring); ``chunked_loss`` (the loss of
     ``owlore_kernels.losses``, ``chunk_size`` tokens at a time); ``in_backward``
     (``methods.enable_in_backward``: each param steps inside backward and frees its gradient);
     ``state_dtype`` of OwLoreAdamW's moments (lisa, owlore; see the module docstring);
@@ -428,12 +477,16 @@ def estimate_memory(
     for name, value in (("batch", batch), ("seq_len", seq_len), ("rank", rank), ("lora_rank", lora_rank)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if offload_checkpoints and not grad_checkpointing:
+        raise ValueError("offload_checkpoints=True holds the inputs of checkpointed blocks in host memory: it needs "
+                         "grad_checkpointing=True")
     config = model_config(model)
     n_blocks = num_blocks(config)
     if method in ("lisa", "owlore") and not 1 <= gamma <= n_blocks:
         raise ValueError(f"gamma must be in [1, {n_blocks}] for {config_name(config)}, got {gamma}")
     cfg = dict(methods.DEFAULTS, gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len,
-               dtype=dtype, grad_checkpointing=grad_checkpointing, chunked_loss=chunked_loss, chunk_size=chunk_size,
+               dtype=dtype, grad_checkpointing=grad_checkpointing, offload_checkpoints=offload_checkpoints,
+               chunked_loss=chunked_loss, chunk_size=chunk_size,
                in_backward=in_backward, proj_method=proj_method, block_scores=[1.0] * n_blocks,
                **dict(method_options or {}))
     if state_dtype is not None:
@@ -464,7 +517,15 @@ def estimate_memory(
                 for key, t in methods.state_tensors(opt):
                     tracker.track(t, "projection" if methods.is_projection_key(key) else "optimizer_state")
 
-        with tracker:
+        offloading = contextlib.nullcontext()
+        if offload_checkpoints:  # transformers' checkpoint looks save_on_cpu up in its module at each call
+            import unittest.mock
+
+            import transformers.modeling_utils
+
+            offloading = unittest.mock.patch.object(transformers.modeling_utils, "save_on_cpu",
+                                                    _TracedSaveOnCpu.bind(tracker))
+        with tracker, offloading:
             for step in range(2):
                 tracker.step = step + 1
                 ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
@@ -484,10 +545,12 @@ def estimate_memory(
     result = tracker.replay()
     at = result["at_peak"]
     settings = dict(gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len, dtype=dtype,
-                    grad_checkpointing=grad_checkpointing, chunked_loss=chunked_loss, chunk_size=chunk_size,
-                    in_backward=in_backward, state_dtype=state_dtype, proj_method=proj_method, device=device,
-                    fake=fake, peak_step=result["step"])
+                    grad_checkpointing=grad_checkpointing, offload_checkpoints=offload_checkpoints,
+                    chunked_loss=chunked_loss, chunk_size=chunk_size, in_backward=in_backward,
+                    state_dtype=state_dtype, proj_method=proj_method, device=device, fake=fake,
+                    peak_step=result["step"])
     phase_peaks = {p: result["phase_peaks"][p] for p in PHASES if p in result["phase_peaks"]}
     return MemoryEstimate(config_name(config), method, result["peak"], result["phase"], at["weights"],
                           at["gradients"], at["optimizer_state"], at["projection"], at["activations"],
-                          trainable, total_params, result["accounted"] - buffer_bytes, phase_peaks, settings, notes)
+                          trainable, total_params, result["accounted"] - buffer_bytes, phase_peaks,
+                          result["host_peak"], settings, notes)

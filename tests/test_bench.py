@@ -151,6 +151,9 @@ def test_missing_library_is_reported_in_its_row(tmp_path):
     (["--steps", "1"], "--steps", "1"),
     (["--dtype", "int4"], "--dtype", "int4"),
     (["--batch", "two"], "--batch", "two"),
+    (["--model", "tiny", "--offload-checkpoints"], "--offload-checkpoints", "--grad-checkpointing"),
+    (["--model", "tiny", "--rank", "8", "--device", "cpu", "--grad-checkpointing", "--offload-checkpoints"],
+     "--offload-checkpoints", "--device cpu"),
 ])
 def test_bad_flags_name_flag_and_value(args, flag, value, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -26,7 +26,7 @@ SMALL = dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_
              num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, max_position_embeddings=256)
 SHAPE = dict(gamma=1, rank=8, lora_rank=4, batch=2, seq_len=16)
 FIELDS = ("peak", "phase", "weights", "gradients", "optimizer_state", "projection", "activations", "accounted",
-          "phase_peaks", "trainable_params", "total_params")
+          "phase_peaks", "host", "trainable_params", "total_params")
 
 
 def _both(config, method, **kw):
@@ -54,6 +54,61 @@ def test_fake_trace_equals_real_tensors(method, checkpointing, in_backward):
 def test_small_llama_bf16_fake_equals_real(method):
     fake, real = _both(SMALL, method, gamma=2, rank=32, batch=1, seq_len=32, dtype="bf16", grad_checkpointing=True)
     _assert_same(fake, real)
+
+
+# ---------------------------------------------------------------- offloaded checkpoint inputs
+@pytest.mark.parametrize("method", ["owlore", "full"])
+def test_offloaded_checkpoint_inputs_count_as_host_memory(method):
+    """With offload_checkpoints each checkpointed block's input (its hidden states, the one
+    positional argument transformers' checkpoint saves) is a host copy: 4 blocks x 2 x 64 tokens
+    x 256 x 2 B (bf16), and each 512-B multiple as is. They all exist when the loss is computed,
+    so the loss phase's peak drops by exactly that; fake and real tensors agree to the byte."""
+    shape = dict(gamma=2, rank=16, batch=2, seq_len=64, dtype="bf16", grad_checkpointing=True)
+    fake, real = _both(SMALL, method, offload_checkpoints=True, **shape)
+    _assert_same(fake, real)
+    kept = estimate_memory(SMALL, method, **shape)
+    inputs = SMALL["num_hidden_layers"] * 2 * 64 * SMALL["hidden_size"] * 2
+    assert kept.host == 0 and fake.host == inputs
+    assert kept.phase_peaks["loss"] - fake.phase_peaks["loss"] == inputs
+    assert fake.peak < kept.peak
+    assert "host memory" in fake.table() and "offload_checkpoints" in fake.table()
+
+
+def test_prepared_model_offloads_through_transformers_and_keeps_the_numbers(monkeypatch):
+    """``offload_checkpoints`` reaches transformers' offloading checkpoint: its save_on_cpu hooks
+    (here a recording stand-in: a real one needs pinned memory, a GPU) see each block's input once
+    in forward and give it back once in backward, and loss and gradients are those of plain
+    checkpointing, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    import transformers.modeling_utils
+
+    from owlore_kernels.bench import methods
+
+    seen = []
+
+    class Recording(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            super().__init__(lambda t: (seen.append(("pack", tuple(t.shape))), t.clone())[1],
+                             lambda t: (seen.append(("unpack", tuple(t.shape))), t.clone())[1])
+
+    monkeypatch.setattr(transformers.modeling_utils, "save_on_cpu", Recording)
+    runs = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(model_config(TINY))
+        methods.prepare_model(model, dict(grad_checkpointing=True, offload_checkpoints=offload))
+        model.train()
+        ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+    hidden = (2, 16, TINY["hidden_size"])
+    blocks = TINY["num_hidden_layers"]
+    assert seen == [("pack", hidden)] * blocks + [("unpack", hidden)] * blocks
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    with pytest.raises(ValueError, match="offload_checkpoints=True .* needs grad_checkpointing=True"):
+        methods.prepare_model(model, dict(grad_checkpointing=False, offload_checkpoints=True))
 
 
 # ---------------------------------------------------------------- against the bench's accounting
@@ -184,6 +239,7 @@ def test_builtin_configs_have_the_published_parameter_counts(name, params):
     (dict(batch=0), "batch"),
     (dict(dtype="int8"), "dtype"),
     (dict(method="full", state_dtype="bf16"), "state_dtype='bf16' is an OwLoreAdamW option"),
+    (dict(offload_checkpoints=True), "offload_checkpoints=True .* needs grad_checkpointing=True"),
 ])
 def test_bad_arguments(kwargs, match):
     args = dict(model=TINY, method="owlore")
@@ -235,7 +291,8 @@ def test_cli_shows_defaults_and_shares_option_names_with_bench(capsys):
     assert "--rank RANK GaLore/OwLore projection rank (default: 128)" in helps["estimate"]
     assert "(default: full,lora,galore,lisa,owlore)" in helps["bench"]
     for option in ("--methods", "--seq-len", "--rank", "--lora-rank", "--gamma", "--batch", "--dtype", "--model",
-                   "--grad-checkpointing", "--chunked-loss", "--chunk-size", "--in-backward", "--proj-method"):
+                   "--grad-checkpointing", "--offload-checkpoints", "--chunked-loss", "--chunk-size", "--in-backward",
+                   "--proj-method"):
         assert option in helps["estimate"] and option in helps["bench"], option
 
 
@@ -247,6 +304,7 @@ def test_cli_shows_defaults_and_shares_option_names_with_bench(capsys):
     (("--rank", "-3"), "--rank", "-3"),
     (("--rank", "5000"), "--rank", "5000"),  # llama2-7b's hidden size is 4096
     (("--methods", "full", "--state-dtype", "bf16"), "--state-dtype", "bf16"),
+    (("--offload-checkpoints",), "--offload-checkpoints", "--grad-checkpointing"),
 ])
 def test_cli_bad_flags(args, flag, value, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -146,8 +146,8 @@ def prepare_model(model_arg: str, workdir: str, seed: int, log) -> dict[str, Any
 
 
 # the bench options the traced step takes from the run (the rest are the method's own, from cfg)
-TRACED_OPTIONS = ("gamma", "rank", "lora_rank", "batch", "seq_len", "dtype", "grad_checkpointing", "chunked_loss",
-                  "chunk_size", "in_backward", "proj_method")
+TRACED_OPTIONS = ("gamma", "rank", "lora_rank", "batch", "seq_len", "dtype", "grad_checkpointing",
+                  "offload_checkpoints", "chunked_loss", "chunk_size", "in_backward", "proj_method")
 METHOD_OPTIONS = ("lr", "interval", "update_proj_gap", "galore_scale", "owlore_scale", "seed")
 
 
@@ -164,7 +164,7 @@ def traced_estimate(config: dict[str, Any], method: str, cfg: dict[str, Any], lo
         return None
     return dict(peak=est.peak, phase=est.phase, accounted=est.accounted, weights=est.weights,
                 gradients=est.gradients, optimizer_state=est.optimizer_state, projection=est.projection,
-                activations=est.activations, trainable_params=est.trainable_params)
+                activations=est.activations, host=est.host, trainable_params=est.trainable_params)
 
 
 def run_bench(cfg: dict[str, Any], log=print) -> dict[str, Any]:

@@ -36,7 +36,8 @@ DEFAULTS: dict[str, Any] = dict(
     lr=1e-4, rank=128, lora_rank=16, gamma=5, interval=8, update_proj_gap=200,
     galore_scale=0.25, owlore_scale=1.0,  # each method at its reference: galore-torch 0.25, the OwLore paper 1.0
     proj_method="svd", device="auto", dtype="fp32", seed=0, out=os.path.join("benchmarks", "results"),
-    grad_checkpointing=False, chunked_loss=False, chunk_size=None, in_backward=False, trace=True,
+    grad_checkpointing=False, offload_checkpoints=False, chunked_loss=False, chunk_size=None, in_backward=False,
+    trace=True,
 )
 
 
@@ -147,12 +148,28 @@ def build(method: str, model: nn.Module, cfg: dict[str, Any]) -> Setup:
 
 def prepare_model(model: nn.Module, cfg: dict[str, Any]) -> nn.Module:
     """Training options on a loaded model, before ``build``: no KV cache; gradient checkpointing
-    (non-reentrant, transformers' default) when ``cfg["grad_checkpointing"]``."""
+    (non-reentrant, transformers' default) when ``cfg["grad_checkpointing"]``, with each
+    checkpointed block's inputs held in pinned host memory until its recompute when
+    ``cfg["offload_checkpoints"]`` (transformers' ``activation_checkpointing_enable(offload=True)``:
+    a copy to the host in forward, one back in backward; it needs a GPU)."""
     model.config.use_cache = False
+    offload = bool(cfg.get("offload_checkpoints"))
+    if offload and not cfg.get("grad_checkpointing"):
+        raise ValueError("offload_checkpoints=True holds the inputs of checkpointed blocks in host memory: it needs "
+                         "grad_checkpointing=True")
     if cfg.get("grad_checkpointing"):
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable(kwargs)
+            if offload:
+                if "offload" not in inspect.signature(model.activation_checkpointing_enable).parameters:
+                    raise ValueError("offload_checkpoints=True needs transformers' activation_checkpointing_enable("
+                                     "offload=True), which this transformers version does not have")
+                model.activation_checkpointing_enable(kwargs, offload=True)
+            else:
+                model.activation_checkpointing_enable(kwargs)
+        elif offload:
+            raise ValueError("offload_checkpoints=True needs transformers' activation_checkpointing_enable("
+                             "offload=True), which this transformers version does not have")
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     return model
