@@ -316,8 +316,9 @@ class OwLoreAdamW(Optimizer):
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """Perform one optimization step; params whose ``grad`` is None are skipped.
 
-        Reads top to bottom: ``_schedule`` checks every param, groups those with a gradient into
-        batches (one per param group, device, dtype and projection side), refreshes the subspaces
+        Reads top to bottom: ``_schedule`` checks every param (again only where what its check read
+        has changed, ``_check_params_once``), groups those with a gradient into batches (one per
+        param group, device, dtype, moment dtype and projection side), refreshes the subspaces
         that are due and counts the update; then each batch runs its fused ops. ``_schedule`` runs
         eagerly, also under ``torch.compile``, where it is the step's one graph break; the batches
         run traced, with the per-step numbers as tensor inputs, so a compiled step does not
@@ -626,7 +627,8 @@ class _Batch:
 
     The batches call the ops' kernels (``ops._registry.call``), not their Python wrappers, whose
     argument checks would run per weight at every step: ``_schedule`` has checked each param, its
-    gradient and its state (``check_state_fits``: shapes, dtypes, device), and the batch makes the
+    gradient and its state (``check_state_fits``: shapes, dtypes, device; see ``_check_params_once``
+    for when a check is run again), and the batch makes the
     rest (outputs, per-step numbers) itself. The kernels keep their own checks."""
 
     def __init__(self, *, beta1: float, beta2: float, eps: float, backend: Optional[str]):
