@@ -537,8 +537,8 @@ class OwLoreAdamW(Optimizer):
         order of ``_all_params``.
 
         A passed check is remembered with what it read: the group's options, the param's and its
-        gradient's class, layout, dtype, shape and device, and the identity of its state dict and
-        state tensors. While all of these are the same, the check is not run again: a step pays for
+        gradient's class, layout, dtype, shape and device (and a DTensor's placements and mesh), and
+        the identity of its state dict and state tensors. While all of these are the same, the check is not run again: a step pays for
         a comparison, not for the checks (~25 us per param in Python). New state, a refresh, a
         loaded checkpoint, a gradient of another dtype or a param moved to another device each make
         the next step check that param again."""
@@ -564,6 +564,8 @@ class OwLoreAdamW(Optimizer):
                 else:
                     read = (options, index, type(p), p.dtype, p.shape, p.device, type(grad), grad.layout,
                             grad.dtype, grad.shape, grad.device)
+                if is_dtensor(p) or is_dtensor(grad):  # the sharded layout the checks compared
+                    read += tuple((t.placements, t.device_mesh) if is_dtensor(t) else None for t in (p, grad))
                 if state:
                     read += (id(state), type(state.get("step")))
                 before = memo.get(id(p))

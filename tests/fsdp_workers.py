@@ -245,6 +245,16 @@ def scenario_errors(rank, world):
     out["svd"] = galore_step([Shard(0)], proj_method="svd")
     mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("dp", "shard"))
     out["mesh2d"] = galore_step([Replicate(), Shard(0)], device_mesh=mesh2d)
+    # a gradient sharded unlike its param after steps whose checks passed: checked again, refused
+    p = nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]))
+    opt = owlore_kernels.OwLoreAdamW([{"params": [p], "rank": 2}], proj_method="randomized")
+    for _ in range(2):
+        p.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+        opt.step()
+    p.grad = distribute_tensor(grad.clone(), mesh, [Replicate()])
+    before, steps = p.detach().to_local().clone(), opt.state[p]["step"]
+    message = _raises(opt.step)
+    out["grad_placement"] = message, torch.equal(before, p.detach().to_local()) and opt.state[p]["step"] == steps
     # in-backward with DDP, or with plain params in a multi-process job
     model = nn.Sequential(nn.Linear(6, 6))
     opt = owlore_kernels.OwLoreAdamW(model.parameters())

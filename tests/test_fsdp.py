@@ -216,6 +216,8 @@ def test_unsupported_layouts_raise_before_modifying(ranks):
     assert "proj_method='svd'" in message and "'randomized'" in message and "480 bytes" in message and untouched
     assert "DistributedDataParallel" in errors["ddp_hooks"]
     assert "un-averaged" in errors["plain_hooks"] and "(6, 6)" in errors["plain_hooks"]
+    message, untouched = errors["grad_placement"]  # after two steps that passed their checks
+    assert message.startswith("ValueError") and "but its grad has (Replicate(),)" in message and untouched
 
 
 # ------------------------------------------------------------ one process
