@@ -43,28 +43,6 @@ constexpr int64_t kMinElemsAtenCopy = 1 << 16;
 // Below this many multiply-adds per thread a call runs on one thread (as in project_adam.cpp).
 constexpr int64_t kMinMacsPerRun = 1 << 20;
 
-// A matrix in its storage dtype (fp32, bf16 or fp16), by pointer and strides.
-struct Stored {
-  void* data;
-  at::ScalarType dtype;
-  int64_t s0, s1;
-
-  template <typename T>
-  Matrix<T> as(int64_t i0, int64_t j0, int64_t h, int64_t w) const {
-    return Matrix<T>{static_cast<T*>(data), h, w, s0, s1}.block(i0, j0, h, w);
-  }
-  // rows i0.. and columns j0.. of it, h x w, into fp32 (exact), row-major with leading dim ld
-  void stage(int64_t i0, int64_t j0, int64_t h, int64_t w, float* dst, int64_t ld) const {
-    if (dtype == at::kBFloat16) copy_to_f32(as<const c10::BFloat16>(i0, j0, h, w), dst, ld);
-    else if (dtype == at::kHalf) copy_to_f32(as<const c10::Half>(i0, j0, h, w), dst, ld);
-    else copy_to_f32(as<const float>(i0, j0, h, w), dst, ld);
-  }
-};
-
-Stored stored_of(const at::Tensor& t) {
-  return {t.data_ptr(), t.scalar_type(), t.stride(0), t.stride(1)};
-}
-
 // Rounds an fp32 tile (row-major, leading dim ld) to nearest even into a 16-bit W tile:
 // c10's float -> bfloat16 / half conversions round to nearest even, as ATen's copy_ does.
 template <typename T>
@@ -76,11 +54,16 @@ void store_rounded(const float* src, int64_t ld, const Matrix<T>& dst) {
 // One weight of a call, checked, with its tiling. Tensors are read and written through
 // pointers only (no ATen op sees them), so nothing here records autograd history.
 struct Weight {
-  Stored param, A, B;  // W (m x n) += A (m x r) B (r x n)
-  int64_t m, n, r;
+  StoredMatrix param, A, B;  // W (m x n) += A (m x r) B (r x n)
   double beta, alpha;
   int64_t tile_rows = 0, tile_cols = 0, row_tiles = 0, col_tiles = 0;
-  bool fp32 = true, stage_a = false, stage_b = false;
+
+  int64_t m() const { return param.rows; }
+  int64_t n() const { return param.cols; }
+  int64_t r() const { return A.cols; }
+  bool fp32() const { return param.dtype == at::kFloat; }
+  bool stage_a() const { return A.dtype != at::kFloat; }  // a 16-bit P (left)
+  bool stage_b() const { return B.dtype != at::kFloat; }  // a 16-bit Q (right)
 };
 
 Weight checked_weight(const at::Tensor& param, const at::Tensor& proj, const at::Tensor& norm_update, bool left,
@@ -97,82 +80,72 @@ Weight checked_weight(const at::Tensor& param, const at::Tensor& proj, const at:
   TORCH_CHECK(A.size(0) == m && B.size(1) == n && A.size(1) == B.size(0), "back_project_update_: side=",
               left ? "left" : "right", " needs (m, r) @ (r, n) = ", param.sizes(), ", got ", A.sizes(), " @ ",
               B.sizes(), where.empty() ? "" : " for weight ", where);
-  Weight w{stored_of(param), stored_of(A), stored_of(B), m, n, A.size(1), beta, alpha};
-  w.fp32 = param.scalar_type() == at::kFloat;
-  w.stage_a = A.scalar_type() != at::kFloat;  // a 16-bit P (left)
-  w.stage_b = B.scalar_type() != at::kFloat;  // a 16-bit Q (right)
-  return w;
+  return Weight{StoredMatrix::of(param), StoredMatrix::of_read_only(A), StoredMatrix::of_read_only(B), beta, alpha};
 }
 
 void plan_tiles(Weight& w, bool split) {
-  if (w.m == 0 || w.n == 0) return;  // nothing to update; the tile arithmetic below divides by m and n
-  w.tile_rows = w.fp32 ? w.m : kTileRowsHalf;
-  w.tile_cols = w.fp32 ? balanced_tile_width(w.n, kMaxPanelColsFp32, split ? at::get_num_threads() : 1)
-                       : kTileColsHalf;
-  w.row_tiles = ceil_div(w.m, w.tile_rows);
-  w.col_tiles = ceil_div(w.n, w.tile_cols);
+  const int64_t m = w.m(), n = w.n();
+  if (m == 0 || n == 0) return;  // nothing to update; the tile arithmetic below divides by m and n
+  w.tile_rows = w.fp32() ? m : kTileRowsHalf;
+  w.tile_cols = w.fp32() ? balanced_tile_width(n, kMaxPanelColsFp32, split ? at::get_num_threads() : 1)
+                         : kTileColsHalf;
+  w.row_tiles = ceil_div(m, w.tile_rows);
+  w.col_tiles = ceil_div(n, w.tile_cols);
 }
 
 void run_tile(const Weight& w, int64_t t, float* buf, float* buf_a, float* buf_b) {
-  const int64_t r = w.r;
+  const int64_t r = w.r();
   const int64_t i0 = (t / w.col_tiles) * w.tile_rows, j0 = (t % w.col_tiles) * w.tile_cols;
-  const int64_t h = std::min(w.tile_rows, w.m - i0), wd = std::min(w.tile_cols, w.n - j0);
-  Matrix<const float> a_rows{nullptr, h, r, 0, 0}, b_cols{nullptr, r, wd, 0, 0};
-  if (w.stage_a) {  // upcast the rows of P this tile needs
-    w.A.stage(i0, 0, h, r, buf_a, r);
-    a_rows = {buf_a, h, r, r, 1};
-  } else {
-    a_rows = w.A.as<const float>(i0, 0, h, r);
-  }
-  if (w.stage_b) {  // upcast the columns of Q this tile needs
-    w.B.stage(0, j0, r, wd, buf_b, wd);
-    b_cols = {buf_b, r, wd, wd, 1};
-  } else {
-    b_cols = w.B.as<const float>(0, j0, r, wd);
-  }
+  const int64_t h = std::min(w.tile_rows, w.m() - i0), wd = std::min(w.tile_cols, w.n() - j0);
+  const StoredMatrix a_block = w.A.block(i0, 0, h, r), b_block = w.B.block(0, j0, r, wd);
+  const StoredMatrix tile = w.param.block(i0, j0, h, wd);
+  Matrix<const float> a_rows{buf_a, h, r, r, 1}, b_cols{buf_b, r, wd, wd, 1};
+  if (w.stage_a()) a_block.stage(buf_a, r);  // upcast the rows of P this tile needs
+  else a_rows = a_block.as<const float>();
+  if (w.stage_b()) b_block.stage(buf_b, wd);  // upcast the columns of Q this tile needs
+  else b_cols = b_block.as<const float>();
   const float beta = static_cast<float>(w.beta), alpha = static_cast<float>(w.alpha);
-  if (w.fp32) {
-    gemm_f32(alpha, a_rows, b_cols, beta, w.param.as<float>(i0, j0, h, wd));
+  if (w.fp32()) {
+    gemm_f32(alpha, a_rows, b_cols, beta, tile.as<float>());
     return;
   }
+  const Matrix<float> tile32{buf, h, wd, wd, 1};
   if (h * wd >= kMinElemsAtenCopy) {  // a big tile: ATen's vectorized conversions, on views of the memory
-    const auto elem = static_cast<int64_t>(c10::elementSize(w.param.dtype));
-    at::Tensor tile = at::from_blob(static_cast<char*>(w.param.data) + (i0 * w.param.s0 + j0 * w.param.s1) * elem,
-                                    {h, wd}, {w.param.s0, w.param.s1}, at::TensorOptions().dtype(w.param.dtype));
-    at::Tensor tile32 = at::from_blob(buf, {h, wd}, at::TensorOptions().dtype(at::kFloat));
-    tile32.copy_(tile);                                          // upcast
-    gemm_f32(alpha, a_rows, b_cols, beta, {buf, h, wd, wd, 1});  // fp32 math
-    tile.copy_(tile32);                                          // round to nearest even at store
+    at::Tensor stored = at::from_blob(tile.data, {h, wd}, {tile.s0, tile.s1}, at::TensorOptions().dtype(tile.dtype));
+    at::Tensor upcast = at::from_blob(buf, {h, wd}, at::TensorOptions().dtype(at::kFloat));
+    upcast.copy_(stored);
+    gemm_f32(alpha, a_rows, b_cols, beta, tile32);  // fp32 math
+    stored.copy_(upcast);                           // round to nearest even at store
     return;
   }
-  w.param.stage(i0, j0, h, wd, buf, wd);                 // upcast
-  gemm_f32(alpha, a_rows, b_cols, beta, {buf, h, wd, wd, 1});  // fp32 math
-  if (w.param.dtype == at::kBFloat16) store_rounded(buf, wd, w.param.as<c10::BFloat16>(i0, j0, h, wd));
-  else store_rounded(buf, wd, w.param.as<c10::Half>(i0, j0, h, wd));
+  tile.stage(buf, wd);                             // upcast
+  gemm_f32(alpha, a_rows, b_cols, beta, tile32);  // fp32 math
+  if (tile.dtype == at::kBFloat16) store_rounded(buf, wd, tile.as<c10::BFloat16>());
+  else store_rounded(buf, wd, tile.as<c10::Half>());
 }
 
 // Plan the tiles of checked weights, lay them end to end and split them across threads by cost.
 void plan_and_run(std::vector<Weight>& weights) {
   int64_t total = 0;
-  for (const Weight& w : weights) total += w.m * w.n * w.r;
+  for (const Weight& w : weights) total += w.m() * w.n() * w.r();
   const int64_t threads = at::get_num_threads();
   std::vector<int64_t> costs, weight_of, tile_of;
   int64_t buf_floats = 0, a_floats = 0, b_floats = 0;
   for (int64_t i = 0; i < static_cast<int64_t>(weights.size()); ++i) {
     Weight& w = weights[i];
-    const int64_t work = w.m * w.n * w.r;
+    const int64_t work = w.m() * w.n() * w.r();
     // a weight worth a thread or more (of the call's total work) is cut into a multiple of the thread count
     plan_tiles(w, work * threads >= total && work >= 2 * kMinMacsPerRun);
-    const int64_t r = w.r;
+    const int64_t r = w.r();
     for (int64_t t = 0; t < w.row_tiles * w.col_tiles; ++t) {
       costs.push_back(std::max<int64_t>(1, w.tile_rows * w.tile_cols * (r + 1)));
       weight_of.push_back(i);
       tile_of.push_back(t);
     }
     if (w.row_tiles == 0) continue;
-    if (!w.fp32) buf_floats = std::max(buf_floats, w.tile_rows * w.tile_cols);
-    if (w.stage_a) a_floats = std::max(a_floats, w.tile_rows * r);
-    if (w.stage_b) b_floats = std::max(b_floats, r * w.tile_cols);
+    if (!w.fp32()) buf_floats = std::max(buf_floats, w.tile_rows * w.tile_cols);
+    if (w.stage_a()) a_floats = std::max(a_floats, w.tile_rows * r);
+    if (w.stage_b()) b_floats = std::max(b_floats, r * w.tile_cols);
   }
   if (costs.empty()) return;
   parallel_over_items(costs, kMinMacsPerRun, [&](int64_t begin, int64_t end) {

@@ -14,10 +14,7 @@ using Sgemm = void (*)(const char* transa, const char* transb, const int* m, con
                        const float* beta, float* c, const int* ldc);
 
 Sgemm find_sgemm() {
-  static const Sgemm found = [] {
-    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-    return lib == nullptr ? nullptr : reinterpret_cast<Sgemm>(dlsym(lib, "sgemm_"));
-  }();
+  static const Sgemm found = reinterpret_cast<Sgemm>(torch_cpu_symbol("sgemm_"));
   return found;
 }
 

@@ -30,7 +30,6 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 namespace owlore {
@@ -188,6 +187,12 @@ inline double amp_scalar(const std::optional<at::Tensor>& t, const char* name, d
   return t->item<double>();
 }
 
+// A symbol of the loaded libtorch_cpu or of a library it links (its BLAS), or nullptr.
+inline void* torch_cpu_symbol(const char* name) {
+  void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  return lib == nullptr ? nullptr : dlsym(lib, name);
+}
+
 // Makes the BLAS calls of the current thread single-threaded while it lives. Inside a
 // parallel region BLAS is single-threaded anyway; a call too small to split runs on the
 // calling thread, where MKL (which torch's x86 builds link) would thread even a 16 x 64 x 96
@@ -210,10 +215,7 @@ class SingleThreadedBlas {
  private:
   using Setter = int (*)(int);
   static Setter setter() {
-    static const Setter found = [] {
-      void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-      return lib == nullptr ? nullptr : reinterpret_cast<Setter>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
-    }();
+    static const Setter found = reinterpret_cast<Setter>(torch_cpu_symbol("MKL_Set_Num_Threads_Local"));
     return found;
   }
   Setter set_;
@@ -227,13 +229,7 @@ struct Matrix {
   int64_t rows, cols, s0, s1;
   T* at(int64_t i, int64_t j) const { return data + i * s0 + j * s1; }
   Matrix block(int64_t i0, int64_t j0, int64_t h, int64_t w) const { return {at(i0, j0), h, w, s0, s1}; }
-  Matrix<const T> as_const() const { return {data, rows, cols, s0, s1}; }
 };
-
-template <typename T>
-Matrix<T> matrix_of(const at::Tensor& t) {
-  return {t.data_ptr<std::remove_const_t<T>>(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
-}
 
 // C = alpha * A B + beta * C in fp32 (A: h x K, B: K x w, C: h x w; beta = 0 ignores C's old
 // contents, NaN included, as BLAS does). The kernels' tile GEMMs are often tiny (64 x 96 at
@@ -260,6 +256,38 @@ void copy_to_f32(const Matrix<const T>& src, float* dst, int64_t ld) {
     }
   }
 }
+
+// A 2-D tensor in its storage dtype (fp32, bf16 or fp16) as untyped pointer + strides: what the
+// kernels read and write, with no ATen op in their tile loops. `as<T>()` types it (T const to read).
+struct StoredMatrix {
+  void* data;
+  at::ScalarType dtype;
+  int64_t rows, cols, s0, s1;
+
+  // a tensor the kernel writes
+  static StoredMatrix of(const at::Tensor& t) {
+    return {t.data_ptr(), t.scalar_type(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  }
+  // a tensor the kernel only reads (const_data_ptr: no copy-on-write storage is materialized)
+  static StoredMatrix of_read_only(const at::Tensor& t) {
+    return {const_cast<void*>(t.const_data_ptr()), t.scalar_type(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+  }
+  StoredMatrix block(int64_t i0, int64_t j0, int64_t h, int64_t w) const {
+    return {static_cast<char*>(data) + (i0 * s0 + j0 * s1) * static_cast<int64_t>(c10::elementSize(dtype)), dtype,
+            h, w, s0, s1};
+  }
+  StoredMatrix t() const { return {data, dtype, cols, rows, s1, s0}; }
+  template <typename T>
+  Matrix<T> as() const {
+    return {static_cast<T*>(data), rows, cols, s0, s1};
+  }
+  // copied into fp32 (16-bit values upcast exactly), row-major with leading dim ld
+  void stage(float* dst, int64_t ld) const {
+    if (dtype == at::kBFloat16) copy_to_f32(as<const c10::BFloat16>(), dst, ld);
+    else if (dtype == at::kHalf) copy_to_f32(as<const c10::Half>(), dst, ld);
+    else copy_to_f32(as<const float>(), dst, ld);
+  }
+};
 
 // Splits items 0..n-1 (laid end to end, item i costing costs[i] > 0) across threads in
 // contiguous runs of about equal total cost and calls body(begin, end) once per run.

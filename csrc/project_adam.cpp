@@ -137,29 +137,6 @@ inline int64_t padded_ld(int64_t cols) {
 inline int64_t staging_floats_a(int64_t rows) { return rows * (kStageDepth + 32); }
 inline int64_t staging_floats_b(int64_t cols) { return kStageDepth * (cols + 32); }
 
-// An operand of a tile GEMM: G's block or the projection, in its storage dtype.
-struct Operand {
-  const void* data;
-  at::ScalarType dtype;
-  int64_t rows, cols, s0, s1;
-
-  Operand block(int64_t i0, int64_t j0, int64_t h, int64_t w) const {
-    const auto* base = static_cast<const char*>(data) + (i0 * s0 + j0 * s1) * c10::elementSize(dtype);
-    return {base, dtype, h, w, s0, s1};
-  }
-  Matrix<const float> f32() const { return {static_cast<const float*>(data), rows, cols, s0, s1}; }
-  // copy into fp32 (exact for 16-bit), row-major with leading dim ld
-  void stage(float* dst, int64_t ld) const {
-    if (dtype == at::kBFloat16) copy_to_f32<c10::BFloat16>({static_cast<const c10::BFloat16*>(data), rows, cols, s0, s1}, dst, ld);
-    else if (dtype == at::kHalf) copy_to_f32<c10::Half>({static_cast<const c10::Half*>(data), rows, cols, s0, s1}, dst, ld);
-    else copy_to_f32<float>(f32(), dst, ld);
-  }
-};
-
-Operand operand_of(const at::Tensor& t) {
-  return {t.const_data_ptr(), t.scalar_type(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
-}
-
 // R_tile (h x w, fp32, contiguous) = A (h x K) @ B (K x w), where one of A, B is a block of G
 // and the other is the projection. An operand marked for staging is copied into its
 // staging buffer kStageDepth deep along K at a time (upcast if bf16/fp16) and the
@@ -171,28 +148,23 @@ Operand operand_of(const at::Tensor& t) {
 // (it is 16-bit only next to a 16-bit G).
 // Measured on 2 threads, rank 128, against one whole-matrix GEMM: 4096 x 16384 took
 // 174 ms in place, 152 staged, 140 whole; 4096 x 16000 took 144 in place, 152 staged.
-void tile_gemm(float* R, const Operand& A, const Operand& B, bool stage_a, bool stage_b, float* staging_a,
+void tile_gemm(float* R, const StoredMatrix& A, const StoredMatrix& B, bool stage_a, bool stage_b, float* staging_a,
                float* staging_b) {
   const int64_t h = A.rows, K = A.cols, w = B.cols;
   const Matrix<float> out{R, h, w, w, 1};
   if (!stage_a && !stage_b) {
-    gemm_f32(1.0f, A.f32(), B.f32(), 0.0f, out);
+    gemm_f32(1.0f, A.as<const float>(), B.as<const float>(), 0.0f, out);
     return;
   }
   for (int64_t k0 = 0; k0 < K || k0 == 0; k0 += kStageDepth) {
     const int64_t kh = std::min(kStageDepth, K - k0);
     const float beta = k0 == 0 ? 0.0f : 1.0f;  // beta = 0 ignores R's old contents
-    Matrix<const float> a = A.block(0, k0, h, kh).f32(), b = B.block(k0, 0, kh, w).f32();
-    if (stage_a) {
-      const int64_t ld = padded_ld(kh);
-      A.block(0, k0, h, kh).stage(staging_a, ld);
-      a = {staging_a, h, kh, ld, 1};
-    }
-    if (stage_b) {
-      const int64_t ld = padded_ld(w);
-      B.block(k0, 0, kh, w).stage(staging_b, ld);
-      b = {staging_b, kh, w, ld, 1};
-    }
+    const StoredMatrix a_block = A.block(0, k0, h, kh), b_block = B.block(k0, 0, kh, w);
+    Matrix<const float> a{staging_a, h, kh, padded_ld(kh), 1}, b{staging_b, kh, w, padded_ld(w), 1};
+    if (stage_a) a_block.stage(staging_a, a.s0);
+    else a = a_block.as<const float>();
+    if (stage_b) b_block.stage(staging_b, b.s0);
+    else b = b_block.as<const float>();
     gemm_f32(1.0f, a, b, beta, out);
   }
 }
@@ -200,9 +172,8 @@ void tile_gemm(float* R, const Operand& A, const Operand& B, bool stage_a, bool 
 // One weight of a call, checked, with its tiling. Tensors are read and written through
 // pointers only (no ATen op sees them), so nothing here records autograd history.
 struct Weight {
-  Operand grad, proj;
-  at::ScalarType state_dtype;
-  Matrix<float> exp_avg, exp_avg_sq, out;  // exp_avg(_sq)'s data is bf16 when state_dtype is
+  StoredMatrix grad, proj, exp_avg, exp_avg_sq;  // the moments fp32 or bf16 (one dtype)
+  Matrix<float> out;
   float bias1, bias2;
   int64_t r, extent, width, tiles;
   bool stage_g, stage_p;
@@ -230,13 +201,9 @@ Weight checked_weight(const at::Tensor& grad, const at::Tensor& proj, const at::
                 " must be [", low0, ", ", low1, "], got ", t->sizes());
   TORCH_CHECK(bias1 > 0.0 && bias1 <= 1.0 && bias2 > 0.0 && bias2 <= 1.0, "project_adam_: bias corrections",
               where, " must be in (0, 1], got ", bias1, " and ", bias2);
-  // the moments' data pointer is taken untyped here and read as state_dtype's type in the epilogue
-  auto moments = [](const at::Tensor& t) {
-    return Matrix<float>{static_cast<float*>(t.data_ptr()), t.size(0), t.size(1), t.stride(0), t.stride(1)};
-  };
-  Weight w{operand_of(grad), operand_of(proj), exp_avg.scalar_type(), moments(exp_avg), moments(exp_avg_sq),
-           matrix_of<float>(out), static_cast<float>(bias1), static_cast<float>(bias2), r, left ? n : m, 0, 0,
-           false, false};
+  Weight w{StoredMatrix::of_read_only(grad), StoredMatrix::of_read_only(proj), StoredMatrix::of(exp_avg),
+           StoredMatrix::of(exp_avg_sq), StoredMatrix::of(out).as<float>(), static_cast<float>(bias1),
+           static_cast<float>(bias2), r, left ? n : m, 0, 0, false, false};
   return w;
 }
 
@@ -265,13 +232,11 @@ inline int64_t tile_cost(const Weight& w, bool left) {
 
 void adam_epilogue(const Weight& w, const float* R, int64_t rows, int64_t cols, int64_t i0, int64_t j0,
                    const AdamScalars& a) {
-  if (w.state_dtype == at::kBFloat16) {
-    auto as_bf16 = [](const Matrix<float>& t) {
-      return Matrix<c10::BFloat16>{reinterpret_cast<c10::BFloat16*>(t.data), t.rows, t.cols, t.s0, t.s1};
-    };
-    adam_epilogue_as<c10::BFloat16>(R, rows, cols, i0, j0, as_bf16(w.exp_avg), as_bf16(w.exp_avg_sq), w.out, a);
+  if (w.exp_avg.dtype == at::kBFloat16) {
+    adam_epilogue_as<c10::BFloat16>(R, rows, cols, i0, j0, w.exp_avg.as<c10::BFloat16>(),
+                                    w.exp_avg_sq.as<c10::BFloat16>(), w.out, a);
   } else {
-    adam_epilogue_as<float>(R, rows, cols, i0, j0, w.exp_avg, w.exp_avg_sq, w.out, a);
+    adam_epilogue_as<float>(R, rows, cols, i0, j0, w.exp_avg.as<float>(), w.exp_avg_sq.as<float>(), w.out, a);
   }
 }
 
@@ -302,7 +267,7 @@ void run_weights(const std::vector<Weight>& weights, bool left, const AdamScalar
       a.bias1 = w.bias1;
       a.bias2 = w.bias2;
       const int64_t start = tile_of[item] * w.width, width = std::min(w.width, w.extent - start);
-      const Operand proj_t{w.proj.data, w.proj.dtype, w.proj.cols, w.proj.rows, w.proj.s1, w.proj.s0};  // P^T, Q^T
+      const StoredMatrix proj_t = w.proj.t();  // P^T, Q^T
       if (left) {  // R[:, cols] = P^T G[:, cols], r x width
         tile_gemm(r_buf.data(), proj_t, w.grad.block(0, start, w.grad.rows, width), w.stage_p, w.stage_g,
                   staging_a.data(), staging_b.data());

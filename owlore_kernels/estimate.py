@@ -47,10 +47,10 @@ trace holds the real bf16 moments.
 ``offload_checkpoints`` (the inputs of checkpointed blocks in pinned host memory): the model is
 prepared as the bench prepares it, with transformers' ``activation_checkpointing_enable(offload=
 True)``, whose checkpoint runs inside torch's ``save_on_cpu`` hooks. Here every tensor is on the
-CPU, so for the trace transformers' ``save_on_cpu`` is replaced by :class:`_TracedSaveOnCpu`: its
-pack makes the host copy and gives it the role ``host``, counted apart from the device's bytes
-(``MemoryEstimate.host``: their peak), and its unpack makes a new tensor, the copy back to the
-device in backward. The device tensor is released when nothing else holds it, as on a GPU.
+CPU, so for the trace transformers' ``save_on_cpu`` is replaced by the class of
+:func:`_traced_save_on_cpu`: its pack makes the host copy and gives it the role ``host``, counted
+apart from the device's bytes (``MemoryEstimate.host``: their peak), and its unpack makes a new
+tensor, the copy back to the device in backward. The device tensor is released when nothing else holds it, as on a GPU.
 
 Bytes are bytes; :func:`format_bytes` prints GiB (2**30), as GPU tools do.
 """
@@ -154,31 +154,25 @@ def num_blocks(config) -> int:
 
 
 # ----------------------------------------------------------------------------- tracker
-class _TracedSaveOnCpu:
-    """Stands in for torch's ``save_on_cpu`` (as transformers' offloading checkpoint calls it) in a
-    trace where every tensor is on the CPU: a ``saved_tensors_hooks`` whose pack copies a saved
-    tensor to a new storage with the role ``host`` (the pinned copy; the device's bytes do not
-    count it) and whose unpack copies it back to a new storage (the device copy a backward makes).
-    ``bind(tracker)`` returns the class to put in transformers' place for one trace."""
+def _traced_save_on_cpu(tracker: "MemoryTracker"):
+    """A stand-in for torch's ``save_on_cpu`` (as transformers' offloading checkpoint calls it) in
+    a trace where every tensor is on the CPU: a ``saved_tensors_hooks`` class whose pack copies a
+    saved tensor to a new storage with the role ``host`` (the pinned copy; the device's bytes do
+    not count it) and whose unpack copies it back to a new storage (the device copy a backward
+    makes). It is put in transformers' place for one trace."""
+    import torch
 
-    @staticmethod
-    def bind(tracker: "MemoryTracker"):
-        import torch
+    class TracedSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
+            def pack(t):
+                host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device=t.device)
+                host.copy_(t)
+                tracker.track(host, "host")
+                return host
 
-        class TracedSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
-            def __init__(self, pin_memory: bool = False, device_type: str = "cuda") -> None:
-                def pack(t):
-                    host = torch.empty(t.shape, dtype=t.dtype, layout=t.layout, device=t.device)
-                    host.copy_(t)
-                    tracker.track(host, "host")
-                    return host
+            super().__init__(pack, lambda host: host.clone())
 
-                def unpack(host):
-                    return host.clone()
-
-                super().__init__(pack, unpack)
-
-        return TracedSaveOnCpu
+    return TracedSaveOnCpu
 
 
 class MemoryTracker:
@@ -524,7 +518,7 @@ def estimate_memory(
             import transformers.modeling_utils
 
             offloading = unittest.mock.patch.object(transformers.modeling_utils, "save_on_cpu",
-                                                    _TracedSaveOnCpu.bind(tracker))
+                                                    _traced_save_on_cpu(tracker))
         with tracker, offloading:
             for step in range(2):
                 tracker.step = step + 1

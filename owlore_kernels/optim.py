@@ -5,7 +5,7 @@ import difflib
 import math
 import weakref
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Union
 
 import torch
 from torch._subclasses.fake_tensor import is_fake
@@ -499,13 +499,6 @@ class OwLoreAdamW(Optimizer):
             else:
                 self.state[p] = before
 
-    def _all_params(self) -> Iterator[tuple[torch.Tensor, dict[str, Any], int]]:
-        """(param, its group, the group's index) over all groups, in order; a param's position in
-        this order is its index (it seeds the param's refreshes)."""
-        for group_index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                yield p, group, group_index
-
     def _locate(self, p: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any], int, int]:
         """(p, group, group index, index) of a held param; raises ValueError for one not held.
         In-backward steps call this once per param and step: a cache of positions, checked at every
@@ -534,7 +527,7 @@ class OwLoreAdamW(Optimizer):
                            ) -> tuple[list["_CheckedParam"], list[Optional[dict[str, Any]]]]:
         """``_check_param`` for each param (or ``only``) whose check could come out differently than
         last time; returns each param's ``_CheckedParam`` and its state (None if it has none), in the
-        order of ``_all_params``.
+        order of the param groups (a param's position there is its index, which seeds its refreshes).
 
         A passed check is remembered with what it read: the group's options, the param's and its
         gradient's class, layout, dtype, shape and device (and a DTensor's placements and mesh), and
