@@ -104,7 +104,9 @@ def test_prepared_model_offloads_through_transformers_and_keeps_the_numbers(monk
         runs.append((loss.detach(), [p.grad for p in model.parameters()]))
     hidden = (2, 16, TINY["hidden_size"])
     blocks = TINY["num_hidden_layers"]
-    assert seen == [("pack", hidden)] * blocks + [("unpack", hidden)] * blocks
+    # torch 2.11's checkpoint also saves an empty placeholder per block (0 bytes: nothing to offload)
+    assert [(what, shape) for what, shape in seen if shape != (0,)] == \
+        [("pack", hidden)] * blocks + [("unpack", hidden)] * blocks
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     with pytest.raises(ValueError, match="offload_checkpoints=True .* needs grad_checkpointing=True"):

@@ -104,8 +104,12 @@ def _spec(launch, arch: int) -> dict:
                 arch=arch, num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
+# bumped when compile_spec() records something new, so that cached results are redone
+RESULT_FORMAT = 2
+
+
 def _key(spec: dict, source_hash: str) -> str:
-    blob = json.dumps([spec, source_hash, triton.__version__], sort_keys=True, default=str)
+    blob = json.dumps([spec, source_hash, triton.__version__, RESULT_FORMAT], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -236,6 +240,7 @@ def compile_spec(spec: dict) -> dict:
                        ffma=sum(o.startswith("FFMA") for o in ops_in_loop),
                        ldgsts=sum(o.startswith("LDGSTS") for o in ops_in_loop),
                        ldsm=sum(o.startswith("LDSM") for o in ops_in_loop),
+                       ldl_stl=sum(o.split(".")[0] in ("LDL", "STL") for o in ops_in_loop),
                        conversions=sum(o.split(".")[0] in CONVERSIONS for o in ops_in_loop),
                        hgmma_a_registers=hgmma_a_from_registers(loop))
     # wgmma shape (N of m64nNk16) when there is one, for the MMA-rate model
@@ -307,7 +312,8 @@ def failures(case: Case, results: dict) -> list:
             out.append(f"compile error: {res['error']}")
             continue
         if res["stack"] or res["local"] or res["ldl_stl"]:
-            out.append(f"spills: STACK {res['stack']} LOCAL {res['local']} LDL/STL {res['ldl_stl']}")
+            out.append(f"spills: STACK {res['stack']} LOCAL {res['local']} LDL/STL {res['ldl_stl']} "
+                       f"({res['loop']['ldl_stl']} of them in the main loop)")
         if res["shared"] + res["shared_static"] > limit:
             out.append(f"shared memory {res['shared']} B > {limit} B")
         if case.precision not in ("ieee", "-") and not (res["hmma"] or res["hgmma"]):

@@ -298,6 +298,11 @@ def versions() -> dict[str, Optional[str]]:
             out[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             out[dist] = None
+    # torch's own version keeps the build tag (2.11.0+cu130, 2.13.0+cpu) that its wheel's
+    # metadata may drop: on a GPU machine it names the CUDA build
+    import torch
+
+    out["torch"] = torch.__version__
     if out["owlore-kernels"] is None:
         import owlore_kernels
 
