@@ -146,3 +146,16 @@ def test_forced_cpu_backends_compile_fullgraph(backend):
     step(*eager)
     for a, e in zip(args, eager):
         torch.testing.assert_close(a, e)  # same kernels, same inputs: equal up to aot_eager's own ops
+
+
+def test_interpreter_problem_names_the_versions_that_cannot_work_together():
+    """Triton < 3.7's interpreter cannot run the GEMM kernels' loops under numpy >= 2.4: the triton
+    backend is then reported unavailable with this reason instead of failing inside each launch."""
+    from owlore_kernels.kernels._common import interpreter_problem
+
+    why = interpreter_problem("3.6.0", "2.4.6")
+    assert "triton 3.6.0" in why and "numpy 2.4.6" in why and "triton >= 3.7 or numpy < 2.4" in why
+    assert interpreter_problem("3.6.0", "2.3.5") is None
+    assert interpreter_problem("3.7.0", "2.4.0") is None
+    assert interpreter_problem("3.10.1", "2.5.0rc1") is None
+    assert interpreter_problem("2.3.1", "2.10.0") is not None

@@ -18,7 +18,15 @@ before the import) the kernels also run on CPU tensors, slowly, for tests.
 The public entry points are the ops in ``owlore_kernels.ops``; ``ops/_triton.py``
 registers these launchers as their "triton" backend.
 """
-from ._common import DOT_PRECISIONS, resolve_dot_precision
+from ._common import DOT_PRECISIONS, interpreter_problem, interpreting, resolve_dot_precision
+
+if interpreting():
+    import numpy
+    import triton
+
+    _problem = interpreter_problem(triton.__version__, numpy.__version__)
+    if _problem is not None:  # ops._load_backends then reports the triton backend unavailable, with this reason
+        raise ImportError(_problem)
 from .adamw import adamw_foreach_launch
 from .back_project_update import back_project_update_foreach_launch, back_project_update_launch, back_project_update_plan
 from .outlier_count import outlier_count_launch, outlier_count_plan

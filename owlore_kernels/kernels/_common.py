@@ -114,6 +114,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why the interpreter of this Triton cannot run the kernels with this numpy, or None.
+
+    Triton before 3.7 turns a loop bound computed in the kernel into a Python int with
+    ``int()`` of a 1-element array, which numpy 2.4 and later refuse ("only 0-dimensional
+    arrays can be converted to Python scalars"); every GEMM kernel has such a loop. Compiled
+    kernels on a GPU are not affected.
+    """
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton_version} cannot run loops with "
+                f"bounds computed in the kernel under numpy {numpy_version}: use triton >= 3.7 or numpy < 2.4")
+    return None
+
+
 def target_arch(t: torch.Tensor) -> int:
     """Compute capability as 80 / 90 for config choice; 90 under the interpreter (one config)."""
     if t.is_cuda:
