@@ -41,6 +41,13 @@ which also keeps ``out`` and an fp32 log-sum-exp; OwLoreAdamW's fused ops: their
 implementations, which allocate what the Triton launchers allocate). ``device="cuda"`` traces
 on fake CUDA tensors where torch is built with CUDA.
 
+OwLoreAdamW on CUDA keeps, for bf16/fp16 weights, a copy of each basis in the weight's dtype
+(``proj_dot``: the tensor-core GEMMs read both operands in that dtype); on CPU it does not.
+``step_device`` says whose step the trace models, whatever its tensors' device: ``"cuda"`` (the
+default) counts the copies (role ``projection``), ``"cpu"`` does not. A real run (``fake=False``)
+makes the same choice, passing the copies to the CPU kernels, which accept a basis in the
+weight's dtype.
+
 ``state_dtype`` (bf16 Adam moments): passed to OwLoreAdamW as its ``state_dtype`` option, so the
 trace holds the real bf16 moments.
 
@@ -433,6 +440,7 @@ def estimate_memory(
     proj_method: str = "randomized",
     device: str = "cpu",
     fake: bool = True,
+    step_device: str = "cuda",
     method_options: Optional[Mapping[str, Any]] = None,
 ) -> MemoryEstimate:
     """Trace two training steps of ``model`` with ``method`` and return the peak and its breakdown.
@@ -451,7 +459,8 @@ def estimate_memory(
     (``methods.enable_in_backward``: each param steps inside backward and frees its gradient);
     ``state_dtype`` of OwLoreAdamW's moments (lisa, owlore; see the module docstring);
     ``proj_method`` of OwLore's refresh. ``fake=False`` runs the same step on real, randomly
-    initialised tensors (small models: it allocates everything).
+    initialised tensors (small models: it allocates everything). ``step_device``: the device whose
+    optimizer step is modelled, ``"cuda"`` or ``"cpu"`` (see the module docstring).
     """
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -462,6 +471,8 @@ def estimate_memory(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if step_device not in ("cuda", "cpu"):
+        raise ValueError(f"step_device must be 'cuda' or 'cpu', got {step_device!r}")
     if state_dtype is not None:
         if state_dtype not in DTYPES:
             raise ValueError(f"state_dtype must be one of {sorted(DTYPES)} or None, got {state_dtype!r}")
@@ -511,15 +522,21 @@ def estimate_memory(
                 for key, t in methods.state_tensors(opt):
                     tracker.track(t, "projection" if methods.is_projection_key(key) else "optimizer_state")
 
+        import unittest.mock
+
+        from . import optim
+
+        # OwLoreAdamW keeps a 16-bit copy of each basis for the tensor-core GEMMs on CUDA only: the
+        # trace's weights keep one when it stands in for a CUDA step, whatever their own device
+        cuda_basis_copies = unittest.mock.patch.object(
+            optim, "_keeps_dot_copy", lambda p: step_device == "cuda" and p.dtype in (torch.bfloat16, torch.float16))
         offloading = contextlib.nullcontext()
         if offload_checkpoints:  # transformers' checkpoint looks save_on_cpu up in its module at each call
-            import unittest.mock
-
             import transformers.modeling_utils
 
             offloading = unittest.mock.patch.object(transformers.modeling_utils, "save_on_cpu",
                                                     _traced_save_on_cpu(tracker))
-        with tracker, offloading:
+        with tracker, offloading, cuda_basis_copies:
             for step in range(2):
                 tracker.step = step + 1
                 ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
@@ -541,7 +558,7 @@ def estimate_memory(
     settings = dict(gamma=gamma, rank=rank, lora_rank=lora_rank, batch=batch, seq_len=seq_len, dtype=dtype,
                     grad_checkpointing=grad_checkpointing, offload_checkpoints=offload_checkpoints,
                     chunked_loss=chunked_loss, chunk_size=chunk_size, in_backward=in_backward,
-                    state_dtype=state_dtype, proj_method=proj_method, device=device, fake=fake,
+                    state_dtype=state_dtype, proj_method=proj_method, device=device, fake=fake, step_device=step_device,
                     peak_step=result["step"])
     phase_peaks = {p: result["phase_peaks"][p] for p in PHASES if p in result["phase_peaks"]}
     return MemoryEstimate(config_name(config), method, result["peak"], result["phase"], at["weights"],

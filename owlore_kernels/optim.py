@@ -813,13 +813,19 @@ class _PendingSkip:
         return bool(self.flag.item() != 0)
 
 
+def _keeps_dot_copy(p: torch.Tensor) -> bool:
+    """Whether the step keeps ``proj_dot`` for ``p`` (see ``_dot_basis``). The memory estimator's trace,
+    which stands in for a CUDA step on CPU tensors, replaces this test."""
+    return p.is_cuda and p.dtype in (torch.bfloat16, torch.float16)
+
+
 def _dot_basis(p: torch.Tensor, state: dict[str, Any], key: str) -> torch.Tensor:
     """The basis as the projection GEMMs read it. On CUDA with bf16/fp16 weights: a copy in the weight's
     dtype, kept in the state as ``proj_dot`` and made again at each refresh, so that both GEMM operands
     reach the tensor cores in their storage dtype (the GEMM rounds P to that dtype anyway: the same
     numbers, without a conversion per tile). Elsewhere the fp32 basis itself."""
     basis = state[key]
-    if not (p.is_cuda and p.dtype in (torch.bfloat16, torch.float16)):
+    if not _keeps_dot_copy(p):
         return local_tensor(basis)
     copy = state.get("proj_dot")
     if copy is None or copy.dtype != p.dtype or copy.shape != basis.shape:

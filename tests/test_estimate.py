@@ -173,6 +173,27 @@ def test_bf16_state_counts_the_moments_at_half_their_bytes():
     assert not any("modelled" in n for n in bf16.notes) and not fp32.notes
 
 
+def test_16bit_weights_count_the_basis_copy_a_cuda_step_keeps():
+    """OwLoreAdamW on CUDA keeps, beside each fp32 basis, a copy in the weight's 16-bit dtype for the
+    tensor-core GEMMs, and the trace stands in for a CUDA step. TINY, gamma 1, rank 8: bases of
+    min(m, n) x 8 for q, o, gate, up, down (64) and k, v (32, GQA): 3072 elements, 12288 B in
+    fp32, plus 6144 B of bf16 copies with bf16 weights (every size a 512-B multiple); a trace of
+    the CPU step has none. The replacement ends with the trace: a CPU step afterwards keeps no copy."""
+    import owlore_kernels
+
+    fp32 = estimate_memory(TINY, "owlore", dtype="fp32", **SHAPE)
+    bf16 = estimate_memory(TINY, "owlore", dtype="bf16", **SHAPE)
+    assert fp32.projection == 3072 * 4
+    assert bf16.projection == 3072 * 4 + 3072 * 2
+    cpu_step = estimate_memory(TINY, "owlore", dtype="bf16", step_device="cpu", **SHAPE)
+    assert cpu_step.projection == 3072 * 4 and cpu_step.peak == bf16.peak - 3072 * 2
+    w = torch.nn.Parameter(torch.randn(16, 24, dtype=torch.bfloat16))
+    opt = owlore_kernels.OwLoreAdamW([{"params": [w], "rank": 4}], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    assert "proj_dot" not in opt.state[w] and "proj_left" in opt.state[w]
+
+
 # ---------------------------------------------------------------- the tracker itself
 def test_tracker_rounds_to_blocks_and_follows_storage_lives():
     tracker = MemoryTracker()
@@ -242,6 +263,7 @@ def test_builtin_configs_have_the_published_parameter_counts(name, params):
     (dict(dtype="int8"), "dtype"),
     (dict(method="full", state_dtype="bf16"), "state_dtype='bf16' is an OwLoreAdamW option"),
     (dict(offload_checkpoints=True), "offload_checkpoints=True .* needs grad_checkpointing=True"),
+    (dict(step_device="gpu"), "step_device must be 'cuda' or 'cpu', got 'gpu'"),
 ])
 def test_bad_arguments(kwargs, match):
     args = dict(model=TINY, method="owlore")

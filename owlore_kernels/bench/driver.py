@@ -158,7 +158,8 @@ def traced_estimate(config: dict[str, Any], method: str, cfg: dict[str, Any], lo
         from owlore_kernels.estimate import estimate_memory
 
         est = estimate_memory(config, method, **{k: cfg[k] for k in TRACED_OPTIONS},
-                              method_options={k: cfg[k] for k in METHOD_OPTIONS})
+                              method_options={k: cfg[k] for k in METHOD_OPTIONS},
+                              step_device=str(cfg["device"]).split(":")[0])  # the step this run takes
     except Exception as exc:  # a config the tracer cannot build: no comparison, not a failed run
         log(f"trace of {method} failed: {type(exc).__name__}: {exc}")
         return None
