@@ -525,3 +525,31 @@ def test_forced_missing_backend_raises(monkeypatch):
     # raised before anything moved: no param, no state (not even the plain param's)
     assert torch.equal(b.detach(), before[0]) and torch.equal(w.detach(), before[1])
     assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("proj_type, key", [("std", "proj_left"), ("right", "proj_right")])
+def test_the_16bit_basis_copy_follows_every_refresh(monkeypatch, proj_type, key):
+    """On CUDA a bf16/fp16 weight keeps its basis also in its own dtype (``proj_dot``), the operand
+    the tensor-core GEMMs read. Forced here on CPU tensors: after every step, refreshes included,
+    the copy is the current basis rounded, never an earlier one; and a state saved and loaded
+    into a new optimizer carries on with the same copy."""
+    import owlore_kernels.optim as optim_module
+
+    monkeypatch.setattr(optim_module, "_keeps_dot_copy", lambda p: p.dtype in (torch.bfloat16, torch.float16))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 40, generator=gen).to(torch.bfloat16))
+    group = dict(params=[w], rank=4, update_proj_gap=2, proj_type=proj_type)
+    opt = OwLoreAdamW([group], lr=1e-2, proj_method="randomized")
+    bases = []
+    for _ in range(5):
+        w.grad = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
+        opt.step()
+        state = opt.state[w]
+        assert torch.equal(state["proj_dot"], state[key].to(torch.bfloat16))
+        bases.append(state[key].clone())
+    assert not torch.equal(bases[0], bases[2])  # refreshes happened: a stale copy would differ
+    again = OwLoreAdamW([dict(group, params=[w])], lr=1e-2, proj_method="randomized")
+    again.load_state_dict(opt.state_dict())
+    w.grad = torch.randn(24, 40, generator=gen).to(torch.bfloat16)
+    again.step()
+    assert torch.equal(again.state[w]["proj_dot"], again.state[w][key].to(torch.bfloat16))
