@@ -1,6 +1,7 @@
 """The static GPU check in CI: every Triton specialization the launchers produce at 4096x11008 and
 4096x4096, r = 64/128/512, compiled for sm_80 and sm_90 with the ptxas bundled in Triton (no GPU
-needed), must build without spills, within the shared-memory limit, with HMMA/HGMMA for every
+needed), must build without spills in the main loop (and at most a few registers parked outside
+it), within the shared-memory limit, with HMMA/HGMMA for every
 tensor-core precision, and with no conversion in a main loop whose operands are both stored in
 the dot's 16-bit type (tools/gpu_static.py's rules). A few minutes of compiling on 2 free cores
 (a process pool; results cached in ~/.cache/owlore_gpu_static, so a rerun takes seconds).
@@ -70,3 +71,29 @@ def test_the_check_sees_what_it_checks(report):
     assert all(loop is None or loop["instructions"] > 0 or (loop["hmma"] + loop["hgmma"] + loop["ffma"]) == 0
                for loop in data["loops"].values())
     assert data["fp32_proj_loop_conversions"] > 0
+
+
+def test_spill_rule_fails_spills_in_the_main_loop_or_beyond_a_few_registers(monkeypatch):
+    """The rule on synthetic compile results: registers parked outside the main loop (what
+    triton 3.6 does in some variants: 8 bytes, one store and one load) pass; a spill inside the
+    main loop, or more than MAX_SPILL_BYTES in all, fails."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_static_rules", os.path.join(ROOT, "tools", "gpu_static.py"))
+    gs = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, gs)  # its dataclasses look their module up there
+    spec.loader.exec_module(gs)
+    case = gs.Case(op="back_project_update", shape=(4096, 4096), rank=128, dtype="fp32", side="left",
+                   precision="tf32", default=True, arch=80, launches=[("k", None, None)])
+
+    def result(stack, ldl_stl, in_loop):
+        loop = dict(instructions=100, hmma=8, hgmma=0, ffma=0, ldgsts=4, ldsm=4, ldl_stl=in_loop, conversions=0,
+                    hgmma_a_registers=0)
+        return {"k": dict(regs=200, stack=stack, local=0, shared=1024, shared_static=0, ldl_stl=ldl_stl, hmma=8,
+                          hgmma=0, ffma=0, instructions=500, loop=loop, blocks_per_sm=1)}
+
+    assert gs.failures(case, result(0, 0, 0)) == []
+    assert gs.failures(case, result(8, 2, 0)) == []
+    assert gs.failures(case, result(gs.MAX_SPILL_BYTES, 16, 0)) == []
+    assert "spills" in gs.failures(case, result(8, 2, 1))[0]
+    assert "spills" in gs.failures(case, result(gs.MAX_SPILL_BYTES + 8, 2, 0))[0]

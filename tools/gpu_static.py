@@ -14,9 +14,12 @@ Shapes mostly change runtime arguments only, so many cases share a specializatio
 deduplicated before compiling, compiled in a process pool, and the per-specialization results
 are cached on disk (keyed by the kernel source hash, the specialization and Triton's version).
 
-A specialization fails on: a compile error; any spill (STACK or LOCAL > 0, LDL/STL in the
-SASS); shared memory above the per-block limit; a tensor-core precision (everything but
-"ieee", which means exact fp32 products by definition) whose main loop has no HMMA/HGMMA; and,
+A specialization fails on: a compile error; a spill in the main loop (LDL/STL there), or more
+than ``MAX_SPILL_BYTES`` of stack and local memory in all (a few registers parked outside the
+loop cost a store and a load per program, next to a loop of hundreds of instructions run once
+per K-step: triton 3.6 parks one 8-byte pair in some variants, 3.9 none); shared memory above
+the per-block limit; a tensor-core precision (everything but "ieee", which means exact fp32
+products by definition) whose main loop has no HMMA/HGMMA; and,
 where both GEMM operands are stored in the dot's 16-bit type (``project_adam`` with P in G's
 type), any conversion instruction (F2F/F2FP/I2F/F2I) in the main loop, an HGMMA taking its A
 operand from registers instead of a shared-memory descriptor (sm_90), or HMMAs fed without
@@ -104,6 +107,8 @@ def _spec(launch, arch: int) -> dict:
                 arch=arch, num_warps=launch.num_warps, num_stages=launch.num_stages)
 
 
+# spilled bytes (stack + local) allowed outside the main loop: 8 registers
+MAX_SPILL_BYTES = 32
 # bumped when compile_spec() records something new, so that cached results are redone
 RESULT_FORMAT = 2
 
@@ -311,7 +316,7 @@ def failures(case: Case, results: dict) -> list:
         if "error" in res:
             out.append(f"compile error: {res['error']}")
             continue
-        if res["stack"] or res["local"] or res["ldl_stl"]:
+        if res["loop"]["ldl_stl"] or res["stack"] + res["local"] > MAX_SPILL_BYTES:
             out.append(f"spills: STACK {res['stack']} LOCAL {res['local']} LDL/STL {res['ldl_stl']} "
                        f"({res['loop']['ldl_stl']} of them in the main loop)")
         if res["shared"] + res["shared_static"] > limit:
