@@ -1,6 +1,7 @@
 """Static GPU check, no GPU needed: compile every Triton kernel specialization the launchers
-produce for sm_80 (A100) and sm_90 (H100/H200), fail on spills (in the main loop, or over 32 bytes), shared memory over the limit,
-compile errors or a tensor-core precision without HMMA/HGMMA; print and write a table, and a
+produce for sm_80 (A100) and sm_90 (H100/H200), fail on spills (in the main loop, or over 32
+bytes), shared memory over the limit, compile errors or a tensor-core precision without
+HMMA/HGMMA; print and write a table, and a
 static roofline (estimated) of each op and of the fused step against galore-torch's sequence.
 
     PYTHONPATH=. python benchmarks/gpu_static_check.py              # all shapes, ranks, dtypes
