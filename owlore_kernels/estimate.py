@@ -522,21 +522,22 @@ def estimate_memory(
                 for key, t in methods.state_tensors(opt):
                     tracker.track(t, "projection" if methods.is_projection_key(key) else "optimizer_state")
 
+        import functools
         import unittest.mock
 
         from . import optim
 
         # OwLoreAdamW keeps a 16-bit copy of each basis for the tensor-core GEMMs on CUDA only: the
         # trace's weights keep one when it stands in for a CUDA step, whatever their own device
-        cuda_basis_copies = unittest.mock.patch.object(
-            optim, "_keeps_dot_copy", lambda p: step_device == "cuda" and p.dtype in (torch.bfloat16, torch.float16))
+        basis_copies = unittest.mock.patch.object(
+            optim, "_keeps_dot_copy", functools.partial(optim._keeps_dot_copy, device_type=step_device))
         offloading = contextlib.nullcontext()
         if offload_checkpoints:  # transformers' checkpoint looks save_on_cpu up in its module at each call
             import transformers.modeling_utils
 
             offloading = unittest.mock.patch.object(transformers.modeling_utils, "save_on_cpu",
                                                     _traced_save_on_cpu(tracker))
-        with tracker, offloading, cuda_basis_copies:
+        with tracker, offloading, basis_copies:
             for step in range(2):
                 tracker.step = step + 1
                 ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)

@@ -1,5 +1,6 @@
 """OwLoreAdamW: against an fp64 oracle written in the tests and against galore-torch, state
 handling, bad input."""
+import functools
 import io
 import math
 import warnings
@@ -535,7 +536,8 @@ def test_the_16bit_basis_copy_follows_every_refresh(monkeypatch, proj_type, key)
     into a new optimizer carries on with the same copy."""
     import owlore_kernels.optim as optim_module
 
-    monkeypatch.setattr(optim_module, "_keeps_dot_copy", lambda p: p.dtype in (torch.bfloat16, torch.float16))
+    monkeypatch.setattr(optim_module, "_keeps_dot_copy",
+                        functools.partial(optim_module._keeps_dot_copy, device_type="cuda"))
     gen = torch.Generator().manual_seed(0)
     w = torch.nn.Parameter(torch.randn(24, 40, generator=gen).to(torch.bfloat16))
     group = dict(params=[w], rank=4, update_proj_gap=2, proj_type=proj_type)

@@ -114,11 +114,6 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _major_minor(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
-
-
 def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
     """Why the interpreter of this Triton cannot run the kernels with this numpy, or None.
 
@@ -127,7 +122,9 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str
     arrays can be converted to Python scalars"); every GEMM kernel has such a loop. Compiled
     kernels on a GPU are not affected.
     """
-    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+    from torch.torch_version import TorchVersion  # compares version strings with tuples
+
+    if TorchVersion(triton_version) < (3, 7) and TorchVersion(numpy_version) >= (2, 4):
         return (f"the Triton interpreter (TRITON_INTERPRET=1) of triton {triton_version} cannot run loops with "
                 f"bounds computed in the kernel under numpy {numpy_version}: use triton >= 3.7 or numpy < 2.4")
     return None
