@@ -816,7 +816,8 @@ class _PendingSkip:
 def _keeps_dot_copy(p: torch.Tensor, device_type: Optional[str] = None) -> bool:
     """Whether a step on ``device_type`` (default: ``p``'s) keeps ``proj_dot`` for ``p`` (see ``_dot_basis``).
     The memory estimator's trace, which stands in for a CUDA step on CPU tensors, fixes ``device_type``."""
-    return (device_type or p.device.type) == "cuda" and p.dtype in (torch.bfloat16, torch.float16)
+    on_cuda = p.is_cuda if device_type is None else device_type == "cuda"  # is_cuda: ~0.1 us, device.type ~0.4
+    return on_cuda and p.dtype in (torch.bfloat16, torch.float16)
 
 
 def _dot_basis(p: torch.Tensor, state: dict[str, Any], key: str) -> torch.Tensor:
